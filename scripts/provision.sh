@@ -70,9 +70,9 @@ criu_pc_path() {
 fetch_criu_source() {
 	local dir=$1 aptdir=$cache/apt uris uri suite
 	mkdir -p "$aptdir/lists/partial" "$aptdir/parts" "$dir"
-	uris=$( (grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
-		grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{for(i=2;i<=NF;i++) if ($i ~ /:\/\//) {print $i; break}}') |
-		grep -v -- '-security' | head -n1)
+	uris=$( (grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' || true
+		grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{for(i=2;i<=NF;i++) if ($i ~ /:\/\//) {print $i; break}}' || true) |
+		grep -v -- '-security' | head -n1 || true)
 	[ -n "$uris" ] || die "no Debian mirror found in /etc/apt: cannot fetch CRIU's source package"
 	: >"$aptdir/sources.list"
 	for suite in $suites; do
