@@ -1,1 +1,67 @@
-"""pycriu"""
+"""pycriu: checkpoint, restore and live-migrate Linux process trees with CRIU.
+
+::
+
+    import pycriu
+    criu = pycriu.Criu()
+    criu.dump(pycriu.DumpOptions(pid=pid, images_dir="/srv/ckpt"))
+    result = criu.restore(pycriu.RestoreOptions(images_dir="/srv/ckpt"))
+    print(result.pid)
+
+Layers: ``csrc/`` (cffi declarations) -> ``pycriu._libcriu`` (compiled) -> ``pycriu._raw`` (the only
+user of ``ffi``/``lib``, with the single error check) -> options, results, enums and :class:`Criu`
+-> :class:`Migration`, the destination agent and the ``pycriu`` command.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .criu import MIN_CRIU_VERSION, Criu, CriuVersion, find_criu
+from .daemons import LazyPages, PageServer
+from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, NotifyAction, PreDumpMode
+from .errors import (
+    CheckError,
+    CriuError,
+    CriuNotFoundError,
+    CriuPermissionError,
+    CriuVersionError,
+    DumpError,
+    InvalidOptionError,
+    KernelUnsupportedError,
+    LazyPagesError,
+    NoSuchProcessError,
+    PageServerError,
+    PidInUseError,
+    PreDumpError,
+    RestoreError,
+    ServiceError,
+)
+from .options import (
+    CgroupRoot,
+    DumpOptions,
+    ExternalMount,
+    InheritFd,
+    JoinNamespace,
+    LazyPagesOptions,
+    PageServerAddress,
+    PageServerOptions,
+    PreDumpOptions,
+    RestoreOptions,
+    VethPair,
+    external_mount,
+    external_namespace,
+    external_veth,
+)
+from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats
+
+__all__ = [
+    "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",
+    "CgroupMode", "LogLevel", "Namespace", "NetworkLockMethod", "NotifyAction", "PreDumpMode",
+    "CheckError", "CriuError", "CriuNotFoundError", "CriuPermissionError", "CriuVersionError", "DumpError",
+    "InvalidOptionError", "KernelUnsupportedError", "LazyPagesError", "NoSuchProcessError",
+    "PageServerError", "PidInUseError", "PreDumpError", "RestoreError", "ServiceError",
+    "CgroupRoot", "DumpOptions", "ExternalMount", "InheritFd", "JoinNamespace", "LazyPagesOptions",
+    "PageServerAddress", "PageServerOptions", "PreDumpOptions", "RestoreOptions", "VethPair",
+    "external_mount", "external_namespace", "external_veth",
+    "DumpResult", "DumpStats", "Features", "RestoreResult", "RestoreStats",
+]

@@ -222,10 +222,16 @@ class RawOpts:
         log_path: str | None = None,
         notify: NotifyHandler | None = None,
         more: MoreHandler | None = None,
+        service_fd: int | None = None,
     ) -> int:
         """Run one libcriu operation (``dump``, ``pre-dump``, ``restore``, ``restore-child``,
-        ``dump-iters``, ``check``, ``get-version``) with the GIL released, through :func:`check`."""
+        ``dump-iters``, ``check``, ``get-version``) with the GIL released, through :func:`check`.
+
+        ``service_fd`` is a socket to a ``criu swrk`` worker; libcriu closes it when done.
+        """
         opts = self._opts()
+        if service_fd is not None:
+            lib.criu_local_set_service_fd(opts, service_fd)
         state = _CallbackState(notify=notify, more=more)
         if notify is not None:
             lib.criu_local_set_notify_cb(opts, lib._pycriu_notify_cb)
@@ -264,8 +270,11 @@ class RawOpts:
             check(rc, "check-version")
         return rc == 1
 
-    def feature_check(self, names: Sequence[str], *, log_path: str | None = None) -> dict[str, bool]:
+    def feature_check(self, names: Sequence[str], *, log_path: str | None = None,
+                      service_fd: int | None = None) -> dict[str, bool]:
         """``criu_local_feature_check`` for the named fields of ``struct criu_feature_check``."""
+        if service_fd is not None:
+            lib.criu_local_set_service_fd(self._opts(), service_fd)
         features = ffi.new("struct criu_feature_check *")
         for name in names:
             setattr(features, name, True)

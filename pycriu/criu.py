@@ -1,0 +1,325 @@
+"""``Criu``: dump, pre-dump, restore, check, features and version, one libcriu operation each.
+
+Every operation owns its resources: a ``criu_opts`` (freed on every path), the image/work
+directory fds, a private CRIU config file, and the ``criu swrk`` worker. pycriu starts that worker
+itself in its own session and hands libcriu the socket (``criu_local_set_service_fd``), so a Ctrl-C
+at the terminal reaches Python, not CRIU: CRIU finishes or rolls back the operation (the dumped
+tree is resumed, never lost), and ``KeyboardInterrupt`` is raised when it has answered.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from . import _config, _raw
+from .errors import (
+    CriuError,
+    CriuNotFoundError,
+    CriuPermissionError,
+    CriuVersionError,
+    InvalidOptionError,
+    KernelUnsupportedError,
+    NoSuchProcessError,
+)
+from .options import DumpOptions, LazyPagesOptions, PageServerOptions, PreDumpOptions, RestoreOptions, _CriuOptions
+from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats, read_stats
+
+if TYPE_CHECKING:
+    from .daemons import LazyPages, PageServer
+
+__all__ = ["Criu", "CriuVersion", "find_criu", "MIN_CRIU_VERSION"]
+
+MIN_CRIU_VERSION = (4, 2)
+_SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+class CriuVersion(NamedTuple):
+    """CRIU's version; a tuple, so ``criu.version() >= (4, 2)`` works."""
+
+    major: int
+    minor: int
+    sublevel: int = 0
+
+    @classmethod
+    def from_code(cls, code: int) -> CriuVersion:
+        """Decode libcriu's ``major*10000 + minor*100 + sublevel``."""
+        return cls(code // 10000, code // 100 % 100, code % 100)
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.sublevel}"
+
+
+def find_criu(binary: str | os.PathLike[str] | None = None) -> str:
+    """Resolve the ``criu`` binary: ``binary``, then ``$PYCRIU_CRIU``, then ``PATH`` and the sbin
+    directories. Raises :class:`CriuNotFoundError` naming where it looked."""
+    candidate = binary if binary is not None else os.environ.get("PYCRIU_CRIU")
+    if candidate is not None:
+        path = os.fspath(candidate)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+        raise CriuNotFoundError(
+            f"criu binary {path!r} does not exist or is not executable",
+            hint="pass the path of a CRIU >= 4.2 binary, or run scripts/provision.sh")
+    search = os.pathsep.join([os.environ.get("PATH", ""), *_SEARCH_PATH])
+    found = shutil.which("criu", path=search)
+    if found is None:
+        raise CriuNotFoundError(
+            "criu binary not found in PATH or the sbin directories",
+            hint="install CRIU >= 4.2 with scripts/provision.sh (make setup)")
+    return found
+
+
+class Criu:
+    """Entry point to CRIU through libcriu.
+
+    ``binary`` is the ``criu`` executable libcriu's worker runs (default: found on ``PATH``).
+    One ``Criu`` object may run many operations, from several threads; each operation has its own
+    options and worker.
+    """
+
+    def __init__(self, binary: str | os.PathLike[str] | None = None) -> None:
+        self.binary = find_criu(binary)
+        self._features: Features | None = None
+
+    def __repr__(self) -> str:
+        return f"Criu(binary={self.binary!r})"
+
+    # -- the worker and one operation ------------------------------------------------------------
+
+    @contextmanager
+    def _worker(self) -> Iterator[socket.socket]:
+        """Start ``criu swrk`` in its own session; yield our end of its socket.
+
+        Hand the socket to libcriu with ``sock.detach()`` right before the operation: libcriu
+        closes it when done. If the operation never ran, the socket is closed here, so the worker
+        sees EOF and exits. The worker is reaped on every path (killed if it outlives its socket
+        by 30 s).
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [self.binary, "swrk", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # `criu check` prints "Looks good." there
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise CriuNotFoundError(f"cannot start {self.binary} swrk: {exc}") from exc
+        finally:
+            theirs.close()
+        try:
+            yield ours
+        finally:
+            ours.close()  # no-op once detached
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    @contextmanager
+    def _log_opts(self, log_dir: str, log_name: str) -> Iterator[_raw.RawOpts]:
+        """Options for an operation that only needs a log (check, feature check)."""
+        with ExitStack() as stack:
+            raw = stack.enter_context(_raw.RawOpts())
+            fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY)
+            stack.callback(os.close, fd)
+            raw.apply("set_work_dir_fd", fd)
+            raw.apply("set_images_dir_fd", fd)
+            raw.apply("set_log_file", log_name)
+            yield raw
+
+    def _run(self, operation: str, opts: _CriuOptions, raw_operation: str,
+             more: Callable[[], bool] | None = None) -> int:
+        _require_root(operation)
+        images_dir = _existing_dir(opts.images_dir, "images_dir")
+        work_dir = _existing_dir(opts.work_dir, "work_dir") if opts.work_dir is not None else images_dir
+        log_path = opts.log_path
+        log_path.unlink(missing_ok=True)  # CRIU truncates it anyway; never read a stale error
+        with ExitStack() as stack:
+            images_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
+            stack.callback(os.close, images_fd)
+            work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
+            stack.callback(os.close, work_fd)
+            raw = stack.enter_context(_raw.RawOpts())
+            cfg = stack.enter_context(_config.config_file(opts.config_entries()))
+            raw.apply("set_images_dir_fd", images_fd)
+            raw.apply("set_work_dir_fd", work_fd)
+            raw.apply("set_log_file", opts.log_name)
+            for setter, args in opts.setter_calls():
+                raw.apply(setter, *args)
+            if cfg is not None:
+                raw.apply("set_config_file", cfg)
+            worker = stack.enter_context(self._worker())
+            return raw.run(raw_operation, log_path=str(log_path), notify=opts.notify, more=more,
+                           service_fd=worker.detach())
+
+    # -- information -----------------------------------------------------------------------------
+
+    def version(self) -> CriuVersion:
+        """CRIU's version, asked from the ``criu`` binary through libcriu."""
+        with _raw.RawOpts() as raw, self._worker() as worker:
+            return CriuVersion.from_code(raw.run("get-version", service_fd=worker.detach()))
+
+    def require_version(self, minimum: tuple[int, ...] = MIN_CRIU_VERSION) -> CriuVersion:
+        """Return the version, or raise :class:`CriuVersionError` when it is below ``minimum``."""
+        version = self.version()
+        if version < minimum:
+            raise CriuVersionError(
+                f"CRIU {version} at {self.binary} is older than {'.'.join(map(str, minimum))}",
+                hint="run scripts/provision.sh to build and install a newer CRIU")
+        return version
+
+    def check(self) -> bool:
+        """Run ``criu check``: True when checkpoint/restore works here, else :class:`CheckError`
+        (whose ``log_path`` is kept for reading)."""
+        _require_root("check")
+        with self._scratch_log("check") as (tmp, log):
+            with self._log_opts(tmp, "check.log") as raw, self._worker() as worker:
+                raw.run("check", log_path=log, service_fd=worker.detach())
+        return True
+
+    def features(self, *, refresh: bool = False) -> Features:
+        """Which optional features (memory tracking, lazy pages, pidfd store) work here. Cached."""
+        if self._features is None or refresh:
+            _require_root("feature check")
+            with self._scratch_log("features") as (tmp, log):
+                with self._log_opts(tmp, "features.log") as raw, self._worker() as worker:
+                    found = raw.feature_check(["mem_track", "lazy_pages", "pidfd_store"],
+                                              log_path=log, service_fd=worker.detach())
+            self._features = Features(**found)
+        return self._features
+
+    @staticmethod
+    @contextmanager
+    def _scratch_log(name: str) -> Iterator[tuple[str, str]]:
+        """A temporary log directory, removed on success and kept when the operation failed."""
+        tmp = tempfile.mkdtemp(prefix=f"pycriu-{name}-")
+        try:
+            yield tmp, os.path.join(tmp, f"{name}.log")
+        except CriuError:
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def dump(self, opts: DumpOptions) -> DumpResult:
+        """Checkpoint the tree rooted at ``opts.pid`` into ``opts.images_dir``.
+
+        By default CRIU kills the tree after a successful dump (``leave_running`` /
+        ``leave_stopped`` change that). On failure, or when the ``post-dump`` notify callback
+        answers ``False`` or raises, CRIU resumes the tree and an error is raised.
+        """
+        if not isinstance(opts, DumpOptions) or isinstance(opts, PreDumpOptions):
+            raise InvalidOptionError("dump() takes DumpOptions")
+        _require_pid(opts.pid)
+        if opts.track_mem:
+            self._require_mem_track("dump with track_mem")
+        self._run("dump", opts, "dump")
+        return self._dump_result(opts)
+
+    def pre_dump(self, opts: PreDumpOptions) -> DumpResult:
+        """Pre-dump memory while the tree keeps running; needs kernel memory tracking.
+
+        Refused with :class:`KernelUnsupportedError` before CRIU runs when the kernel cannot track
+        dirty memory (CRIU would abort otherwise).
+        """
+        if not isinstance(opts, PreDumpOptions):
+            raise InvalidOptionError("pre_dump() takes PreDumpOptions")
+        _require_pid(opts.pid)
+        self._require_mem_track("pre-dump")
+        self._run("pre-dump", opts, "pre-dump")
+        return self._dump_result(opts)
+
+    def dump_iterations(self, opts: DumpOptions, more: Callable[[], bool]) -> DumpResult:
+        """libcriu's ``dump_iters``: pre-dump while ``more()`` is true, then dump. Needs memory
+        tracking."""
+        _require_pid(opts.pid)
+        self._require_mem_track("iterative dump")
+        self._run("dump", opts, "dump-iters", more=more)
+        return self._dump_result(opts)
+
+    def restore(self, opts: RestoreOptions) -> RestoreResult:
+        """Restore the tree dumped in ``opts.images_dir``; returns its root pid and statistics."""
+        if not isinstance(opts, RestoreOptions):
+            raise InvalidOptionError("restore() takes RestoreOptions")
+        images = Path(opts.images_dir)
+        if images.is_dir() and not (images / "inventory.img").exists():
+            raise InvalidOptionError(
+                f"images_dir {images} holds no CRIU dump (no inventory.img)",
+                hint="pass the directory a dump wrote its images to")
+        pid = self._run("restore", opts, "restore-child" if opts.restore_sibling else "restore")
+        stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-restore")
+        return RestoreResult(pid=pid, log_path=opts.log_path,
+                             stats=stats if isinstance(stats, RestoreStats) else None)
+
+    def page_server(self, opts: PageServerOptions) -> PageServer:
+        """CRIU's page server as a context manager (see :class:`pycriu.PageServer`)."""
+        from .daemons import PageServer
+
+        return PageServer(opts, binary=self.binary)
+
+    def lazy_pages(self, opts: LazyPagesOptions) -> LazyPages:
+        """CRIU's lazy-pages daemon as a context manager (see :class:`pycriu.LazyPages`)."""
+        from .daemons import LazyPages
+
+        if not self.features().lazy_pages:
+            raise KernelUnsupportedError(
+                "lazy pages are not supported here (userfaultfd missing or restricted)",
+                operation="lazy-pages")
+        return LazyPages(opts, binary=self.binary)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _require_mem_track(self, what: str) -> None:
+        if not self.features().mem_track:
+            raise KernelUnsupportedError(
+                f"{what} needs dirty-memory tracking, which this kernel lacks "
+                "(CONFIG_MEM_SOFT_DIRTY is not set)",
+                operation=what,
+                hint="use a flow without pre-dump (classic, page-server or lazy)")
+
+    def _dump_result(self, opts: DumpOptions) -> DumpResult:
+        stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-dump")
+        return DumpResult(images_dir=Path(opts.images_dir), log_path=opts.log_path,
+                          stats=stats if isinstance(stats, DumpStats) else None)
+
+
+def _require_root(operation: str) -> None:
+    if os.geteuid() != 0:
+        raise CriuPermissionError(
+            f"{operation} needs root: checkpoint/restore uses CAP_SYS_ADMIN, CAP_SYS_PTRACE and "
+            "CAP_CHECKPOINT_RESTORE", operation=operation,
+            hint="run as root (sudo), or in a container with those capabilities")
+
+
+def _require_pid(pid: int) -> None:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise NoSuchProcessError(f"no process with pid {pid} to dump", operation="dump",
+                                 hint="pass the pid of a running process (the root of the tree)") from None
+    except PermissionError:
+        pass  # it exists; the root check reports the real problem
+
+
+def _existing_dir(path: str | os.PathLike[str], name: str) -> str:
+    text = os.fspath(path)
+    if not os.path.exists(text):
+        raise InvalidOptionError(f"{name} {text!r} does not exist", hint=f"create it first (mkdir -p {text})")
+    if not os.path.isdir(text):
+        raise InvalidOptionError(f"{name} {text!r} is not a directory", hint="pass a directory")
+    return text

@@ -1,0 +1,261 @@
+"""A sample workload to checkpoint and migrate, and its owner (used by the demo, tests and bench).
+
+The program (``python -m pycriu.workload``) fills N MiB with a known pattern and then beats about
+every 10 ms, writing its state as one JSON line into a fixed-size (4 KiB) state file it keeps
+open. The file never changes size, so CRIU's file-size check holds across a restore. On SIGUSR1 it
+recomputes the checksum of its memory and bumps ``check_seq``. Optional parts exercise what CRIU
+must restore: child processes talking over pipes, threads, a listening TCP socket.
+
+:class:`Workload` starts it in its own PID namespace (``unshare --pid --fork setsid``) so that a
+restore on the same machine never collides on pids, and always cleans up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_SIZE = 4096
+
+
+def _fill(mib: int, seed: int) -> bytearray:
+    base = random.Random(seed).randbytes(1 << 20)
+    buf = bytearray(mib << 20)
+    for i in range(mib):
+        shift = (i * 4099) % len(base)
+        buf[i << 20:(i + 1) << 20] = base[shift:] + base[:shift]
+    return buf
+
+
+def _digest(buf: bytearray) -> str:
+    return hashlib.blake2b(buf, digest_size=16).hexdigest()
+
+
+def _child_main(rfd: int, wfd: int) -> None:
+    """A tree member: echo every byte the parent sends back, until the pipe closes."""
+    while True:
+        data = os.read(rfd, 64)
+        if not data:
+            os._exit(0)
+        os.write(wfd, data)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--state", required=True, help="state file (created, 4 KiB, kept open)")
+    ap.add_argument("--mib", type=int, default=16, help="memory to fill with the pattern")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--children", type=int, default=0, help="child processes echoing over pipes")
+    ap.add_argument("--threads", type=int, default=0, help="threads counting in the background")
+    ap.add_argument("--listen", type=int, default=None, help="listen on 127.0.0.1:PORT (0: any)")
+    ap.add_argument("--interval", type=float, default=0.01, help="seconds between beats")
+    ap.add_argument("--touch", type=float, default=0.0,
+                    help="fraction of memory rewritten per second (dirty rate); changes the checksum")
+    args = ap.parse_args(argv)
+
+    buf = _fill(args.mib, args.seed)
+    checksum0 = _digest(buf)
+    fd = os.open(args.state, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, STATE_SIZE)
+
+    pipes = []
+    for _ in range(args.children):
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        if os.fork() == 0:
+            os.close(down_w)
+            os.close(up_r)
+            _child_main(down_r, up_w)
+        os.close(down_r)
+        os.close(up_w)
+        pipes.append((down_w, up_r))
+
+    counters = [0] * args.threads
+
+    def count(i: int) -> None:
+        while True:
+            counters[i] += 1
+            time.sleep(0.005)
+
+    for i in range(args.threads):
+        threading.Thread(target=count, args=(i,), daemon=True).start()
+
+    port = None
+    if args.listen is not None:
+        lsk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsk.bind(("127.0.0.1", args.listen))
+        lsk.listen(8)
+        port = lsk.getsockname()[1]
+
+        def serve() -> None:
+            while True:
+                conn, _ = lsk.accept()
+                with conn:
+                    conn.sendall(f"alive {checksum0}\n".encode())
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    want_check = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: want_check.set())
+    state: dict[str, Any] = {"pid": os.getpid(), "mib": args.mib, "checksum0": checksum0,
+                             "checksum": checksum0, "check_seq": 0, "beat": 0, "echoes": 0,
+                             "threads": 0, "port": port}
+    touch_bytes = int(args.touch * len(buf) * args.interval)
+    offset = 0
+    while True:
+        state["beat"] += 1
+        state["t"] = time.time()
+        for down_w, up_r in pipes:
+            os.write(down_w, b"x")
+            if os.read(up_r, 1) == b"x":
+                state["echoes"] += 1
+        state["threads"] = sum(counters)
+        if touch_bytes and buf:
+            end = min(offset + touch_bytes, len(buf))
+            buf[offset:end:4096] = bytes([state["beat"] & 0xFF]) * len(range(offset, end, 4096))
+            offset = end % len(buf)
+        if want_check.is_set():
+            want_check.clear()
+            state["checksum"] = _digest(buf)
+            state["check_seq"] += 1
+        os.pwrite(fd, json.dumps(state).encode().ljust(STATE_SIZE - 1) + b"\n", 0)
+        time.sleep(args.interval)
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The workload's last state (``{}`` before its first beat)."""
+    try:
+        text = Path(path).read_bytes().decode(errors="replace").strip().strip("\0")
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class Workload:
+    """Owner of one sample workload in its own PID namespace.
+
+    ``pid`` is the workload's pid in this namespace (the root of the tree to dump). After a
+    migration or restore, call :meth:`adopt` with the new root pid so :meth:`close` cleans it up.
+    """
+
+    def __init__(self, state_path: str | os.PathLike[str], *, mib: int = 16, children: int = 0,
+                 threads: int = 0, listen: int | None = None, touch: float = 0.0,
+                 interval: float = 0.01, python: str | None = None) -> None:
+        self.state_path = Path(state_path)
+        argv = [python or sys.executable, "-m", "pycriu.workload", "--state", str(self.state_path),
+                "--mib", str(mib), "--children", str(children), "--threads", str(threads),
+                "--interval", str(interval), "--touch", str(touch)]
+        if listen is not None:
+            argv += ["--listen", str(listen)]
+        self.state_path.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        self._unshare = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "setsid", *argv],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, cwd="/",
+        )
+        self.pid = 0
+        self._pids: set[int] = set()
+        try:
+            self.pid = self._find_child(timeout=10)
+            self._pids.add(self.pid)
+            self.wait_beats(1, timeout=max(30.0, mib / 20))
+        except BaseException:
+            self.close()
+            raise
+
+    def _find_child(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        path = Path(f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children")
+        while time.monotonic() < deadline:
+            try:
+                children = path.read_text().split()
+            except OSError:
+                children = []
+            if children:
+                return int(children[0])
+            if self._unshare.poll() is not None:
+                raise RuntimeError(f"workload exited at once (status {self._unshare.returncode})")
+            time.sleep(0.01)
+        raise TimeoutError("workload did not start")
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return read_state(self.state_path)
+
+    def wait_beats(self, more: int = 1, timeout: float = 20.0, *, since: int | None = None) -> dict[str, Any]:
+        """Wait until the heartbeat advanced by ``more`` beats past ``since`` (default: now)."""
+        start = self.state.get("beat", 0) if since is None else since
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.state
+            if st.get("beat", 0) >= start + more:
+                return st
+            time.sleep(0.01)
+        raise TimeoutError(f"workload heartbeat stuck at {self.state.get('beat')} (wanted {start + more})")
+
+    def checksum(self, pid: int | None = None, timeout: float = 30.0) -> str:
+        """Ask the workload (now at ``pid``) to checksum its memory; return the digest."""
+        seq = self.state.get("check_seq", 0)
+        os.kill(pid or self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.state
+            if st.get("check_seq", 0) > seq:
+                return str(st["checksum"])
+            time.sleep(0.01)
+        raise TimeoutError("workload did not answer the checksum request")
+
+    @property
+    def expected_checksum(self) -> str:
+        return str(self.state["checksum0"])
+
+    def adopt(self, pid: int) -> None:
+        """Take ownership of the tree restored at ``pid`` (killed and reaped by :meth:`close`)."""
+        self.pid = pid
+        self._pids.add(pid)
+
+    def alive(self, pid: int | None = None) -> bool:
+        """Whether ``pid`` (default: the current root) runs and is not a zombie."""
+        try:
+            stat = Path(f"/proc/{pid or self.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+    def close(self) -> None:
+        """Kill every tree this workload ever was (source and restored copies) and reap them."""
+        for pid in self._pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if self._unshare.poll() is None:
+            self._unshare.kill()
+        self._unshare.wait()
+
+    def __enter__(self) -> Workload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    main()
