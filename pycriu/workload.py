@@ -236,16 +236,22 @@ class Workload:
         return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
     def close(self) -> None:
-        """Kill every tree this workload ever was (source and restored copies) and reap them."""
+        """Kill every tree this workload ever was (source and restored copies) and reap the ones
+        that are our children (all of them when this process is a child subreaper)."""
         for pid in self._pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+                continue
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done:
+                    break
+                time.sleep(0.01)
         if self._unshare.poll() is None:
             self._unshare.kill()
         self._unshare.wait()

@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`. Both provision first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test docs bench clean
+
+setup:
+	bash scripts/provision.sh
+
+demo: setup
+	$(PY) -m pycriu.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build docs/_build .pytest_cache pycriu/_libcriu*.so pycriu/_libcriu.c

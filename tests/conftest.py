@@ -1,0 +1,81 @@
+"""Shared fixtures: a real CRIU, sample workloads in their own PID namespaces, and markers whose
+skip reasons come from real probes of this machine."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import pycriu
+from pycriu.workload import Workload
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _probe_features() -> pycriu.Features | None:
+    if not IS_ROOT:
+        return None
+    try:
+        return pycriu.Criu().features()
+    except pycriu.CriuError:
+        return None
+
+
+FEATURES = _probe_features()
+
+#: Tests that drive CRIU: they need root.
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="not root: checkpoint/restore needs CAP_SYS_ADMIN")
+#: Pre-dump and iterative migration need the kernel's soft-dirty memory tracking.
+needs_mem_track = pytest.mark.skipif(
+    FEATURES is None or not FEATURES.mem_track,
+    reason="kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable",
+)
+#: Lazy migration needs userfaultfd.
+needs_lazy_pages = pytest.mark.skipif(
+    FEATURES is None or not FEATURES.lazy_pages,
+    reason="CRIU reports lazy pages unsupported here (no usable userfaultfd)",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subreaper() -> None:
+    """Restored trees outlive CRIU's worker; as child subreaper this test process inherits and
+    reaps them instead of leaving zombies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+@pytest.fixture(scope="session")
+def criu() -> pycriu.Criu:
+    if not IS_ROOT:
+        pytest.skip("not root: checkpoint/restore needs CAP_SYS_ADMIN")
+    return pycriu.Criu()
+
+
+@pytest.fixture
+def images_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "images"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def workload(tmp_path: Path) -> Iterator[Callable[..., Workload]]:
+    """Factory: ``workload(mib=16, children=0, threads=0, listen=None)`` starts a sample workload
+    in its own PID namespace; every workload (and every copy restored from it) is killed at the
+    end of the test."""
+    made: list[Workload] = []
+
+    def make(**kwargs: object) -> Workload:
+        w = Workload(tmp_path / f"state-{len(made)}", **kwargs)  # type: ignore[arg-type]
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
