@@ -95,8 +95,11 @@ class Criu:
     # -- the worker and one operation ------------------------------------------------------------
 
     @contextmanager
-    def _worker(self) -> Iterator[socket.socket]:
+    def _worker(self, *, show_output: bool = False) -> Iterator[socket.socket]:
         """Start ``criu swrk`` in its own session; yield our end of its socket.
+
+        CRIU's stdout is discarded unless ``show_output`` (``display_stats``: CRIU prints the
+        statistics there, as ``criu dump --display-stats`` does), then it is ours.
 
         Hand the socket to libcriu with ``sock.detach()`` right before the operation: libcriu
         closes it when done. If the operation never ran, the socket is closed here, so the worker
@@ -109,7 +112,7 @@ class Criu:
                 [self.binary, "swrk", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # `criu check` prints "Looks good." there
+                stdout=None if show_output else subprocess.DEVNULL,  # `criu check` prints "Looks good." there
                 start_new_session=True,
             )
         except OSError as exc:
@@ -160,7 +163,7 @@ class Criu:
                 raw.apply(setter, *args)
             if cfg is not None:
                 raw.apply("set_config_file", cfg)
-            worker = stack.enter_context(self._worker())
+            worker = stack.enter_context(self._worker(show_output=bool(opts.display_stats)))
             return raw.run(raw_operation, log_path=str(log_path), notify=opts.notify, more=more,
                            service_fd=worker.detach())
 
