@@ -1,0 +1,228 @@
+"""The ``pycriu`` command: doctor, dump, restore, page-server, lazy-pages (and migrate, agent).
+
+Option names follow the ``criu`` command line (``-t/--tree``, ``-D/--images-dir``,
+``-R/--leave-running``, ``--tcp-established``, ``--lazy-pages``, ``--address``/``--port``, ...), so a
+runc or CRIU user finds them familiar. Errors print CRIU's own message, the log and a hint, and
+exit with status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__, doctor
+from .criu import Criu
+from .errors import CriuError
+from .options import (
+    DumpOptions,
+    InheritFd,
+    LazyPagesOptions,
+    PageServerAddress,
+    PageServerOptions,
+    RestoreOptions,
+)
+
+__all__ = ["main", "build_parser"]
+
+
+def _common(p: argparse.ArgumentParser, *, images_required: bool = True) -> None:
+    p.add_argument("-D", "--images-dir", required=images_required, metavar="DIR",
+                   help="directory of the image files")
+    p.add_argument("-W", "--work-dir", metavar="DIR", help="directory for logs and stats (default: images dir)")
+    p.add_argument("-o", "--log-file", metavar="FILE", help="log file name inside the work dir")
+    p.add_argument("-v", dest="log_level", type=int, choices=range(0, 5), metavar="N",
+                   help="log verbosity 0-4 (like criu -vN)")
+
+
+def _criu_flags(p: argparse.ArgumentParser) -> None:
+    for flag, help_text in (
+        ("--tcp-established", "checkpoint/restore established TCP connections"),
+        ("--tcp-close", "close established TCP connections on restore"),
+        ("--shell-job", "the tree was started from a shell (has a controlling terminal)"),
+        ("--ext-unix-sk", "allow external unix sockets"),
+        ("--file-locks", "handle file locks"),
+        ("--link-remap", "allow link-remap of unlinked files"),
+        ("--manage-cgroups", "dump/restore cgroups"),
+        ("--lazy-pages", "lazy migration: dump serves pages / restore faults them in"),
+        ("--display-stats", "print CRIU's statistics in its log"),
+    ):
+        p.add_argument(flag, action="store_true", default=None, help=help_text)
+    p.add_argument("--external", action="append", metavar="RES", help="external resource (repeatable)")
+    p.add_argument("--root", metavar="PATH", help="root of the tree's mount namespace")
+    p.add_argument("--criu-opt", action="append", metavar="NAME[=VALUE]",
+                   help="any other CRIU long option (without dashes), passed through the config file")
+
+
+def _criu_options(args: argparse.Namespace) -> dict[str, Any]:
+    extra: dict[str, str | bool] = {}
+    for item in args.criu_opt or ():
+        name, sep, value = item.partition("=")
+        extra[name] = value if sep else True
+    return {
+        "work_dir": args.work_dir, "log_file": args.log_file, "log_level": args.log_level,
+        "tcp_established": args.tcp_established, "tcp_close": args.tcp_close,
+        "shell_job": args.shell_job, "ext_unix_sk": args.ext_unix_sk, "file_locks": args.file_locks,
+        "link_remap": args.link_remap, "manage_cgroups": args.manage_cgroups,
+        "lazy_pages": args.lazy_pages, "display_stats": args.display_stats,
+        "external": args.external, "root": args.root, "criu_options": extra or None,
+    }
+
+
+def _print_result(kind: str, result: Any, as_json: bool) -> None:
+    stats = result.stats.to_dict() if result.stats is not None else None
+    if as_json:
+        payload = {"result": kind, "log": str(result.log_path), "stats": stats}
+        if hasattr(result, "pid"):
+            payload["pid"] = result.pid
+        print(json.dumps(payload))
+        return
+    if hasattr(result, "pid"):
+        print(f"restored: pid {result.pid}")
+    else:
+        print(f"dumped into {result.images_dir}")
+    if stats:
+        print("  " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+    print(f"  log: {result.log_path}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return doctor.main(args.criu, as_json=args.json)
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    page_server = None
+    lazy_port = lazy_address = None
+    if args.page_server:
+        if args.address is None or args.port is None:
+            raise SystemExit("pycriu dump: --page-server needs --address and --port")
+        page_server = PageServerAddress(args.address, args.port)
+    elif args.lazy_pages:
+        lazy_port, lazy_address = args.port, args.address
+    opts = DumpOptions(
+        pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
+        leave_stopped=args.leave_stopped, page_server=page_server, lazy_port=lazy_port,
+        lazy_address=lazy_address, **_criu_options(args),
+    )
+    _print_result("dump", Criu(args.criu).dump(opts), args.json)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    inherit = []
+    for item in args.inherit_fd or ():
+        fd_part, _, key = item.partition(":")
+        if not (fd_part.startswith("fd[") and fd_part.endswith("]")) or not key:
+            raise SystemExit(f"pycriu restore: --inherit-fd {item!r}: expected fd[N]:KEY")
+        inherit.append(InheritFd(int(fd_part[3:-1]), key))
+    page_server = PageServerAddress(args.address, args.port) if args.address and args.port else None
+    opts = RestoreOptions(images_dir=args.images_dir, leave_stopped=args.leave_stopped,
+                          inherit_fds=inherit or None, page_server=page_server, **_criu_options(args))
+    result = Criu(args.criu).restore(opts)
+    if args.pidfile:
+        with open(args.pidfile, "w") as fh:
+            fh.write(f"{result.pid}\n")
+    _print_result("restore", result, args.json)
+    return 0
+
+
+def cmd_page_server(args: argparse.Namespace) -> int:
+    opts = PageServerOptions(images_dir=args.images_dir, work_dir=args.work_dir, address=args.address,
+                             port=args.port, lazy_pages=bool(args.lazy_pages),
+                             **({"log_file": args.log_file} if args.log_file else {}))
+    with Criu(args.criu).page_server(opts) as ps:
+        print(json.dumps({"pid": ps.pid, "address": opts.address, "port": ps.port}) if args.json
+              else f"page server pid {ps.pid} listening on {opts.address}:{ps.port}", flush=True)
+        ps.wait()
+    return 0
+
+
+def cmd_lazy_pages(args: argparse.Namespace) -> int:
+    server = PageServerAddress(args.address, args.port) if args.page_server else None
+    opts = LazyPagesOptions(images_dir=args.images_dir, work_dir=args.work_dir, page_server=server,
+                            **({"log_file": args.log_file} if args.log_file else {}))
+    with Criu(args.criu).lazy_pages(opts) as daemon:
+        print(f"lazy-pages daemon pid {daemon.pid} ready; restore with --lazy-pages -W "
+              f"{args.work_dir or args.images_dir}", flush=True)
+        daemon.wait()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pycriu", description="Checkpoint, restore and live-migrate "
+                                     "Linux process trees with CRIU.")
+    parser.add_argument("--version", action="version", version=f"pycriu {__version__}")
+    parser.add_argument("--criu", metavar="PATH", help="criu binary (default: $PYCRIU_CRIU or PATH)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="check that this machine can checkpoint/restore/migrate")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("dump", help="checkpoint a process tree (criu dump)")
+    p.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="root of the tree to dump")
+    _common(p)
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("-R", "--leave-running", action="store_true", default=None,
+                      help="leave the tree running after the dump")
+    keep.add_argument("-s", "--leave-stopped", action="store_true", default=None,
+                      help="leave the tree stopped after the dump")
+    p.add_argument("--page-server", action="store_true", help="send pages to a page server at --address:--port")
+    p.add_argument("--address", help="page server address (with --page-server or --lazy-pages)")
+    p.add_argument("--port", type=int, help="page server port (with --page-server or --lazy-pages)")
+    _criu_flags(p)
+    p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("restore", help="restore a process tree (criu restore -d)")
+    _common(p)
+    p.add_argument("-s", "--leave-stopped", action="store_true", default=None,
+                   help="leave the restored tree stopped")
+    p.add_argument("--inherit-fd", action="append", metavar="fd[N]:KEY", help="hand our fd N over as KEY")
+    p.add_argument("--pidfile", metavar="FILE", help="write the restored root pid here")
+    p.add_argument("--address", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    _criu_flags(p)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("page-server", help="run CRIU's page server in the foreground until the dump is done")
+    _common(p)
+    p.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="listen port (default 0: any free port)")
+    p.add_argument("--lazy-pages", action="store_true", help="serve local page images to a lazy-pages daemon")
+    p.set_defaults(func=cmd_page_server)
+
+    p = sub.add_parser("lazy-pages", help="run CRIU's lazy-pages daemon for a lazy restore")
+    _common(p)
+    p.add_argument("--page-server", action="store_true", help="read pages from a remote page server")
+    p.add_argument("--address", help="page server address")
+    p.add_argument("--port", type=int, help="page server port")
+    p.set_defaults(func=cmd_lazy_pages)
+
+    try:
+        from .migration import cli as migration_cli
+    except ModuleNotFoundError as exc:  # only a missing migration package is tolerated
+        if exc.name not in ("pycriu.migration", "pycriu.migration.cli"):
+            raise
+    else:
+        migration_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CriuError as exc:
+        print(f"pycriu {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pycriu {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""``pycriu doctor``: is this machine ready to checkpoint, restore and migrate?
+
+Each check reports a verdict (ok / warn / fail / info) and, when it is not ok, the fix. The
+overall result is ready only when dump and restore can work (root, a usable CRIU >= 4.2 that
+passes ``criu check``). It also says which migration flows this machine supports.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import _raw
+from .criu import MIN_CRIU_VERSION, Criu
+from .errors import CriuError
+
+__all__ = ["Check", "Diagnosis", "diagnose", "main"]
+
+PIPE_MAX_NEEDED = 4 << 20
+# Capability bits (linux/capability.h).
+_CAPS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_CHECKPOINT_RESTORE": 40, "CAP_SYS_RESOURCE": 24}
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str  # ok | warn | fail | info
+    detail: str
+    fix: str | None = None
+
+
+@dataclass
+class Diagnosis:
+    checks: list[Check] = field(default_factory=list)
+    flows: dict[str, str] = field(default_factory=dict)  # flow -> "available" or the reason not
+
+    @property
+    def ready(self) -> bool:
+        return not any(c.verdict == "fail" for c in self.checks)
+
+    def add(self, name: str, verdict: str, detail: str, fix: str | None = None) -> Check:
+        check = Check(name, verdict, detail, fix)
+        self.checks.append(check)
+        return check
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ready": self.ready, "checks": [asdict(c) for c in self.checks], "flows": self.flows}
+
+    def render(self) -> str:
+        lines = []
+        for c in self.checks:
+            lines.append(f"[{c.verdict:^4}] {c.name:<22} {c.detail}")
+            if c.fix and c.verdict != "ok":
+                lines.append(f"{'':7}{'':<22} fix: {c.fix}")
+        lines.append("")
+        lines.append("flows:")
+        for flow, status in self.flows.items():
+            lines.append(f"  {flow:<22} {status}")
+        lines.append("")
+        lines.append("ready: dump and restore can work here" if self.ready
+                     else "NOT ready: fix the failed checks above")
+        return "\n".join(lines)
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _loaded_libcriu() -> str | None:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "libcriu.so" in line:
+            return line.split()[-1]
+    return None
+
+
+def _shadowing_modules() -> list[str]:
+    """Other importable modules named ``pycriu`` (CRIU's own Python module is also so named)."""
+    ours = Path(__file__).resolve().parent
+    others = []
+    for entry in sys.path:
+        spec = importlib.machinery.PathFinder.find_spec("pycriu", [entry or "."])
+        if spec is None or not spec.origin:
+            continue
+        where = Path(spec.origin).resolve().parent
+        if where != ours:
+            others.append(str(where))
+    return others
+
+
+def diagnose(binary: str | None = None) -> Diagnosis:
+    """Run every check; never raises for a failed check."""
+    d = Diagnosis()
+    d.add("kernel", "info", f"{platform.release()} ({platform.machine()})")
+
+    is_root = os.geteuid() == 0
+    caps = _effective_caps()
+    missing = [n for n in ("CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_CHECKPOINT_RESTORE") if not caps >> _CAPS[n] & 1]
+    if is_root and not missing:
+        d.add("root", "ok", "running as root with the checkpoint/restore capabilities")
+    else:
+        d.add("root", "fail", f"uid {os.geteuid()}, missing {', '.join(missing) or 'root'}",
+              "run as root (sudo pycriu ...) with CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE")
+    if not caps >> _CAPS["CAP_SYS_RESOURCE"] & 1:
+        d.add("CAP_SYS_RESOURCE", "warn", "missing: CRIU cannot raise its own limits (pipe sizes, RLIMIT_NOFILE)",
+              "harmless if fs.pipe-max-size >= 4194304 (see below)")
+
+    compiled = ".".join(map(str, _raw.COMPILED_VERSION))
+    d.add("libcriu (built)", "ok" if _raw.COMPILED_VERSION >= MIN_CRIU_VERSION else "fail",
+          f"extension compiled against libcriu {compiled}, loaded from {_loaded_libcriu() or '?'}",
+          "rebuild: scripts/provision.sh")
+
+    others = _shadowing_modules()
+    if others:
+        d.add("module shadowing", "warn", f"other modules named pycriu on sys.path: {', '.join(others)}",
+              "CRIU's own Python module is also named pycriu; uninstall it or keep it off sys.path")
+    else:
+        d.add("module shadowing", "ok", f"pycriu imported from {Path(__file__).resolve().parent}")
+
+    criu: Criu | None = None
+    try:
+        criu = Criu(binary)
+    except CriuError as exc:
+        d.add("criu binary", "fail", exc.message, exc.hint)
+    features = None
+    check_ok = False
+    if criu is not None:
+        try:
+            version = criu.version()
+            ok = version >= MIN_CRIU_VERSION
+            d.add("criu binary", "ok" if ok else "fail", f"{criu.binary} (CRIU {version})",
+                  None if ok else "install CRIU >= 4.2: scripts/provision.sh")
+        except CriuError as exc:
+            d.add("criu binary", "fail", f"{criu.binary}: {exc.message}", exc.hint)
+        if is_root:
+            try:
+                check_ok = criu.check()
+                d.add("criu check", "ok", "checkpoint/restore works on this kernel")
+            except CriuError as exc:
+                d.add("criu check", "fail", exc.criu_message or exc.message,
+                      exc.hint or f"read {exc.log_path}")
+            try:
+                features = criu.features()
+                for name, value in (("mem_track", features.mem_track), ("lazy_pages", features.lazy_pages),
+                                    ("pidfd_store", features.pidfd_store)):
+                    fix = {"mem_track": "needs a kernel with CONFIG_MEM_SOFT_DIRTY (only pre-copy/hybrid use it)",
+                           "lazy_pages": "needs userfaultfd (CONFIG_USERFAULTFD, /dev/userfaultfd)",
+                           "pidfd_store": "needs pidfd_open/pidfd_getfd (Linux >= 5.6)"}[name]
+                    d.add(f"feature {name}", "ok" if value else "warn", "supported" if value else "not supported", fix)
+            except CriuError as exc:
+                d.add("features", "fail", exc.message, exc.hint)
+        else:
+            d.add("criu check", "fail", "skipped: needs root", "run pycriu doctor as root")
+
+    pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    pipe_ok = pipe_max >= PIPE_MAX_NEEDED
+    d.add("fs.pipe-max-size", "ok" if pipe_ok else "warn", f"{pipe_max} bytes",
+          f"sysctl -w fs.pipe-max-size={PIPE_MAX_NEEDED} (CRIU's lazy page server uses 4 MiB pipes)")
+    uffd = Path("/dev/userfaultfd").exists()
+    d.add("userfaultfd", "ok" if uffd else "info", "/dev/userfaultfd present" if uffd else "/dev/userfaultfd absent",
+          "lazy migration falls back to the userfaultfd syscall; check vm.unprivileged_userfaultfd")
+
+    base = "available" if check_ok else "unavailable: criu check failed"
+    d.flows["classic"] = base
+    d.flows["page-server"] = base
+    if not check_ok:
+        lazy = base
+    elif features is not None and not features.lazy_pages:
+        lazy = "unavailable: no lazy pages (userfaultfd)"
+    elif not pipe_ok:
+        lazy = f"unavailable: fs.pipe-max-size {pipe_max} < {PIPE_MAX_NEEDED}"
+    else:
+        lazy = "available"
+    d.flows["lazy"] = lazy
+    d.flows["page-server-on-source"] = lazy
+    track = "available" if check_ok and features is not None and features.mem_track else \
+        "unavailable: kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY)"
+    d.flows["pre-copy"] = track
+    d.flows["hybrid"] = track if lazy == "available" else f"unavailable: {lazy}"
+    return d
+
+
+def main(binary: str | None = None, as_json: bool = False) -> int:
+    """Print the diagnosis; exit status 0 only when dump and restore can work."""
+    diagnosis = diagnose(binary)
+    print(json.dumps(diagnosis.to_dict(), indent=2) if as_json else diagnosis.render())
+    return 0 if diagnosis.ready else 1
