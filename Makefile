@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test docs bench clean
+.PHONY: setup demo test docs lint bench clean
 
 setup:
 	bash scripts/provision.sh
@@ -15,6 +15,10 @@ test: setup
 
 docs: setup
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+lint: setup
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check pycriu csrc
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

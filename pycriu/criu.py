@@ -200,7 +200,8 @@ class Criu:
                 with self._log_opts(tmp, "features.log") as raw, self._worker() as worker:
                     found = raw.feature_check(["mem_track", "lazy_pages", "pidfd_store"],
                                               log_path=log, service_fd=worker.detach())
-            self._features = Features(**found)
+            self._features = Features(mem_track=found["mem_track"], lazy_pages=found["lazy_pages"],
+                                      pidfd_store=found["pidfd_store"])
         return self._features
 
     @staticmethod

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, ClassVar
+from typing import IO, ClassVar, Self
 
 from .enums import LogLevel
 from .errors import CriuError, InvalidOptionError, LazyPagesError, PageServerError, first_error_line
-from .options import LazyPagesOptions, PageServerOptions, PageServerAddress
+from .options import LazyPagesOptions, PageServerAddress, PageServerOptions
 
 __all__ = ["PageServer", "LazyPages"]
 
@@ -150,7 +150,7 @@ class _NativeDaemon:
             self._stderr = None
         return code
 
-    def __enter__(self) -> _NativeDaemon:
+    def __enter__(self) -> Self:
         if self._entered:
             raise RuntimeError(f"{self._command} context manager cannot be re-entered")
         self._entered = True
@@ -161,11 +161,13 @@ class _NativeDaemon:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def _common_argv(self, images_dir: str, work_dir: str | None, log_file: str,
-                     log_level: LogLevel, status_fd: int) -> list[str]:
-        return [self.binary, self._command, "--images-dir", images_dir,
-                "--work-dir", work_dir or images_dir, "--log-file", log_file,
-                f"-v{int(max(log_level, LogLevel.INFO))}", "--status-fd", str(status_fd)]
+    def _common_argv(self, opts: PageServerOptions | LazyPagesOptions, status_fd: int) -> list[str]:
+        images_dir = os.fspath(opts.images_dir)
+        work_dir = os.fspath(opts.work_dir) if opts.work_dir is not None else images_dir
+        # INFO at least: the real port of a port-0 page server is read from the log.
+        level = max(int(opts.log_level), int(LogLevel.INFO))
+        return [self.binary, self._command, "--images-dir", images_dir, "--work-dir", work_dir,
+                "--log-file", opts.log_file, f"-v{level}", "--status-fd", str(status_fd)]
 
     @staticmethod
     def _tls_argv(opts: PageServerOptions | LazyPagesOptions) -> list[str]:
@@ -214,7 +216,7 @@ class PageServer(_NativeDaemon):
 
     def _argv(self, status_fd: int) -> list[str]:
         o = self.opts
-        argv = self._common_argv(o.images_dir, o.work_dir, o.log_file, LogLevel(o.log_level), status_fd)
+        argv = self._common_argv(o, status_fd)
         argv += ["--address", o.address, "--port", str(o.port)]
         if o.lazy_pages:
             argv.append("--lazy-pages")
@@ -251,7 +253,7 @@ class LazyPages(_NativeDaemon):
 
     def _argv(self, status_fd: int) -> list[str]:
         o = self.opts
-        argv = self._common_argv(o.images_dir, o.work_dir, o.log_file, LogLevel(o.log_level), status_fd)
+        argv = self._common_argv(o, status_fd)
         if o.page_server is not None:
             argv += ["--page-server", "--address", o.page_server.address, "--port", str(o.page_server.port)]
         return argv + self._tls_argv(o)
