@@ -21,7 +21,9 @@ How a notify callback makes the round trip (after pygit2's ``callbacks.py``):
    failure (1). If the handler raises, the exception is stored and CRIU is answered with failure,
    so a ``post-dump`` that raises resumes the dumped tree instead of killing it.
 4. When the libcriu call returns, :meth:`RawOpts.run` re-raises the stored exception (it wins over
-   the libcriu error it caused), or passes the return code to :func:`check`.
+   the libcriu error it caused), raises the operation's error when a handler answered ``False``
+   (libcriu then returns a positive 1, not an error code), or passes the return code to
+   :func:`check`.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class _CallbackState:
     notify: NotifyHandler | None = None
     more: MoreHandler | None = None
     exc: BaseException | None = None
+    refused: str | None = None  # the action a handler answered False to
 
 
 _tls = threading.local()
@@ -137,7 +140,10 @@ def _pycriu_notify_cb(action: Any, na: Any) -> int:
     except BaseException as exc:  # noqa: BLE001 - re-raised by RawOpts.run after CRIU answered
         state.exc = exc
         return 1
-    return 1 if answer is False else 0
+    if answer is False:
+        state.refused = name
+        return 1
+    return 0
 
 
 @ffi.def_extern(onerror=_store_exc)
@@ -260,6 +266,12 @@ class RawOpts:
         if state.exc is not None:
             raise state.exc
         name = "restore" if operation == "restore-child" else "dump" if operation == "dump-iters" else operation
+        if state.refused is not None:
+            # libcriu returns the handler's positive answer (1) here, which would read as success
+            # (or as restored pid 1); CRIU itself treats the refusal as a failure and rolls back.
+            raise _ERROR_CLASS.get(name, errors.CriuError)(
+                f"{name} aborted: the notify callback answered False to {state.refused!r}",
+                operation=name, log_path=log_path)
         return check(rc, name, log_path=log_path, err=err)
 
     def check_version(self, minimum: int) -> bool:
