@@ -157,7 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pycriu {__version__}")
     parser.add_argument("--criu", metavar="PATH", help="criu binary (default: $PYCRIU_CRIU or PATH)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # The same two options after the subcommand too (pycriu dump --json ...).
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--criu", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[shared], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("doctor", help="check that this machine can checkpoint/restore/migrate")
     p.set_defaults(func=cmd_doctor)
