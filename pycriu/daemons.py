@@ -217,7 +217,9 @@ class PageServer(_NativeDaemon):
     def _argv(self, status_fd: int) -> list[str]:
         o = self.opts
         argv = self._common_argv(o, status_fd)
-        argv += ["--address", o.address, "--port", str(o.port)]
+        argv += ["--address", o.address]
+        if o.port:  # CRIU refuses `--port 0`; without --port it binds a free port and logs it
+            argv += ["--port", str(o.port)]
         if o.lazy_pages:
             argv.append("--lazy-pages")
         return argv + self._tls_argv(o)
