@@ -147,7 +147,10 @@ for _cls in [CriuError, *[globals()[_n] for _n in __all__ if _n.endswith("Error"
     _cls.__module__ = "pycriu"
 
 
-_ERROR_LINE = re.compile(r"^\(\s*[0-9.]+\)\s*(?:\d+:\s*)?Error \((?P<where>[^)]*)\):\s*(?P<msg>.*)$")
+# "Error (file:line): msg", optionally behind a timestamp "(00.123456)" (verbose logs) and a
+# "pie: 1: " or "1: " task prefix (messages from the parasite or restorer code).
+_ERROR_LINE = re.compile(
+    r"^(?:\(\s*[0-9.]+\)\s*)?(?:pie:\s*)?(?:\d+:\s*)?Error \((?P<where>[^)]*)\):\s*(?P<msg>.*)$")
 _NOISE = ("rlimit: Can't setup RLIMIT_NOFILE",)
 
 
