@@ -286,6 +286,12 @@ class Criu:
                 operation="lazy-pages")
         return LazyPages(opts, binary=self.binary)
 
+    @staticmethod
+    def orphan_pts_master_fd() -> int:
+        """The master fd of an orphaned pty, valid only inside a notify callback answering
+        ``orphan-pts-master`` (restore with ``orphan_pts_master=True``). Dup it to keep it."""
+        return _raw.orphan_pts_master_fd()
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _require_mem_track(self, what: str) -> None:
