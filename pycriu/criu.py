@@ -207,11 +207,17 @@ class Criu:
     @staticmethod
     @contextmanager
     def _scratch_log(name: str) -> Iterator[tuple[str, str]]:
-        """A temporary log directory, removed on success and kept when the operation failed."""
+        """A temporary log directory, removed on success and kept when the operation failed
+        (unless CRIU wrote no log there: then there is nothing to read, and it is removed too)."""
         tmp = tempfile.mkdtemp(prefix=f"pycriu-{name}-")
+        log = os.path.join(tmp, f"{name}.log")
         try:
-            yield tmp, os.path.join(tmp, f"{name}.log")
-        except CriuError:
+            yield tmp, log
+        except CriuError as err:
+            if not os.path.exists(log):
+                shutil.rmtree(tmp, ignore_errors=True)
+                if err.log_path == log:
+                    err.log_path = None
             raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
