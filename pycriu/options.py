@@ -421,7 +421,8 @@ class DumpOptions(_CriuOptions):
     freeze_cgroup: str | None = _opt("str", setter="set_freeze_cgroup")
     page_server: PageServerAddress | None = _opt("special", doc="send pages to CRIU's page server")
     lazy_port: int | None = _opt(
-        "special", doc="with lazy_pages: the port the frozen source serves its pages on (0: any)")
+        "special", doc="with lazy_pages: the port the frozen source serves its pages on "
+        "(CRIU refuses 0, and nothing would tell the destination an auto-bound port)")
     lazy_address: str | None = _opt("special", doc="with lazy_pages: the address to serve pages on")
 
     _operation: ClassVar[str] = "dump"
@@ -435,7 +436,7 @@ class DumpOptions(_CriuOptions):
         if self.page_server is not None and not isinstance(self.page_server, PageServerAddress):
             raise _bad("page_server", self.page_server, "a PageServerAddress(address, port)")
         if self.lazy_port is not None:
-            _check_port("lazy_port", self.lazy_port, allow_zero=True)
+            _check_port("lazy_port", self.lazy_port, allow_zero=False)
         if self.lazy_address is not None:
             _check_str("lazy_address", self.lazy_address, nonempty=True)
             check_config_value("address", self.lazy_address)
