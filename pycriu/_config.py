@@ -29,7 +29,7 @@ _FORBIDDEN = frozenset({"config", "no-default-config", "images-dir", "work-dir",
 
 def check_config_key(key: str) -> None:
     """Refuse anything but a plain CRIU long-option name."""
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise InvalidOptionError(
             f"CRIU option name {key!r} is invalid: use the long option without dashes, "
             "for example 'tcp-established'")
@@ -39,7 +39,7 @@ def check_config_key(key: str) -> None:
 
 def check_config_value(key: str, value: str) -> None:
     """Refuse a value that CRIU's config parser would not read back exactly as given."""
-    if not isinstance(value, str) or not _VALUE.match(value):
+    if not isinstance(value, str) or not _VALUE.fullmatch(value):
         raise InvalidOptionError(
             f"value {value!r} of CRIU option {key!r} cannot be passed safely: it must be non-empty "
             "and contain no whitespace, newline, '#', quote, backslash or control character")
