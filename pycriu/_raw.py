@@ -171,7 +171,8 @@ class RawOpts:
     """Owner of one libcriu ``criu_opts``: apply setters, run one operation, free on every path.
 
     Setter names are the libcriu function names without ``criu_local_`` (``"set_pid"``,
-    ``"add_external"``); string arguments may be ``str``, ``bytes`` or ``os.PathLike``.
+    ``"add_external"``); string arguments may be ``str``, ``bytes`` or ``os.PathLike``, and
+    ``None`` is passed as ``NULL`` (an optional string: ``add_cg_root``, ``join_ns_add``).
     """
 
     def __init__(self) -> None:
@@ -206,7 +207,8 @@ class RawOpts:
         fn = getattr(lib, "criu_local_" + setter, None)
         if fn is None:
             raise AttributeError(f"libcriu has no criu_local_{setter}")
-        cargs = [_cstr(a) if isinstance(a, (str, os.PathLike)) else a for a in args]
+        cargs = [ffi.NULL if a is None else _cstr(a) if isinstance(a, (str, os.PathLike)) else a
+                 for a in args]
         if setter == "set_exec_cmd":
             argv = [ffi.new("char[]", _cstr(a)) for a in args[0]]
             self._keep.extend(argv)
