@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import needs_root
 
 import pycriu
-from conftest import needs_root
 from pycriu.workload import Workload
 
 pytestmark = needs_root

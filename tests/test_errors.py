@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import FEATURES, needs_mem_track, needs_root
 
 import pycriu
-from conftest import FEATURES, needs_mem_track, needs_root
 from pycriu.workload import Workload
 
 WorkloadFactory = Callable[..., Workload]

@@ -4,9 +4,9 @@ features this kernel offers. Each answer comes from the real ``criu`` binary thr
 from __future__ import annotations
 
 import pytest
+from conftest import needs_root
 
 import pycriu
-from conftest import needs_root
 
 
 @needs_root

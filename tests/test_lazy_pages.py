@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import needs_lazy_pages, needs_root
 
 import pycriu
-from conftest import needs_lazy_pages, needs_root
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, needs_lazy_pages]

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import needs_root
 
 import pycriu
-from conftest import needs_root
 from pycriu import NotifyAction
 from pycriu.workload import Workload
 

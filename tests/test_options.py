@@ -137,7 +137,8 @@ def test_bool_options_take_only_bools(value: object) -> None:
                                            (True, False), ("5", False), (1.5, False)])
 def test_unsigned_options_take_32_bit_unsigned_ints(value: object, ok: bool) -> None:
     if ok:
-        assert ("set_timeout", (value,)) in D(pid=1, images_dir="/d", timeout=value).setter_calls()  # type: ignore[arg-type]
+        opts = D(pid=1, images_dir="/d", timeout=value)  # type: ignore[arg-type]
+        assert ("set_timeout", (value,)) in opts.setter_calls()
     else:
         with pytest.raises(pycriu.InvalidOptionError, match="timeout"):
             D(pid=1, images_dir="/d", timeout=value)  # type: ignore[arg-type]
