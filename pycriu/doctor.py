@@ -183,7 +183,7 @@ def diagnose(binary: str | None = None) -> Diagnosis:
     track = "available" if check_ok and features is not None and features.mem_track else \
         "unavailable: kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY)"
     d.flows["pre-copy"] = track
-    d.flows["hybrid"] = track if lazy == "available" else f"unavailable: {lazy}"
+    d.flows["hybrid"] = track if lazy == "available" else lazy
     return d
 
 

@@ -33,9 +33,10 @@ build_deps=(build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet
 	libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler
 	protobuf-compiler uuid-dev xz-utils dpkg-dev)
 # The tests and demo use: iproute2 (network namespaces, veth, tc), util-linux (unshare),
-# procps (sysctl), OpenSSH (the ssh:// transport), python3-venv and headers (the venv).
-tool_deps=(iproute2 util-linux procps openssh-client openssh-server python3-venv python3-dev
-	iptables nftables)
+# procps (sysctl), OpenSSH (the ssh:// transport), openssl (test certificates), python3-venv and
+# headers (the venv), git (setuptools-scm reads the version from it), make (the README's commands).
+tool_deps=(iproute2 util-linux procps openssh-client openssh-server openssl python3-venv python3-dev
+	iptables nftables git make ca-certificates)
 missing=()
 for p in "${build_deps[@]}" "${tool_deps[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -80,8 +81,12 @@ fetch_criu_source() {
 			echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $suite main" >>"$aptdir/sources.list"
 		done
 	done
+	# Signatures are checked as usual. Valid-Until is not: we fetch one pinned version and verify
+	# its tarball against the signed .dsc, so an index older than its validity date (a snapshot
+	# mirror) is still fine for that.
 	local aptopts=(-o "Dir::Etc::SourceList=$aptdir/sources.list" -o "Dir::Etc::SourceParts=$aptdir/parts"
-		-o "Dir::State::Lists=$aptdir/lists" -o "APT::Sandbox::User=root")
+		-o "Dir::State::Lists=$aptdir/lists" -o "APT::Sandbox::User=root"
+		-o "Acquire::Check-Valid-Until=false")
 	say "fetching the source index of Debian suites: $suites"
 	apt-get "${aptopts[@]}" update -qq
 	local full
