@@ -163,6 +163,10 @@ class Criu:
                 raw.apply(setter, *args)
             if cfg is not None:
                 raw.apply("set_config_file", cfg)
+            if raw_operation == "restore-child":
+                # libcriu's restore_child always spawns its own worker, `criu` from PATH, so that
+                # the restored tree becomes its caller's child: it cannot use ours.
+                return raw.run(raw_operation, log_path=str(log_path), notify=opts.notify)
             worker = stack.enter_context(self._worker(show_output=bool(opts.display_stats)))
             return raw.run(raw_operation, log_path=str(log_path), notify=opts.notify, more=more,
                            service_fd=worker.detach())
@@ -271,6 +275,12 @@ class Criu:
             raise InvalidOptionError(
                 f"images_dir {images} holds no CRIU dump (no inventory.img)",
                 hint="pass the directory a dump wrote its images to")
+        if opts.restore_sibling:
+            on_path = shutil.which("criu")
+            if on_path is None or os.path.realpath(on_path) != os.path.realpath(self.binary):
+                raise InvalidOptionError(
+                    f"restore_sibling runs `criu` from PATH ({on_path or 'not found'}), not {self.binary}",
+                    hint="put the directory of this criu first in PATH, or restore without restore_sibling")
         pid = self._run("restore", opts, "restore-child" if opts.restore_sibling else "restore")
         stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-restore")
         return RestoreResult(pid=pid, log_path=opts.log_path,
