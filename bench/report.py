@@ -1,0 +1,298 @@
+"""Aggregate trials into medians and ratios, check the issue's targets, write Markdown, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+METRICS = ("downtime_s", "total_s", "resumed_s", "full_speed_s", "lazy_done_s", "net_bytes", "disk_src_bytes",
+           "disk_dst_bytes", "disk_src_pages_bytes", "disk_dst_pages_bytes", "criu_frozen_s", "criu_restore_s",
+           "criu_memdump_s", "criu_memwrite_s", "pages_written", "pages_lazy", "reported_downtime_s",
+           "criu_dump_frozen_log_s", "criu_restore_log_s", "criu_own_s")
+MODE_ORDER = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
+
+
+def _median(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarise(records: list[dict[str, Any]], links: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (link, size, rate, mode): medians per implementation, ratios pycriu/baseline."""
+    groups: dict[tuple[str, int, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        groups[(r["link"], r["mib"], r["rate"], r["mode"])][r["impl"]].append(r)
+    rows = []
+    for (link, mib, rate, mode), by_impl in groups.items():
+        row: dict[str, Any] = {"link": link, "mib": mib, "rate": rate, "mode": mode}
+        for impl, recs in by_impl.items():
+            ok = [r for r in recs if r["ok"]]
+            med: dict[str, Any] = {"n": len(ok), "failed": len(recs) - len(ok),
+                                   "errors": sorted({r["error"] for r in recs if not r["ok"]})}
+            for m in METRICS:
+                med[m] = _median([r.get(m) for r in ok])
+            if ok:
+                med["downtime_min_s"] = min(r["downtime_s"] for r in ok)
+                med["downtime_max_s"] = max(r["downtime_s"] for r in ok)
+                med["total_min_s"] = min(r["total_s"] for r in ok)
+                med["total_max_s"] = max(r["total_s"] for r in ok)
+                fr = [r["criu_frozen_s"] + r["criu_restore_s"] for r in ok
+                      if r.get("criu_frozen_s") is not None and r.get("criu_restore_s") is not None
+                      and r["criu_frozen_s"] < r["total_s"]]  # lazy dumps' frozen_time is garbage
+                med["criu_frozen_plus_restore_s"] = _median(fr)
+                if med["criu_own_s"] is not None and med["downtime_s"]:
+                    med["orchestration_s"] = med["downtime_s"] - med["criu_own_s"]
+                    med["orchestration_frac"] = med["orchestration_s"] / med["downtime_s"]
+            row[impl] = med
+        p, b = row.get("pycriu"), row.get("baseline")
+        if p and b and p["n"] and b["n"]:
+            row["ratio"] = {m: (p[m] / b[m] if p[m] is not None and b[m] else None)
+                            for m in ("downtime_s", "total_s", "full_speed_s", "net_bytes")}
+        tp = links.get(link, {}).get("throughput_bytes_per_s")
+        if tp:
+            row["link_bytes_per_s"] = tp
+            pages = None
+            for impl in ("pycriu", "baseline"):
+                if row.get(impl) and row[impl].get("pages_written"):
+                    pages = row[impl]["pages_written"] * 4096
+                    break
+            if pages is None:
+                pages = mib << 20
+            row["all_pages_floor_s"] = pages / tp
+        rows.append(row)
+    rows.sort(key=lambda r: (r["link"], r["rate"], MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else 99,
+                             r["mib"]))
+    return rows
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets of issue 4, evaluated on this run's medians."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, scope: str, value: float | None, limit: str, ok: bool | None, note: str = "") -> None:
+        out.append({"target": name, "scope": scope, "value": value, "limit": limit,
+                    "met": ok, "note": note})
+
+    for r in rows:
+        scope = f"{r['link']} {r['mib']} MiB {r['rate']} {r['mode']}"
+        ratio = r.get("ratio")
+        if ratio is None:
+            continue
+        for m, label in (("downtime_s", "downtime pycriu/CLI"), ("total_s", "total time pycriu/CLI")):
+            v = ratio.get(m)
+            add(label, scope, v, "<= 1.0", None if v is None else v <= 1.0)
+
+    # lazy downtime must not grow with memory: 1 GiB within 1.5x of 64 MiB
+    for key in {(r["link"], r["rate"]) for r in rows}:
+        lazy = {r["mib"]: r for r in rows if (r["link"], r["rate"]) == key and r["mode"] == "lazy"
+                and r.get("pycriu") and r["pycriu"]["n"]}
+        if len(lazy) >= 2:
+            small, big = min(lazy), max(lazy)
+            v = lazy[big]["pycriu"]["downtime_s"] / lazy[small]["pycriu"]["downtime_s"]
+            add(f"lazy downtime {big} MiB / {small} MiB", f"{key[0]} {key[1]} lazy", v, "<= 1.5", v <= 1.5,
+                "the issue names 1024 vs 64 MiB" if (small, big) != (64, 1024) else "")
+
+    # page-server mode moves pages at >= 80 % of the link's measured throughput
+    for r in rows:
+        if r["mode"] != "page-server" or r["link"] == "lo" or not r.get("link_bytes_per_s"):
+            continue
+        p = r.get("pycriu")
+        if not p or not p["n"] or not p.get("pages_written") or not p.get("criu_frozen_s"):
+            continue
+        rate = p["pages_written"] * 4096 / p["criu_frozen_s"]
+        v = rate / r["link_bytes_per_s"]
+        add("page-server page rate / link throughput", f"{r['link']} {r['mib']} MiB {r['rate']}", v, ">= 0.8",
+            v >= 0.8, f"{rate / 1e6:.0f} MB/s of pages over the frozen time vs link "
+                      f"{r['link_bytes_per_s'] / 1e6:.0f} MB/s")
+
+    # orchestration overhead in lazy mode < 20 % of the downtime
+    for r in rows:
+        if r["mode"] != "lazy":
+            continue
+        p = r.get("pycriu")
+        if not p or p.get("orchestration_frac") is None:
+            continue
+        v = p["orchestration_frac"]
+        add("lazy orchestration overhead (downtime - CRIU's own time) / downtime",
+            f"{r['link']} {r['mib']} MiB {r['rate']}", v, "< 0.2", v < 0.2,
+            f"downtime {p['downtime_s'] * 1e3:.0f} ms, CRIU's own {p['criu_own_s'] * 1e3:.0f} ms")
+    return out
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v * 1e3:.0f}"
+
+
+def _s(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _own(m: dict[str, Any]) -> float | None:
+    return m.get("criu_own_s") if m.get("criu_own_s") is not None else m.get("criu_frozen_plus_restore_s")
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v * 100:.0f} %"
+
+
+def _mb(v: float | None) -> str:
+    return "–" if v is None else f"{v / 1e6:.0f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    env = doc["environment"]
+    lines = [f"# pycriu benchmark, {doc['started']}", ""]
+    lines.append(f"CRIU {env['criu_version']} ({env['criu_binary']}), pycriu {env['pycriu_version']}, kernel "
+                 f"{env['kernel']}, {env['cpus']} CPUs, git {str(env.get('git_commit'))[:10]}"
+                 f"{' (dirty)' if env.get('git_dirty') else ''}. Command: `{doc['command']}`. "
+                 f"Medians of {doc['config']['repeat']} repeat(s); pycriu and the criu CLI alternate.")
+    lines.append("")
+    lines.append("## Links (measured in this run)")
+    lines.append("")
+    lines.append("| link | what | one TCP stream |")
+    lines.append("|---|---|---|")
+    for name, l in doc["links"].items():
+        lines.append(f"| {name} | {l['description']} | {l['throughput_bytes_per_s'] / 1e6:.0f} MB/s |")
+    lines.append("")
+    for s in doc.get("skipped", []):
+        lines.append(f"- skipped mode `{s['mode']}`: {s['reason']}")
+    if doc.get("skipped"):
+        lines.append("")
+    lines.append("## Results")
+    lines.append("")
+    lines.append("Downtime = longest gap in the workload's own 1 kHz heartbeat. Total = start of the flow until "
+                 "everything is finished (lazy pages included). Full speed = heartbeat back to its normal "
+                 "interval, from the start of the flow. Times in ms unless marked s; ratio = pycriu / CLI "
+                 "(below 1: pycriu is faster). Net = bytes over the link; disk = image bytes written on "
+                 "source/destination. CRIU's own = CRIU's time inside the downtime, from its logs: freeze to end of "
+                 "dump (lazy: to serving pages) plus the whole `criu restore`. Orchestration = (downtime - CRIU's "
+                 "own) / downtime: the share of the downtime spent outside CRIU.")
+    lines.append("")
+    lines.append("| link | MiB | rate | mode | downtime pycriu | downtime CLI | ratio | total pycriu (s) | total CLI (s) "
+                 "| ratio | full speed pycriu (s) | full speed CLI (s) | net MB pycriu / CLI | disk MB src/dst pycriu "
+                 "| disk MB src/dst CLI | CRIU's own pycriu / CLI | orchestration pycriu / CLI | floor (s) |")
+    lines.append("|" + "---|" * 18)
+    for r in doc["summary"]:
+        p = r.get("pycriu") or {}
+        b = r.get("baseline") or {}
+        ratio = r.get("ratio") or {}
+
+        def fail(m: dict[str, Any]) -> str:
+            return f" ({m['failed']} failed)" if m.get("failed") else ""
+
+        lines.append(
+            f"| {r['link']} | {r['mib']} | {r['rate']} | {r['mode']} "
+            f"| {_ms(p.get('downtime_s'))}{fail(p)} | {_ms(b.get('downtime_s'))}{fail(b)} | {_x(ratio.get('downtime_s'))} "
+            f"| {_s(p.get('total_s'))} | {_s(b.get('total_s'))} | {_x(ratio.get('total_s'))} "
+            f"| {_s(p.get('full_speed_s'))} | {_s(b.get('full_speed_s'))} "
+            f"| {_mb(p.get('net_bytes'))} / {_mb(b.get('net_bytes'))} "
+            f"| {_mb(p.get('disk_src_bytes'))}/{_mb(p.get('disk_dst_bytes'))} "
+            f"| {_mb(b.get('disk_src_bytes'))}/{_mb(b.get('disk_dst_bytes'))} "
+            f"| {_ms(_own(p))} / {_ms(_own(b))} | {_pct(p.get('orchestration_frac'))} / {_pct(b.get('orchestration_frac'))} "
+            f"| {_s(r.get('all_pages_floor_s'))} |")
+    lines.append("")
+    lines.append("floor = page bytes / measured link throughput: the least time any flow that moves every page "
+                 "before resuming can take (classic, page-server).")
+    lines.append("")
+    if doc.get("targets"):
+        lines.append("## Targets of issue 4")
+        lines.append("")
+        lines.append("| target | scope | value | limit | met |")
+        lines.append("|---|---|---|---|---|")
+        for t in doc["targets"]:
+            met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            val = "–" if t["value"] is None else f"{t['value']:.2f}"
+            note = f" ({t['note']})" if t.get("note") else ""
+            lines.append(f"| {t['target']} | {t['scope']}{note} | {val} | {t['limit']} | {met} |")
+        lines.append("")
+    failed = [r for r in doc["trials"] if not r["ok"]]
+    if failed:
+        lines.append("## Failed trials")
+        lines.append("")
+        for r in failed:
+            lines.append(f"- {r['link']} {r['mib']} MiB {r['rate']} {r['mode']} {r['impl']} #{r['repeat']}: "
+                         f"{r['error']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- plot -----------------------------------------------------------------------------------------
+
+
+def plot(doc: dict[str, Any], path: Path) -> bool:
+    """Downtime and total time per mode and size, pycriu vs CLI; one column per (link, rate)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = doc["summary"]
+    panels = sorted({(r["link"], r["rate"]) for r in rows})
+    if not panels:
+        return False
+    fig, axes = plt.subplots(2, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 8.5), squeeze=False)
+    colours = {"pycriu": "#1f77b4", "baseline": "#ff7f0e"}
+    labels = {"pycriu": "pycriu", "baseline": "criu CLI (documented flow)"}
+    for col, (link, rate) in enumerate(panels):
+        cells = [r for r in rows if (r["link"], r["rate"]) == (link, rate)]
+        names = [f"{r['mode']}\n{r['mib']} MiB" for r in cells]
+        for row_i, (metric, title) in enumerate((("downtime_s", "downtime"), ("total_s", "total migration time"))):
+            ax = axes[row_i][col]
+            width = 0.38
+            for k, impl in enumerate(("pycriu", "baseline")):
+                xs, ys, lo, hi = [], [], [], []
+                for i, r in enumerate(cells):
+                    m = r.get(impl)
+                    if not m or not m.get("n") or m.get(metric) is None:
+                        continue
+                    xs.append(i + (k - 0.5) * width)
+                    ys.append(m[metric])
+                    key = "downtime" if metric == "downtime_s" else "total"
+                    lo.append(m[metric] - m.get(f"{key}_min_s", m[metric]))
+                    hi.append(m.get(f"{key}_max_s", m[metric]) - m[metric])
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colours[impl],
+                       label=labels[impl] if (row_i, col) == (0, 0) else None)
+            if metric == "total_s":
+                fx = [i for i, r in enumerate(cells) if r.get("all_pages_floor_s") and r["mode"] in ("classic", "page-server")]
+                if fx:
+                    ax.scatter(fx, [cells[i]["all_pages_floor_s"] for i in fx], marker="_", s=400, color="black",
+                               label="link floor (all pages / throughput)" if col == 0 else None, zorder=3)
+                    ax.legend(loc="upper left", fontsize=7)
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{title} (s, log)")
+            ax.set_title(f"{title}: link {link}, {rate}", fontsize=10)
+            ax.set_xticks(range(len(cells)))
+            ax.set_xticklabels(names, fontsize=7, rotation=45, ha="right")
+            ax.grid(axis="y", which="both", alpha=0.3)
+    fig.legend(loc="upper center", ncol=2, fontsize=9)
+    fig.suptitle(f"pycriu vs criu CLI, medians of {doc['config']['repeat']} (bars: min-max)", y=0.995, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(doc: dict[str, Any], out_dir: Path, stamp: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stamp}.json", "md": out_dir / f"{stamp}.md", "png": out_dir / f"{stamp}.png"}
+    paths["json"].write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(doc) + "\n")
+    if not plot(doc, paths["png"]):
+        paths.pop("png")
+    for kind, p in list(paths.items()):
+        latest = out_dir / f"latest.{kind}"
+        latest.write_bytes(p.read_bytes())
+        paths[f"latest_{kind}"] = latest
+    return paths
