@@ -41,8 +41,18 @@ def leftovers() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("pycriu-*")}
 
 
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """pycriu's temporary files go to a directory only this test uses, so that other processes
+    working in /tmp at the same time cannot disturb the count."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
 def test_many_operations_leak_no_fd_no_child_and_no_temporary_file(
-        criu: pycriu.Criu, images_dir: Path, tmp_path: Path) -> None:
+        criu: pycriu.Criu, images_dir: Path, tmp_path: Path, private_tmp: Path) -> None:
     victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # not a session leader: CRIU refuses it
     fds, kids, temp = open_fds(), children() - {victim.pid}, leftovers()
