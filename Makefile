@@ -18,7 +18,7 @@ docs: setup
 
 lint: setup
 	$(VENV)/bin/mypy
-	$(VENV)/bin/ruff check pycriu csrc
+	$(VENV)/bin/ruff check pycriu csrc tests
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

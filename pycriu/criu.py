@@ -28,6 +28,7 @@ from .errors import (
     InvalidOptionError,
     KernelUnsupportedError,
     NoSuchProcessError,
+    hint_for,
 )
 from .options import DumpOptions, LazyPagesOptions, PageServerOptions, PreDumpOptions, RestoreOptions, _CriuOptions
 from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats, read_stats
@@ -107,21 +108,33 @@ class Criu:
         by 30 s).
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # CRIU reports what fails before its log is open (a bad config-file option) on stderr.
+        stderr = tempfile.TemporaryFile()
         try:
             proc = subprocess.Popen(
                 [self.binary, "swrk", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=None if show_output else subprocess.DEVNULL,  # `criu check` prints "Looks good." there
+                stderr=stderr,
                 start_new_session=True,
             )
         except OSError as exc:
             ours.close()
+            stderr.close()
             raise CriuNotFoundError(f"cannot start {self.binary} swrk: {exc}") from exc
         finally:
             theirs.close()
         try:
             yield ours
+        except CriuError as exc:
+            if exc.criu_message is None:
+                stderr.seek(0)
+                lines = [ln.strip() for ln in stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+                if lines:
+                    exc.criu_message = lines[-1]
+                    exc.hint = exc.hint or hint_for(exc)
+            raise
         finally:
             ours.close()  # no-op once detached
             try:
@@ -129,6 +142,8 @@ class Criu:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            finally:
+                stderr.close()
 
     @contextmanager
     def _log_opts(self, log_dir: str, log_name: str) -> Iterator[_raw.RawOpts]:
@@ -319,6 +334,11 @@ class Criu:
                 hint="use a flow without pre-dump (classic, page-server or lazy)")
 
     def _dump_result(self, opts: DumpOptions) -> DumpResult:
+        # CRIU 4.2 resets its dump statistics when a lazy dump starts serving pages
+        # (init_stats in cr_page_server): the stats-dump it then writes holds garbage times and
+        # no pages. Report none rather than wrong numbers.
+        if opts.lazy_pages:
+            return DumpResult(images_dir=Path(opts.images_dir), log_path=opts.log_path, stats=None)
         stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-dump")
         return DumpResult(images_dir=Path(opts.images_dir), log_path=opts.log_path,
                           stats=stats if isinstance(stats, DumpStats) else None)

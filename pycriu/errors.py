@@ -33,6 +33,7 @@ __all__ = [
     "PageServerError",
     "LazyPagesError",
     "first_error_line",
+    "hint_for",
 ]
 
 
@@ -63,7 +64,7 @@ class CriuError(Exception):
         self.errno = errno
         self.criu_message = criu_message
         self.log_path = str(log_path) if log_path is not None else None
-        self.hint = hint if hint is not None else _hint_for(self)
+        self.hint = hint if hint is not None else hint_for(self)
 
     def __str__(self) -> str:
         text = self.message
@@ -193,7 +194,8 @@ _HINTS: list[tuple[str, str]] = [
 ]
 
 
-def _hint_for(err: CriuError) -> str | None:
+def hint_for(err: CriuError) -> str | None:
+    """The hint for the common causes of ``err`` (from its CRIU message and errno), or ``None``."""
     msg = err.criu_message or ""
     for pattern, hint in _HINTS:
         if pattern in msg:

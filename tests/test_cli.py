@@ -8,11 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+from conftest import needs_root
 
 from pycriu.workload import Workload
-
-from conftest import needs_root
 
 PYCRIU = [sys.executable, "-m", "pycriu"]
 

@@ -178,6 +178,20 @@ def test_dump_failure_carries_criu_message_log_and_hint(
 
 
 @needs_root
+def test_an_option_criu_rejects_before_its_log_is_open_is_still_reported(
+        criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path) -> None:
+    """CRIU parses the config file before it opens its log and complains on stderr: that line
+    becomes the error's CRIU message, and the tree is untouched."""
+    w = workload(mib=8)
+    with pytest.raises(pycriu.DumpError) as info:
+        criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir, criu_options={"no-such-option": True}))
+    assert info.value.criu_message is not None
+    assert "unrecognized option '--no-such-option'" in info.value.criu_message
+    assert w.alive()
+    w.wait_beats(2)
+
+
+@needs_root
 def test_restore_failure_on_corrupt_images(criu: pycriu.Criu, images_dir: Path) -> None:
     (images_dir / "inventory.img").write_bytes(b"not a CRIU image at all")
     with pytest.raises(pycriu.RestoreError) as info:
