@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import os
 import shlex
 import shutil
@@ -101,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     if runner.sysctl_pipe_max() < 4 << 20 and any(m in flows.LAZY_MODES for m in args.modes):
         print("warning: fs.pipe-max-size < 4 MiB: CRIU's lazy page server fails (see PLATFORM.md); "
               "run `sysctl -w fs.pipe-max-size=4194304` (make setup does)", file=sys.stderr)
+
+    # One run at a time: the namespaces have fixed names, and a second run would delete them.
+    lock = open("/run/lock/pycriu-bench.lock", "w")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("another `python -m bench` is running; waiting for it to finish", file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
 
     started = datetime.datetime.now()
     stamp = started.strftime("%Y%m%d-%H%M%S")

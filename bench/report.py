@@ -63,8 +63,9 @@ def summarise(records: list[dict[str, Any]], links: dict[str, Any]) -> list[dict
                 pages = mib << 20
             row["all_pages_floor_s"] = pages / tp
         rows.append(row)
-    rows.sort(key=lambda r: (r["link"], r["rate"], MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else 99,
-                             r["mib"]))
+    rate_order = {"idle": 0, "busy": 1}
+    rows.sort(key=lambda r: (r["link"], rate_order.get(r["rate"], 2), r["rate"],
+                             MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else 99, r["mib"]))
     return rows
 
 
@@ -199,7 +200,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_mb(p.get('disk_src_bytes'))}/{_mb(p.get('disk_dst_bytes'))} "
             f"| {_mb(b.get('disk_src_bytes'))}/{_mb(b.get('disk_dst_bytes'))} "
             f"| {_ms(_own(p))} / {_ms(_own(b))} | {_pct(p.get('orchestration_frac'))} / {_pct(b.get('orchestration_frac'))} "
-            f"| {_s(r.get('all_pages_floor_s'))} |")
+            f"| {_s(r.get('all_pages_floor_s')) if r['mode'] in ('classic', 'page-server') else ''} |")
     lines.append("")
     lines.append("floor = page bytes / measured link throughput: the least time any flow that moves every page "
                  "before resuming can take (classic, page-server).")
@@ -230,25 +231,30 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Downtime and total time per mode and size, pycriu vs CLI; one column per (link, rate)."""
+    """Downtime and total time per mode and size, pycriu vs CLI; one row per (link, rate)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     rows = doc["summary"]
-    panels = sorted({(r["link"], r["rate"]) for r in rows})
+    rate_order = {"idle": 0, "busy": 1}
+    panels = sorted({(r["link"], r["rate"]) for r in rows}, key=lambda p: (p[0], rate_order.get(p[1], 2), p[1]))
     if not panels:
         return False
-    fig, axes = plt.subplots(2, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 8.5), squeeze=False)
+    width_cells = max(len([r for r in rows if (r["link"], r["rate"]) == p]) for p in panels)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(max(10.0, 1.1 * width_cells * 2 + 3), 3.6 * len(panels) + 1.0),
+                             squeeze=False)
     colours = {"pycriu": "#1f77b4", "baseline": "#ff7f0e"}
-    labels = {"pycriu": "pycriu", "baseline": "criu CLI (documented flow)"}
-    for col, (link, rate) in enumerate(panels):
+    labels = {"pycriu": "pycriu", "baseline": "criu CLI, documented flow"}
+    fmt = FuncFormatter(lambda v, _pos: f"{v:g}")
+    for row_i, (link, rate) in enumerate(panels):
         cells = [r for r in rows if (r["link"], r["rate"]) == (link, rate)]
         names = [f"{r['mode']}\n{r['mib']} MiB" for r in cells]
-        for row_i, (metric, title) in enumerate((("downtime_s", "downtime"), ("total_s", "total migration time"))):
+        for col, (metric, title) in enumerate((("downtime_s", "downtime"), ("total_s", "total migration time"))):
             ax = axes[row_i][col]
             width = 0.38
             for k, impl in enumerate(("pycriu", "baseline")):
@@ -257,29 +263,33 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
                     m = r.get(impl)
                     if not m or not m.get("n") or m.get(metric) is None:
                         continue
+                    key = "downtime" if metric == "downtime_s" else "total"
                     xs.append(i + (k - 0.5) * width)
                     ys.append(m[metric])
-                    key = "downtime" if metric == "downtime_s" else "total"
                     lo.append(m[metric] - m.get(f"{key}_min_s", m[metric]))
                     hi.append(m.get(f"{key}_max_s", m[metric]) - m[metric])
-                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colours[impl],
-                       label=labels[impl] if (row_i, col) == (0, 0) else None)
-            if metric == "total_s":
-                fx = [i for i, r in enumerate(cells) if r.get("all_pages_floor_s") and r["mode"] in ("classic", "page-server")]
-                if fx:
-                    ax.scatter(fx, [cells[i]["all_pages_floor_s"] for i in fx], marker="_", s=400, color="black",
-                               label="link floor (all pages / throughput)" if col == 0 else None, zorder=3)
-                    ax.legend(loc="upper left", fontsize=7)
+                if xs:
+                    ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=colours[impl], label=labels[impl])
+            floors = [i for i, r in enumerate(cells)
+                      if r.get("all_pages_floor_s") and r["mode"] in ("classic", "page-server")]
+            if floors:
+                ax.scatter(floors, [cells[i]["all_pages_floor_s"] for i in floors], marker="_", s=500,
+                           color="black", zorder=3, label="floor: page bytes / link throughput")
             ax.set_yscale("log")
-            ax.set_ylabel(f"{title} (s, log)")
-            ax.set_title(f"{title}: link {link}, {rate}", fontsize=10)
+            ax.yaxis.set_major_formatter(fmt)
+            ax.yaxis.set_minor_formatter(fmt)
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+            ax.set_ylabel("seconds (log scale)")
+            ax.set_title(f"{title} — link {link}, {rate} workload", fontsize=10)
             ax.set_xticks(range(len(cells)))
-            ax.set_xticklabels(names, fontsize=7, rotation=45, ha="right")
+            ax.set_xticklabels(names, fontsize=7)
             ax.grid(axis="y", which="both", alpha=0.3)
-    fig.legend(loc="upper center", ncol=2, fontsize=9)
-    fig.suptitle(f"pycriu vs criu CLI, medians of {doc['config']['repeat']} (bars: min-max)", y=0.995, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
+            if (row_i, col) == (0, 1) or (row_i == 0 and floors):
+                ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle(f"pycriu vs the criu CLI: medians of {doc['config']['repeat']} run(s), bars span min to max",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 

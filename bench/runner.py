@@ -236,7 +236,8 @@ class Runner:
             if mode in flows.MEM_TRACK_MODES and not self.features.mem_track:
                 out.append({"mode": mode, "reason": "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY "
                                                     "not set; criu feature check: mem_track=False)"})
-            elif mode in flows.LAZY_MODES and not self.features.lazy_pages:
+            if mode in flows.LAZY_MODES and not self.features.lazy_pages and not any(
+                    sk["mode"] == mode for sk in out):
                 out.append({"mode": mode, "reason": "criu feature check: lazy_pages=False (no usable userfaultfd)"})
         return out
 
