@@ -9,6 +9,7 @@ exit with status 1 (2 for bad usage).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lazy_pages)
 
     try:
-        from .migration import cli as migration_cli
+        migration_cli = importlib.import_module("pycriu.migration.cli")
     except ModuleNotFoundError as exc:  # only a missing migration package is tolerated
         if exc.name not in ("pycriu.migration", "pycriu.migration.cli"):
             raise
