@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 from . import _config, _raw
 from .errors import (
@@ -28,6 +28,7 @@ from .errors import (
     InvalidOptionError,
     KernelUnsupportedError,
     NoSuchProcessError,
+    first_error_in_text,
     hint_for,
 )
 from .options import DumpOptions, LazyPagesOptions, PageServerOptions, PreDumpOptions, RestoreOptions, _CriuOptions
@@ -128,22 +129,16 @@ class Criu:
         try:
             yield ours
         except CriuError as exc:
+            ours.close()
+            _reap(proc)
             if exc.criu_message is None:
-                stderr.seek(0)
-                lines = [ln.strip() for ln in stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-                if lines:
-                    exc.criu_message = lines[-1]
-                    exc.hint = exc.hint or hint_for(exc)
+                exc.criu_message = _stderr_message(stderr)
+                exc.hint = exc.hint or hint_for(exc)
             raise
         finally:
             ours.close()  # no-op once detached
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            finally:
-                stderr.close()
+            _reap(proc)
+            stderr.close()
 
     @contextmanager
     def _log_opts(self, log_dir: str, log_name: str) -> Iterator[_raw.RawOpts]:
@@ -342,6 +337,22 @@ class Criu:
         stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-dump")
         return DumpResult(images_dir=Path(opts.images_dir), log_path=opts.log_path,
                           stats=stats if isinstance(stats, DumpStats) else None)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a worker whose socket is closed; kill it if it lingers for 30 s."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _stderr_message(stderr: IO[bytes]) -> str | None:
+    """What a finished worker said on stderr: its first CRIU error line, else its last line."""
+    text = os.pread(stderr.fileno(), 1 << 16, 0).decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.isprintable()]
+    return first_error_in_text(text) or (lines[-1] if lines else None)
 
 
 def _require_root(operation: str) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "PageServerError",
     "LazyPagesError",
     "first_error_line",
+    "first_error_in_text",
     "hint_for",
 ]
 
@@ -166,6 +167,12 @@ def first_error_line(log_path: str | os.PathLike[str] | None) -> str | None:
         text = Path(log_path).read_text(errors="replace")
     except OSError:
         return None
+    return first_error_in_text(text)
+
+
+def first_error_in_text(text: str) -> str | None:
+    """The first meaningful ``Error (file:line): message`` line of CRIU output, as
+    ``message (file:line)``; ``None`` when there is none."""
     for line in text.splitlines():
         m = _ERROR_LINE.match(line.strip())
         if m and not any(n in m.group("msg") for n in _NOISE):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ._config import check_config_key, check_config_value
+from ._config import check_config_entry, check_config_key, check_config_value
 from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, PreDumpMode
 from .errors import InvalidOptionError
 
@@ -327,10 +327,9 @@ class _CriuOptions:
                 raise _bad("criu_options", self.criu_options, "a mapping of CRIU option name to value")
             for key, value in self.criu_options.items():
                 check_config_key(key)
-                if value is not True:
-                    if isinstance(value, bool) or not isinstance(value, (str, int)):
-                        raise _bad(f"criu_options[{key!r}]", value, "True (a flag), a string or an integer")
-                    check_config_value(key, str(value))
+                if value is not True and (isinstance(value, bool) or not isinstance(value, (str, int))):
+                    raise _bad(f"criu_options[{key!r}]", value, "True (a flag), a string or an integer")
+                check_config_entry(key, None if value is True else str(value))
         for f in dataclasses.fields(self):
             via = f.metadata.get("via")
             value = getattr(self, f.name)

@@ -178,15 +178,18 @@ def test_dump_failure_carries_criu_message_log_and_hint(
 
 
 @needs_root
-def test_an_option_criu_rejects_before_its_log_is_open_is_still_reported(
+def test_a_value_cannot_inject_an_option_and_criu_s_complaint_is_reported(
         criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path) -> None:
-    """CRIU parses the config file before it opens its log and complains on stderr: that line
-    becomes the error's CRIU message, and the tree is untouched."""
+    """``cpu-cap`` takes an optional value: written as ``cpu-cap --leave-running`` CRIU would have
+    read a second option and left the tree running after the dump. Written as one word, CRIU reads
+    the value as the FPU mode and refuses it. It says so on stderr before its log is open: that
+    line becomes the error's CRIU message, and the tree was never touched."""
     w = workload(mib=8)
     with pytest.raises(pycriu.DumpError) as info:
-        criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir, criu_options={"no-such-option": True}))
+        criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir, criu_options={"cpu-cap": "--leave-running"}))
     assert info.value.criu_message is not None
-    assert "unrecognized option '--no-such-option'" in info.value.criu_message
+    assert "Unknown FPU mode `--leave-running'" in info.value.criu_message
+    assert not (images_dir / "inventory.img").exists()
     assert w.alive()
     w.wait_beats(2)
 

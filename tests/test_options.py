@@ -271,7 +271,7 @@ def test_criu_options_pass_any_other_long_option() -> None:
 def test_the_config_file_is_private_and_removed() -> None:
     with _config.config_file([("leave-stopped", None), ("port", "27000")]) as path:
         assert path is not None
-        assert Path(path).read_text() == "leave-stopped\nport 27000\n"
+        assert Path(path).read_text() == "leave-stopped\nport=27000\n"
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert not os.path.exists(path)
     with _config.config_file([]) as nothing:
@@ -331,7 +331,10 @@ SAFE_TOKEN = st.text(
                            exclude_characters='#"\\\x85\xa0'),
     min_size=1, max_size=40,
 ).filter(lambda s: not any(c.isspace() for c in s))
-OPTION_NAME = st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True).filter(lambda k: k not in _config._FORBIDDEN)
+VALUE_OPTION = st.sampled_from(sorted(k for k, kind in _config.CRIU_OPTIONS.items()
+                                     if kind != "no" and k not in _config._FORBIDDEN))
+FLAG_OPTION = st.sampled_from(sorted(k for k, kind in _config.CRIU_OPTIONS.items()
+                                    if kind != "required" and k not in _config._FORBIDDEN))
 
 
 @given(before=st.text(max_size=20), after=st.text(max_size=20), newline=st.sampled_from(["\n", "\r", "\x0b", "\x0c"]))
@@ -346,16 +349,42 @@ def test_any_value_with_a_line_break_is_refused_everywhere(before: str, after: s
         _config.render([("action-script", value)])
 
 
-@given(key=OPTION_NAME, token=SAFE_TOKEN)
+@given(key=VALUE_OPTION, token=SAFE_TOKEN)
 def test_any_safe_token_round_trips_through_the_config_file(key: str, token: str) -> None:
     text = _config.render([(key, token)])
-    # One line, split by CRIU's parser at the first blank into exactly the option and the value.
+    # One line with no blank: CRIU's parser hands it to getopt as the single word --key=token, so
+    # getopt binds the token to its option and it can never stand as an option of its own.
     assert text.count("\n") == 1 and text.endswith("\n")
-    assert text[:-1].split(" ") == [key, token]
+    assert not any(c.isspace() for c in text[:-1])
+    assert text[:-1].split("=", 1) == [key, token]
     opts = D(pid=1, images_dir="/d", criu_options={key: token})
     assert opts.config_entries() == [(key, token)]
 
 
-@given(key=OPTION_NAME)
+@given(key=FLAG_OPTION)
 def test_flags_render_as_a_bare_option_name(key: str) -> None:
     assert _config.render([(key, None)]) == key + "\n"
+
+
+@pytest.mark.parametrize("abbreviation", ["image", "work", "conf", "tre", "pidf", "status", "log-f", "no-default"])
+def test_prefixes_getopt_would_expand_are_refused(abbreviation: str) -> None:
+    """getopt_long accepts a unique prefix of an option name; only exact names are accepted, so a
+    prefix cannot reach an option pycriu owns (images-dir, work-dir, config, tree, ...)."""
+    with pytest.raises(pycriu.InvalidOptionError, match="not one of CRIU 4.2's long options"):
+        D(pid=1, images_dir="/d", criu_options={abbreviation: "/elsewhere"})
+
+
+@pytest.mark.parametrize("flag", ["shell-job", "leave-running", "tcp-established", "no-tcp-close"])
+def test_a_value_given_to_a_flag_is_refused(flag: str) -> None:
+    with pytest.raises(pycriu.InvalidOptionError, match="takes no value"):
+        D(pid=1, images_dir="/d", criu_options={flag: "--leave-running"})
+
+
+def test_an_option_that_needs_a_value_is_refused_without_one() -> None:
+    with pytest.raises(pycriu.InvalidOptionError, match="needs a value"):
+        D(pid=1, images_dir="/d", criu_options={"freeze-cgroup": True})
+
+
+def test_values_are_written_as_one_word() -> None:
+    opts = D(pid=1, images_dir="/d", criu_options={"cpu-cap": "--leave-running", "ghost-limit": 5})
+    assert _config.render(opts.config_entries()) == "cpu-cap=--leave-running\nghost-limit=5\n"
