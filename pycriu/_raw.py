@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,9 @@ class _CallbackState:
 
 
 _tls = threading.local()
+
+#: Signals held back while libcriu talks to CRIU (delivered as soon as CRIU has answered).
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
 
 def _current() -> _CallbackState | None:
@@ -245,6 +249,10 @@ class RawOpts:
             lib.criu_local_set_notify_cb(opts, lib._pycriu_notify_cb)
         previous = _current()
         _tls.state = state
+        # SIGINT/SIGTERM wait until CRIU has answered: an interrupted recvmsg makes libcriu drop
+        # the request half-way, losing the restored tree or the dump's outcome.
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        interrupted: BaseException | None = None
         try:
             if operation == "dump":
                 rc = lib.criu_local_dump(opts)
@@ -265,6 +273,10 @@ class RawOpts:
             err = ffi.errno
         finally:
             _tls.state = previous
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)  # pending handlers run here
+            except KeyboardInterrupt as exc:
+                interrupted = exc
         if state.exc is not None:
             raise state.exc
         name = "restore" if operation == "restore-child" else "dump" if operation == "dump-iters" else operation
@@ -274,6 +286,14 @@ class RawOpts:
             raise _ERROR_CLASS.get(name, errors.CriuError)(
                 f"{name} aborted: the notify callback answered False to {state.refused!r}",
                 operation=name, log_path=log_path)
+        if interrupted is not None:
+            # CRIU finished; the caller learns what it did from the interrupt's ``criu_return``
+            # (or ``criu_error``), and pycriu.Criu turns it into ``result``.
+            try:
+                interrupted.criu_return = check(rc, name, log_path=log_path, err=err)  # type: ignore[attr-defined]
+            except errors.CriuError as failure:
+                interrupted.criu_error = failure  # type: ignore[attr-defined]
+            raise interrupted
         return check(rc, name, log_path=log_path, err=err)
 
     def check_version(self, minimum: int) -> bool:

@@ -252,7 +252,8 @@ class Criu:
         _require_pid(opts.pid)
         if opts.track_mem:
             self._require_mem_track("dump with track_mem")
-        self._run("dump", opts, "dump")
+        with _interrupt_result(lambda rc: self._dump_result(opts)):
+            self._run("dump", opts, "dump")
         return self._dump_result(opts)
 
     def pre_dump(self, opts: PreDumpOptions) -> DumpResult:
@@ -265,7 +266,8 @@ class Criu:
             raise InvalidOptionError("pre_dump() takes PreDumpOptions")
         _require_pid(opts.pid)
         self._require_mem_track("pre-dump")
-        self._run("pre-dump", opts, "pre-dump")
+        with _interrupt_result(lambda rc: self._dump_result(opts)):
+            self._run("pre-dump", opts, "pre-dump")
         return self._dump_result(opts)
 
     def dump_iterations(self, opts: DumpOptions, more: Callable[[], bool]) -> DumpResult:
@@ -273,7 +275,8 @@ class Criu:
         tracking."""
         _require_pid(opts.pid)
         self._require_mem_track("iterative dump")
-        self._run("dump", opts, "dump-iters", more=more)
+        with _interrupt_result(lambda rc: self._dump_result(opts)):
+            self._run("dump", opts, "dump-iters", more=more)
         return self._dump_result(opts)
 
     def restore(self, opts: RestoreOptions) -> RestoreResult:
@@ -291,7 +294,12 @@ class Criu:
                 raise InvalidOptionError(
                     f"restore_sibling runs `criu` from PATH ({on_path or 'not found'}), not {self.binary}",
                     hint="put the directory of this criu first in PATH, or restore without restore_sibling")
-        pid = self._run("restore", opts, "restore-child" if opts.restore_sibling else "restore")
+        with _interrupt_result(lambda pid: self._restore_result(opts, pid)):
+            pid = self._run("restore", opts, "restore-child" if opts.restore_sibling else "restore")
+        return self._restore_result(opts, pid)
+
+    @staticmethod
+    def _restore_result(opts: RestoreOptions, pid: int) -> RestoreResult:
         stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-restore")
         return RestoreResult(pid=pid, log_path=opts.log_path,
                              stats=stats if isinstance(stats, RestoreStats) else None)
@@ -337,6 +345,21 @@ class Criu:
         stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-dump")
         return DumpResult(images_dir=Path(opts.images_dir), log_path=opts.log_path,
                           stats=stats if isinstance(stats, DumpStats) else None)
+
+
+@contextmanager
+def _interrupt_result(make: Callable[[int], object]) -> Iterator[None]:
+    """A Ctrl-C that arrived while CRIU worked is raised once CRIU has answered; attach what the
+    operation achieved as ``result`` (a DumpResult / RestoreResult: the restored tree's pid is
+    never lost) or ``error`` (the CriuError it ended with)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "criu_return"):
+            exc.result = make(exc.criu_return)  # type: ignore[attr-defined]
+        if hasattr(exc, "criu_error"):
+            exc.error = exc.criu_error  # type: ignore[attr-defined]
+        raise
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
