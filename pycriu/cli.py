@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__, doctor
 from .criu import Criu
-from .errors import CriuError
+from .errors import CriuError, InvalidOptionError
 from .options import (
     DumpOptions,
     InheritFd,
@@ -43,15 +43,18 @@ def _criu_flags(p: argparse.ArgumentParser) -> None:
     for flag, help_text in (
         ("--tcp-established", "checkpoint/restore established TCP connections"),
         ("--tcp-close", "close established TCP connections on restore"),
-        ("--shell-job", "the tree was started from a shell (has a controlling terminal)"),
-        ("--ext-unix-sk", "allow external unix sockets"),
+        ("-j/--shell-job", "the tree was started from a shell (has a controlling terminal)"),
+        ("-x/--ext-unix-sk", "allow external unix sockets"),
         ("--file-locks", "handle file locks"),
         ("--link-remap", "allow link-remap of unlinked files"),
         ("--manage-cgroups", "dump/restore cgroups"),
         ("--lazy-pages", "lazy migration: dump serves pages / restore faults them in"),
-        ("--display-stats", "print CRIU's statistics in its log"),
+        ("--display-stats", "print CRIU's statistics on standard output"),
     ):
-        p.add_argument(flag, action="store_true", default=None, help=help_text)
+        p.add_argument(*flag.split("/"), action="store_true", default=None, help=help_text)
+    p.add_argument("--timeout", type=int, metavar="SEC", help="give up if CRIU takes longer than SEC seconds")
+    p.add_argument("--network-lock", choices=["iptables", "nftables", "skip"],
+                   help="how to lock the network while the tree is frozen")
     p.add_argument("--external", action="append", metavar="RES", help="external resource (repeatable)")
     p.add_argument("--root", metavar="PATH", help="root of the tree's mount namespace")
     p.add_argument("--criu-opt", action="append", metavar="NAME[=VALUE]",
@@ -70,6 +73,7 @@ def _criu_options(args: argparse.Namespace) -> dict[str, Any]:
         "link_remap": args.link_remap, "manage_cgroups": args.manage_cgroups,
         "lazy_pages": args.lazy_pages, "display_stats": args.display_stats,
         "external": args.external, "root": args.root, "criu_options": extra or None,
+        "timeout": args.timeout, "network_lock": args.network_lock,
     }
 
 
@@ -99,12 +103,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
     lazy_port = lazy_address = None
     if args.page_server:
         if args.address is None or args.port is None:
-            raise SystemExit("pycriu dump: --page-server needs --address and --port")
+            args.parser.error("--page-server needs --address and --port")
         page_server = PageServerAddress(args.address, args.port)
     elif args.lazy_pages:
         lazy_port, lazy_address = args.port, args.address
     opts = DumpOptions(
         pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
+        track_mem=args.track_mem, parent_images=args.prev_images_dir,
         leave_stopped=args.leave_stopped, page_server=page_server, lazy_port=lazy_port,
         lazy_address=lazy_address, **_criu_options(args),
     )
@@ -112,16 +117,19 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inherit_fd(item: str) -> InheritFd:
+    """argparse type for ``--inherit-fd fd[N]:KEY``."""
+    fd_part, _, key = item.partition(":")
+    number = fd_part[3:-1]
+    if not (fd_part.startswith("fd[") and fd_part.endswith("]") and number.isdigit() and key):
+        raise argparse.ArgumentTypeError(f"{item!r}: expected fd[N]:KEY, for example fd[3]:pipe:[12345]")
+    return InheritFd(int(number), key)
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
-    inherit = []
-    for item in args.inherit_fd or ():
-        fd_part, _, key = item.partition(":")
-        if not (fd_part.startswith("fd[") and fd_part.endswith("]")) or not key:
-            raise SystemExit(f"pycriu restore: --inherit-fd {item!r}: expected fd[N]:KEY")
-        inherit.append(InheritFd(int(fd_part[3:-1]), key))
-    page_server = PageServerAddress(args.address, args.port) if args.address and args.port else None
     opts = RestoreOptions(images_dir=args.images_dir, leave_stopped=args.leave_stopped,
-                          inherit_fds=inherit or None, page_server=page_server, **_criu_options(args))
+                          inherit_fds=args.inherit_fd or None, restore_sibling=args.restore_sibling,
+                          **_criu_options(args))
     result = Criu(args.criu).restore(opts)
     if args.pidfile:
         with open(args.pidfile, "w") as fh:
@@ -146,8 +154,9 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     opts = LazyPagesOptions(images_dir=args.images_dir, work_dir=args.work_dir, page_server=server,
                             **({"log_file": args.log_file} if args.log_file else {}))
     with Criu(args.criu).lazy_pages(opts) as daemon:
-        print(f"lazy-pages daemon pid {daemon.pid} ready; restore with --lazy-pages -W "
-              f"{args.work_dir or args.images_dir}", flush=True)
+        work_dir = args.work_dir or args.images_dir
+        print(json.dumps({"pid": daemon.pid, "work_dir": work_dir}) if args.json else
+              f"lazy-pages daemon pid {daemon.pid} ready; restore with --lazy-pages -W {work_dir}", flush=True)
         daemon.wait()
     return 0
 
@@ -182,19 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("-s", "--leave-stopped", action="store_true", default=None,
                       help="leave the tree stopped after the dump")
     p.add_argument("--page-server", action="store_true", help="send pages to a page server at --address:--port")
+    p.add_argument("--track-mem", action="store_true", default=None,
+                   help="turn on memory tracking (needs kernel soft-dirty support)")
+    p.add_argument("--prev-images-dir", metavar="DIR", help="pre-dump images to build on, relative to -D")
     p.add_argument("--address", help="page server address (with --page-server or --lazy-pages)")
     p.add_argument("--port", type=int, help="page server port (with --page-server or --lazy-pages)")
     _criu_flags(p)
-    p.set_defaults(func=cmd_dump)
+    p.set_defaults(func=cmd_dump, parser=p)
 
     p = sub.add_parser("restore", help="restore a process tree (criu restore -d)")
     _common(p)
     p.add_argument("-s", "--leave-stopped", action="store_true", default=None,
                    help="leave the restored tree stopped")
-    p.add_argument("--inherit-fd", action="append", metavar="fd[N]:KEY", help="hand our fd N over as KEY")
+    p.add_argument("--inherit-fd", action="append", type=_inherit_fd, metavar="fd[N]:KEY",
+                   help="hand our fd N over as KEY")
+    p.add_argument("--restore-sibling", action="store_true", default=None,
+                   help="restore the tree as a child of this command")
     p.add_argument("--pidfile", metavar="FILE", help="write the restored root pid here")
-    p.add_argument("--address", help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     _criu_flags(p)
     p.set_defaults(func=cmd_restore)
 
@@ -227,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except InvalidOptionError as exc:  # bad input, like bad usage
+        print(f"pycriu {args.command}: {exc}", file=sys.stderr)
+        return 2
     except CriuError as exc:
         print(f"pycriu {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -76,11 +76,11 @@ class ExternalMount:
     """
 
     key: str
-    value: str
+    value: str | os.PathLike[str]
 
     def __post_init__(self) -> None:
         _check_str("ext_mount.key", self.key, nonempty=True)
-        _check_str("ext_mount.value", self.value, nonempty=True)
+        object.__setattr__(self, "value", _as_path("ext_mount.value", self.value))
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class JoinNamespace:
     """Restore into an existing namespace (``--join-ns NS:FILE[,EXTRA]``)."""
 
     ns: str
-    ns_file: str
+    ns_file: PathArg
     extra: str | None = None
 
     NAMES: ClassVar[frozenset[str]] = frozenset({"net", "uts", "ipc", "pid", "mnt", "user", "cgroup", "time"})
@@ -110,7 +110,7 @@ class JoinNamespace:
     def __post_init__(self) -> None:
         if self.ns not in self.NAMES:
             raise _bad("join_ns.ns", self.ns, f"one of {sorted(self.NAMES)}")
-        _check_str("join_ns.ns_file", self.ns_file, nonempty=True)
+        object.__setattr__(self, "ns_file", _as_path("join_ns.ns_file", self.ns_file))
         if self.extra is not None:
             _check_str("join_ns.extra", self.extra)
 
@@ -131,11 +131,11 @@ class VethPair:
 class CgroupRoot:
     """Restore cgroups of ``controller`` (or all when ``None``) under ``path`` (``--cgroup-root``)."""
 
-    path: str
+    path: PathArg
     controller: str | None = None
 
     def __post_init__(self) -> None:
-        _check_str("cgroup_root.path", self.path, nonempty=True)
+        object.__setattr__(self, "path", _as_path("cgroup_root.path", self.path))
         if self.controller is not None:
             _check_str("cgroup_root.controller", self.controller, nonempty=True)
 
@@ -192,7 +192,7 @@ def _as_path(name: str, value: Any) -> str:
 class _Via:
     """How one field reaches CRIU."""
 
-    kind: str  # bool | int | uint | str | path | enum | strs | ints | special
+    kind: str  # bool | int | uint | str | path | enum | strs | paths | ints | special
     setter: str | None = None  # libcriu criu_local_<setter>
     config: str | None = None  # CRIU long option written to the config file
     enum: type[enum.Enum] | None = None
@@ -234,6 +234,10 @@ def _validate_value(name: str, via: _Via, value: Any) -> Any:
         for item in value:
             _check_str(name, item, nonempty=True)
         return tuple(value)
+    if k == "paths":
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise _bad(name, value, "a list of paths")
+        return tuple(_as_path(name, item) for item in value)
     if k == "ints":
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
@@ -274,9 +278,9 @@ class _CriuOptions:
     ext_mounts: Sequence[ExternalMount] | None = _opt("special")
     external: Sequence[str] | None = _opt("strs", setter="add_external")
     enable_fs: Sequence[str] | None = _opt("strs", setter="add_enable_fs")
-    skip_mnt: Sequence[str] | None = _opt("strs", setter="add_skip_mnt")
+    skip_mnt: Sequence[PathArg] | None = _opt("paths", setter="add_skip_mnt")
     unix_sk_inodes: Sequence[int] | None = _opt("ints", setter="add_unix_sk")
-    irmap_paths: Sequence[str] | None = _opt("strs", setter="add_irmap_path")
+    irmap_paths: Sequence[PathArg] | None = _opt("paths", setter="add_irmap_path")
     ghost_limit: int | None = _opt("uint", setter="set_ghost_limit")
     weak_sysctls: bool | None = _opt("bool", setter="set_weak_sysctls")
     skip_file_rwx_check: bool | None = _opt("bool", setter="set_skip_file_rwx_check")
@@ -356,7 +360,7 @@ class _CriuOptions:
             value = getattr(self, f.name)
             if via is None or value is None or via.setter is None:
                 continue
-            if via.kind in ("strs", "ints"):
+            if via.kind in ("strs", "paths", "ints"):
                 calls.extend((via.setter, (item,)) for item in value)
             elif via.kind == "enum":
                 calls.append((via.setter, (int(value),)))
@@ -416,7 +420,7 @@ class DumpOptions(_CriuOptions):
     tcp_skip_in_flight: bool | None = _opt("bool", setter="set_tcp_skip_in_flight")
     track_mem: bool | None = _opt("bool", setter="set_track_mem")
     auto_dedup: bool | None = _opt("bool", setter="set_auto_dedup")
-    parent_images: str | None = _opt("str", setter="set_parent_images")
+    parent_images: PathArg | None = _opt("path", setter="set_parent_images")
     freeze_cgroup: str | None = _opt("str", setter="set_freeze_cgroup")
     page_server: PageServerAddress | None = _opt("special", doc="send pages to CRIU's page server")
     lazy_port: int | None = _opt(
@@ -486,8 +490,6 @@ class RestoreOptions(_CriuOptions):
     join_ns: Sequence[JoinNamespace] | None = _opt("special")
     empty_ns: Namespace | int | None = _opt("special", doc="namespaces to restore empty (only Namespace.NET)")
     pidfd_store_sk: int | None = _opt("special")
-    page_server: PageServerAddress | None = _opt(
-        "special", doc="with lazy_pages: the page server the lazy-pages daemon reads from")
 
     _operation: ClassVar[str] = "restore"
 
@@ -504,7 +506,7 @@ class RestoreOptions(_CriuOptions):
                 raise _bad(name, value, f"a list of {cls.__name__}")
             object.__setattr__(self, name, tuple(value))
         if self.exec_cmd is not None:
-            object.__setattr__(self, "exec_cmd", _validate_value("exec_cmd", _Via("strs"), self.exec_cmd))
+            object.__setattr__(self, "exec_cmd", _validate_value("exec_cmd", _Via("paths"), self.exec_cmd))
             if not self.exec_cmd:
                 raise _bad("exec_cmd", self.exec_cmd, "a non-empty argv list")
         if self.empty_ns is not None:
@@ -515,8 +517,6 @@ class RestoreOptions(_CriuOptions):
             raise _bad("restore_sibling", self.restore_sibling, "True, False or None")
         if self.pidfd_store_sk is not None and (not isinstance(self.pidfd_store_sk, int) or self.pidfd_store_sk < 0):
             raise _bad("pidfd_store_sk", self.pidfd_store_sk, "an open socket fd")
-        if self.page_server is not None and not isinstance(self.page_server, PageServerAddress):
-            raise _bad("page_server", self.page_server, "a PageServerAddress(address, port)")
 
     def _extra_setter_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
         calls: list[tuple[str, tuple[Any, ...]]] = []

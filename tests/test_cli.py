@@ -76,6 +76,12 @@ def test_failure_prints_criu_message_log_and_hint(tmp_path: Path) -> None:
 def test_unsafe_criu_option_is_refused(workload: Callable[..., Workload], images_dir: Path) -> None:
     w = workload(mib=8)
     out = run("dump", "-t", str(w.pid), "-D", str(images_dir), "--criu-opt", "lsm-profile=x#y")
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "cannot be passed safely" in out.stderr
     assert w.alive()
+
+
+def test_a_malformed_inherit_fd_is_a_usage_error() -> None:
+    out = run("restore", "-D", "/tmp", "--inherit-fd", "fd[x]:key")
+    assert out.returncode == 2
+    assert "expected fd[N]:KEY" in out.stderr

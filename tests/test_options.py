@@ -79,7 +79,7 @@ def test_every_setter_exists_in_libcriu_and_accepts_a_valid_value() -> None:
     """Build options with every setter-bound field set, and apply all of them to a real
     ``criu_opts``: each name is a real ``criu_local_*`` function and libcriu accepts the value."""
     samples: dict[str, Any] = {"bool": True, "uint": 5, "int": 5, "str": "x", "path": "/tmp",
-                               "strs": ["a"], "ints": [1]}
+                               "strs": ["a"], "paths": ["/a"], "ints": [1]}
     specials: dict[type, dict[str, Any]] = {
         D: {"pid": 1, "page_server": pycriu.PageServerAddress("127.0.0.1", 27000)},
         R: {"inherit_fds": [pycriu.InheritFd(0, "pipe:[1]")], "veth_pairs": [pycriu.VethPair("eth0", "veth0")],
