@@ -90,6 +90,7 @@ class Criu:
     def __init__(self, binary: str | os.PathLike[str] | None = None) -> None:
         self.binary = find_criu(binary)
         self._features: Features | None = None
+        self._version: CriuVersion | None = None
 
     def __repr__(self) -> str:
         return f"Criu(binary={self.binary!r})"
@@ -155,6 +156,7 @@ class Criu:
     def _run(self, operation: str, opts: _CriuOptions, raw_operation: str,
              more: Callable[[], bool] | None = None) -> int:
         _require_root(operation)
+        self._require_supported()
         images_dir = _existing_dir(opts.images_dir, "images_dir")
         work_dir = _existing_dir(opts.work_dir, "work_dir") if opts.work_dir is not None else images_dir
         log_path = opts.log_path
@@ -188,6 +190,12 @@ class Criu:
         with _raw.RawOpts() as raw, self._worker() as worker:
             return CriuVersion.from_code(raw.run("get-version", service_fd=worker.detach()))
 
+    def _require_supported(self) -> None:
+        """Once per object: refuse a CRIU older than pycriu needs, before it is asked anything else
+        (an old CRIU fails later in confusing ways, for example on newer kernels' vDSO)."""
+        if self._version is None:
+            self._version = self.require_version()
+
     def require_version(self, minimum: tuple[int, ...] = MIN_CRIU_VERSION) -> CriuVersion:
         """Return the version, or raise :class:`CriuVersionError` when it is below ``minimum``."""
         version = self.version()
@@ -201,6 +209,7 @@ class Criu:
         """Run ``criu check``: True when checkpoint/restore works here, else :class:`CheckError`
         (whose ``log_path`` is kept for reading)."""
         _require_root("check")
+        self._require_supported()
         with self._scratch_log("check") as (tmp, log):
             with self._log_opts(tmp, "check.log") as raw, self._worker() as worker:
                 raw.run("check", log_path=log, service_fd=worker.detach())
@@ -210,6 +219,7 @@ class Criu:
         """Which optional features (memory tracking, lazy pages, pidfd store) work here. Cached."""
         if self._features is None or refresh:
             _require_root("feature check")
+            self._require_supported()
             with self._scratch_log("features") as (tmp, log):
                 with self._log_opts(tmp, "features.log") as raw, self._worker() as worker:
                     found = raw.feature_check(["mem_track", "lazy_pages", "pidfd_store"],

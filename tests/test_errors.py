@@ -306,3 +306,29 @@ def test_builtin_bases_let_callers_catch_broadly() -> None:
     assert issubclass(pycriu.CriuPermissionError, PermissionError)
     assert issubclass(pycriu.NoSuchProcessError, ProcessLookupError)
     assert issubclass(pycriu.PreDumpError, pycriu.DumpError)
+
+
+@pytest.fixture(scope="session")
+def debian12_criu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Debian 12's own criu (3.17), unpacked from its package: a real CRIU that is too old."""
+    where = tmp_path_factory.mktemp("old-criu")
+    download = subprocess.run(["apt-get", "download", "criu=3.17*"], cwd=where, capture_output=True, text=True)
+    debs = list(where.glob("criu_3.17*.deb"))
+    if download.returncode != 0 or not debs:
+        pytest.skip(f"cannot download Debian 12's criu 3.17 package: {download.stderr.strip()[-200:]}")
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(where / "root")], check=True)
+    return where / "root" / "usr" / "sbin" / "criu"
+
+
+@needs_root
+def test_a_criu_older_than_4_2_is_refused_before_it_is_used(debian12_criu: Path, workload: WorkloadFactory,
+                                                            images_dir: Path) -> None:
+    old = pycriu.Criu(binary=debian12_criu)
+    assert old.version() < (4, 2)
+    w = workload(mib=8)
+    with pytest.raises(pycriu.CriuVersionError) as info:
+        old.dump(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir))
+    assert "3.17" in str(info.value) and "provision" in (info.value.hint or "")
+    assert w.alive()
+    with pytest.raises(pycriu.CriuVersionError):
+        old.check()
