@@ -6,6 +6,7 @@ The declarations live in ``decl/*.h``, joined in a fixed order; ``set_source`` i
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _build import find_libcriu  # noqa: E402
 
 DECL_DIR = Path(__file__).parent / "decl"
-DECL_ORDER = ["types.h", "opts.h", "ops.h", "callbacks.h"]
+DECL_ORDER = ["types.h", "opts.h", "ops.h", "callbacks.h", "build.h"]
 
 SOURCE = """
 #include <sched.h>
@@ -27,11 +28,17 @@ SOURCE = """
 """
 
 lib = find_libcriu()
+# Where libcriu was found: the criu binary of the same install is looked up next to it at run time.
+libdir = lib.library_dirs[0] if lib.library_dirs else ""
+BUILD_FACTS = f"""
+static const char *pycriu_build_libdir(void) {{ return {json.dumps(libdir)}; }}
+"""
+
 ffi = FFI()
 ffi.cdef("\n".join((DECL_DIR / name).read_text() for name in DECL_ORDER))
 ffi.set_source(
     "pycriu._libcriu",
-    SOURCE,
+    SOURCE + BUILD_FACTS,
     libraries=["criu"],
     include_dirs=lib.include_dirs,
     library_dirs=lib.library_dirs,

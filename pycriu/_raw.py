@@ -52,6 +52,9 @@ CONSTANTS: dict[str, int] = {
 #: The libcriu this extension was compiled against (from criu/version.h).
 COMPILED_VERSION = (lib.CRIU_VERSION_MAJOR, lib.CRIU_VERSION_MINOR)
 
+#: The directory libcriu was linked from at build time ("" if unknown).
+BUILD_LIBDIR: str = ffi.string(lib.pycriu_build_libdir()).decode()
+
 _ERROR_CLASS: dict[str, type[errors.CriuError]] = {
     "check": errors.CheckError,
     "dump": errors.DumpError,

@@ -70,13 +70,27 @@ def find_criu(binary: str | os.PathLike[str] | None = None) -> str:
         raise CriuNotFoundError(
             f"criu binary {path!r} does not exist or is not executable",
             hint="pass the path of a CRIU >= 4.2 binary, or run scripts/provision.sh")
-    search = os.pathsep.join([os.environ.get("PATH", ""), *_SEARCH_PATH])
+    search = os.pathsep.join([os.environ.get("PATH", ""), *_install_sbin_dirs(), *_SEARCH_PATH])
     found = shutil.which("criu", path=search)
     if found is None:
         raise CriuNotFoundError(
             "criu binary not found in PATH or the sbin directories",
             hint="install CRIU >= 4.2 with scripts/provision.sh (make setup)")
     return found
+
+
+def _install_sbin_dirs() -> list[str]:
+    """The sbin/bin directories of the CRIU install whose libcriu the extension was built against
+    (``PREFIX/lib/<multiarch>`` -> ``PREFIX/sbin``), so a CRIU provisioned under another prefix is
+    found without PATH changes."""
+    dirs: list[str] = []
+    libdir = Path(_raw.BUILD_LIBDIR) if _raw.BUILD_LIBDIR else None
+    for parent in (libdir.parents if libdir is not None else ()):
+        if parent.name.startswith("lib"):
+            continue
+        dirs += [str(parent / "sbin"), str(parent / "bin")]
+        break
+    return dirs
 
 
 class Criu:

@@ -44,7 +44,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
 	say "installing Debian packages: ${missing[*]}"
 	apt-get update -qq
+	# openssh-server is only a binary for the tests' own sshd on loopback: keep the package from
+	# starting a system sshd (policy-rc.d 101 = "action forbidden", honoured by invoke-rc.d).
+	policy=/usr/sbin/policy-rc.d made_policy=
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+		trap 'rm -f "$policy"' EXIT
+	fi
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	if [ -n "$made_policy" ]; then rm -f "$policy"; trap - EXIT; fi
 fi
 
 # --- 2. CRIU --------------------------------------------------------------------------------
@@ -99,12 +107,18 @@ fetch_criu_source() {
 }
 
 verify_criu_source() { # The .dsc came through apt's signed index; check the tarball against it.
-	local dir=$1 tarball sum expect
+	local dir=$1 dsc tarball name sum size expect
+	dsc=$(ls "$dir"/criu_"$criu_version"-*.dsc | sort -V | tail -n1)
 	tarball=$(ls "$dir"/criu_"$criu_version".orig.tar.* | head -n1)
-	expect=$(awk '/^Checksums-Sha256:/{f=1;next} /^[^ ]/{f=0} f && $3 ~ /orig\.tar/ {print $1}' "$dir"/criu_"$criu_version"-*.dsc | head -n1)
+	name=$(basename "$tarball")
+	# The Checksums-Sha256 line that names exactly this file: "<sha256> <size> <name>".
+	read -r expect size < <(awk -v n="$name" '/^Checksums-Sha256:/{f=1;next} /^[^ ]/{f=0} f && $3 == n {print $1, $2}' "$dsc")
 	sum=$(sha256sum "$tarball" | awk '{print $1}')
-	[ -n "$expect" ] && [ "$sum" = "$expect" ] || die "checksum mismatch for $tarball (got $sum, .dsc says $expect)"
-	say "verified $(basename "$tarball") sha256 $sum"
+	if [ -z "${expect:-}" ] || [ "$sum" != "$expect" ] || [ "$(stat -c %s "$tarball")" != "$size" ]; then
+		rm -rf "$dir" # never keep (or reuse) a source that failed verification
+		die "checksum mismatch for $name (got $sum, $(basename "$dsc") says ${expect:-nothing}); removed it, run again"
+	fi
+	say "verified $name sha256 $sum"
 }
 
 build_criu() {
