@@ -174,10 +174,12 @@ class _NativeDaemon:
         argv: list[str] = []
         if opts.tls:
             argv.append("--tls")
-        for flag, value in (("--tls-cacert", opts.tls_cacert), ("--tls-cert", opts.tls_cert),
-                            ("--tls-key", opts.tls_key)):
+        for flag, value in (("--tls-cacert", opts.tls_cacert), ("--tls-cacrl", opts.tls_cacrl),
+                            ("--tls-cert", opts.tls_cert), ("--tls-key", opts.tls_key)):
             if value is not None:
                 argv += [flag, os.fspath(value)]
+        if opts.tls_no_cn_verify:
+            argv.append("--tls-no-cn-verify")
         return argv
 
 

@@ -541,7 +541,46 @@ class RestoreOptions(_CriuOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PageServerOptions:
+class _DaemonOptions:
+    """What the page server and the lazy-pages daemon share: directories, log, TLS, readiness."""
+
+    images_dir: PathArg
+    work_dir: PathArg | None = None
+    log_level: LogLevel | int | str = LogLevel.INFO
+    log_file: str = "daemon.log"
+    tls: bool | None = None
+    tls_cacert: PathArg | None = None
+    tls_cacrl: PathArg | None = None
+    tls_cert: PathArg | None = None
+    tls_key: PathArg | None = None
+    tls_no_cn_verify: bool | None = None
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images_dir", _as_path("images_dir", self.images_dir))
+        if self.work_dir is not None:
+            object.__setattr__(self, "work_dir", _as_path("work_dir", self.work_dir))
+        object.__setattr__(self, "log_level", _validate_value("log_level", _Via("enum", enum=LogLevel), self.log_level))
+        _check_str("log_file", self.log_file, nonempty=True)
+        if "/" in self.log_file:
+            raise _bad("log_file", self.log_file, "a file name without '/' (it lives in work_dir)")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
+            raise _bad("timeout", self.timeout, "seconds (> 0) to wait for readiness")
+        for name in ("tls", "tls_no_cn_verify"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "True, False or None (unset)")
+        for name in ("tls_cacert", "tls_cacrl", "tls_cert", "tls_key"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _as_path(name, getattr(self, name)))
+
+    @property
+    def log_path(self) -> Path:
+        """Where the daemon's CRIU log will be."""
+        return Path(self.work_dir or self.images_dir) / self.log_file
+
+
+@dataclass(frozen=True, kw_only=True)
+class PageServerOptions(_DaemonOptions):
     """Options of ``criu page-server``: receive pages from a dump into ``images_dir``.
 
     With ``lazy_pages=True`` it instead serves the pages of a local dump in ``images_dir`` to a
@@ -549,69 +588,29 @@ class PageServerOptions:
     pick a free port; the owner object exposes the real one.
     """
 
-    images_dir: PathArg
     address: str = "127.0.0.1"
     port: int = 0
-    work_dir: PathArg | None = None
     lazy_pages: bool = False
-    log_level: LogLevel | int | str = LogLevel.INFO
     log_file: str = "page-server.log"
-    tls: bool | None = None
-    tls_cacert: PathArg | None = None
-    tls_cert: PathArg | None = None
-    tls_key: PathArg | None = None
-    timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "images_dir", _as_path("images_dir", self.images_dir))
-        if self.work_dir is not None:
-            object.__setattr__(self, "work_dir", _as_path("work_dir", self.work_dir))
+        super().__post_init__()
         _check_str("address", self.address, nonempty=True)
         _check_port("port", self.port, allow_zero=True)
-        object.__setattr__(self, "log_level", _validate_value("log_level", _Via("enum", enum=LogLevel), self.log_level))
-        _check_str("log_file", self.log_file, nonempty=True)
-        if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
-            raise _bad("timeout", self.timeout, "seconds (> 0) to wait for readiness")
-        for name in ("tls_cacert", "tls_cert", "tls_key"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, _as_path(name, getattr(self, name)))
-
-    @property
-    def log_path(self) -> Path:
-        return Path(self.work_dir or self.images_dir) / self.log_file
+        if not isinstance(self.lazy_pages, bool):
+            raise _bad("lazy_pages", self.lazy_pages, "True or False")
 
 
 @dataclass(frozen=True, kw_only=True)
-class LazyPagesOptions:
+class LazyPagesOptions(_DaemonOptions):
     """Options of ``criu lazy-pages``: the destination daemon that fills page faults of a lazily
     restored tree through userfaultfd, reading pages from ``page_server`` (the frozen source) or,
     when ``page_server`` is ``None``, from the page images in ``images_dir``."""
 
-    images_dir: PathArg
     page_server: PageServerAddress | None = None
-    work_dir: PathArg | None = None
-    log_level: LogLevel | int | str = LogLevel.INFO
     log_file: str = "lazy-pages.log"
-    tls: bool | None = None
-    tls_cacert: PathArg | None = None
-    tls_cert: PathArg | None = None
-    tls_key: PathArg | None = None
-    timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "images_dir", _as_path("images_dir", self.images_dir))
-        if self.work_dir is not None:
-            object.__setattr__(self, "work_dir", _as_path("work_dir", self.work_dir))
+        super().__post_init__()
         if self.page_server is not None and not isinstance(self.page_server, PageServerAddress):
             raise _bad("page_server", self.page_server, "a PageServerAddress(address, port)")
-        object.__setattr__(self, "log_level", _validate_value("log_level", _Via("enum", enum=LogLevel), self.log_level))
-        _check_str("log_file", self.log_file, nonempty=True)
-        if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
-            raise _bad("timeout", self.timeout, "seconds (> 0) to wait for readiness")
-        for name in ("tls_cacert", "tls_cert", "tls_key"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, _as_path(name, getattr(self, name)))
-
-    @property
-    def log_path(self) -> Path:
-        return Path(self.work_dir or self.images_dir) / self.log_file

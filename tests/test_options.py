@@ -388,3 +388,20 @@ def test_an_option_that_needs_a_value_is_refused_without_one() -> None:
 def test_values_are_written_as_one_word() -> None:
     opts = D(pid=1, images_dir="/d", criu_options={"cpu-cap": "--leave-running", "ghost-limit": 5})
     assert _config.render(opts.config_entries()) == "cpu-cap=--leave-running\nghost-limit=5\n"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"lazy_pages": 1}, {"tls": "yes"}, {"timeout": True}, {"timeout": 0}, {"log_file": "../../etc/x"},
+    {"port": -1}, {"port": 65536}, {"address": ""}, {"tls_no_cn_verify": "no"},
+])
+def test_page_server_options_are_validated(kwargs: dict[str, object]) -> None:
+    with pytest.raises(pycriu.InvalidOptionError):
+        pycriu.PageServerOptions(images_dir="/d", **kwargs)  # type: ignore[arg-type]
+
+
+def test_lazy_pages_options_take_tls_like_criu() -> None:
+    opts = pycriu.LazyPagesOptions(images_dir=Path("/d"), tls=True, tls_cacert=Path("/ca.pem"),
+                                   tls_cacrl="/crl.pem", tls_no_cn_verify=True)
+    assert opts.tls_cacert == "/ca.pem" and opts.tls_cacrl == "/crl.pem"
+    with pytest.raises(pycriu.InvalidOptionError):
+        pycriu.LazyPagesOptions(images_dir="/d", page_server=("127.0.0.1", 1))  # type: ignore[arg-type]
