@@ -79,3 +79,25 @@ def workload(tmp_path: Path) -> Iterator[Callable[..., Workload]]:
     yield make
     for w in made:
         w.close()
+
+
+_REASON_MARKERS = {
+    "not root": "root",
+    "dirty-memory tracking": "mem_track",
+    "lazy pages": "lazy",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Derive the selection markers from what a test really needs, so ``-m criu``, ``-m "not
+    root"``, ``-m lazy`` select by fact: the ``criu`` fixture means real CRIU (and root), and each
+    capability skip carries the marker of its capability."""
+    for item in items:
+        if "criu" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.criu)
+            item.add_marker(pytest.mark.root)
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", ""))
+            for text, name in _REASON_MARKERS.items():
+                if text in reason:
+                    item.add_marker(name)

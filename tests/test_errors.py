@@ -332,3 +332,14 @@ def test_a_criu_older_than_4_2_is_refused_before_it_is_used(debian12_criu: Path,
     assert w.alive()
     with pytest.raises(pycriu.CriuVersionError):
         old.check()
+
+
+@needs_root
+def test_a_lazy_pages_daemon_that_cannot_start_is_a_lazy_pages_error(criu: pycriu.Criu, images_dir: Path) -> None:
+    (images_dir / "pstree.img").write_bytes(b"not a CRIU image")
+    with pytest.raises(pycriu.LazyPagesError) as info:
+        with criu.lazy_pages(pycriu.LazyPagesOptions(images_dir=images_dir)):
+            raise AssertionError("the daemon reported ready on garbage images")
+    assert info.value.operation == "lazy-pages"
+    assert info.value.criu_message is not None
+    assert info.value.log_path is not None and Path(info.value.log_path).exists()
