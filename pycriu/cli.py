@@ -162,6 +162,7 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pycriu`` command, with the migration commands when present."""
     parser = argparse.ArgumentParser(prog="pycriu", description="Checkpoint, restore and live-migrate "
                                      "Linux process trees with CRIU.")
     parser.add_argument("--version", action="version", version=f"pycriu {__version__}")
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pycriu`` command; returns its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

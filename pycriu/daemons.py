@@ -65,6 +65,7 @@ class _NativeDaemon:
 
     @property
     def running(self) -> bool:
+        """Whether the daemon process still runs."""
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:

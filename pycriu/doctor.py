@@ -41,17 +41,21 @@ class Diagnosis:
 
     @property
     def ready(self) -> bool:
+        """True when no check failed: dump and restore can work."""
         return not any(c.verdict == "fail" for c in self.checks)
 
     def add(self, name: str, verdict: str, detail: str, fix: str | None = None) -> Check:
+        """Record one check."""
         check = Check(name, verdict, detail, fix)
         self.checks.append(check)
         return check
 
     def to_dict(self) -> dict[str, object]:
+        """The diagnosis as a JSON-serialisable dict."""
         return {"ready": self.ready, "checks": [asdict(c) for c in self.checks], "flows": self.flows}
 
     def render(self) -> str:
+        """The diagnosis as text for a terminal."""
         lines = []
         for c in self.checks:
             lines.append(f"[{c.verdict:^4}] {c.name:<22} {c.detail}")

@@ -27,6 +27,7 @@ class DumpStats:
     pages_lazy: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The statistics as a JSON-serialisable dict."""
         return asdict(self)
 
 
@@ -41,6 +42,7 @@ class RestoreStats:
     pages_restored: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The statistics as a JSON-serialisable dict."""
         return asdict(self)
 
 
