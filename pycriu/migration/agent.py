@@ -1,0 +1,678 @@
+"""The destination agent: ``pycriu agent`` (or ``python -m pycriu.migration.agent``).
+
+One agent session receives a migrating process tree: it checks CRIU here, runs CRIU's page server
+or lazy-pages daemon when the flow needs one, receives the non-page images into a private session
+directory, restores the tree, and keeps it only once the source commits. Everything it receives
+is validated (:mod:`pycriu.migration.protocol`); any violation ends the session.
+
+Modes:
+
+* ``--stdio``: one session over stdin/stdout (the ``local`` and ``ssh://`` transports). The
+  original stdout is taken over for the protocol; anything else printing to stdout goes to stderr.
+* ``--listen HOST:PORT``: sessions one after another over TCP (``tcp://``), on 127.0.0.1 unless
+  told otherwise, authenticated by TLS client certificates (``--tls-cert/--tls-key/--tls-ca``)
+  and/or a shared secret (``--secret-file``). Without either the agent refuses to start.
+
+What the agent guarantees, whatever happens to the connection:
+
+* a restored tree that the source has not committed is killed (the source resumes its own);
+* a lazily restored tree whose lazy-pages daemon fails is killed at once (its missing pages
+  would otherwise read as zeros), and the failure is reported;
+* page servers, lazy-pages daemons and the session directory are removed (the logs of a failed
+  session are kept and named in the agent's stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..criu import Criu
+from ..daemons import LazyPages, PageServer
+from ..enums import LogLevel
+from ..errors import CriuError, InvalidOptionError
+from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
+from .errors import AgentError, MigrationError, ProtocolError, TransportError
+from .images import dir_usage
+from .procs import kill_tree
+from .protocol import (
+    LOG_NAME,
+    PROTOCOL_VERSION,
+    Channel,
+    Limits,
+    agent_authenticate,
+    check_dir_name,
+    finite,
+    receive_file,
+    send_files,
+)
+from .transport import PipeStream, SocketStream, TLSConfig
+
+__all__ = ["AgentConfig", "AgentSession", "serve_stdio", "serve_tcp", "main", "add_arguments", "run_from_args",
+           "RESTORE_FLAGS", "kill_tree"]
+
+log = logging.getLogger("pycriu.agent")
+
+#: CRIU options the source may ask the restore to use (booleans only, nothing path-like).
+RESTORE_FLAGS = frozenset({"tcp_established", "tcp_close", "shell_job", "ext_unix_sk", "file_locks",
+                           "link_remap", "evasive_devices", "skip_file_rwx_check", "weak_sysctls"})
+
+
+@dataclass
+class AgentConfig:
+    """How an agent runs. ``root`` holds one private directory per session."""
+
+    root: Path
+    secret: bytes | None = None
+    tls: TLSConfig | None = None
+    data_address: str | None = None
+    criu_binary: str | None = None
+    commit_timeout: float = 120.0
+    idle_timeout: float = 600.0
+    lazy_timeout: float = 3600.0
+    max_file_size: int = 64 << 30
+    max_session_bytes: int = 256 << 30
+    max_files: int = 100_000
+    log_level: LogLevel = LogLevel.INFO
+    _criu: Criu | None = field(default=None, repr=False)
+    _local: dict[str, Any] | None = field(default=None, repr=False)
+
+    def criu(self) -> Criu:
+        if self._criu is None:
+            self._criu = Criu(self.criu_binary)
+        return self._criu
+
+    def local_info(self) -> dict[str, Any]:
+        """This host's CRIU version, ``criu check`` result and features (probed once)."""
+        if self._local is None:
+            info: dict[str, Any] = {"pycriu": __version__, "arch": platform.machine(), "kernel": platform.release(),
+                                    "criu": "unknown", "criu_check": False, "criu_error": None,
+                                    "features": {"lazy_pages": False, "mem_track": False}}
+            try:
+                criu = self.criu()
+                info["criu"] = str(criu.require_version())
+                criu.check()
+                info["criu_check"] = True
+                f = criu.features()
+                info["features"] = {"lazy_pages": f.lazy_pages, "mem_track": f.mem_track}
+            except CriuError as exc:
+                info["criu_error"] = str(exc).splitlines()[0]
+            self._local = info
+        return self._local
+
+
+class AgentSession:
+    """One migration, from ``hello`` to ``bye``, over one :class:`Channel`."""
+
+    def __init__(self, channel: Channel, config: AgentConfig, *, data_address: str,
+                 peer_address: str | None) -> None:
+        self.channel = channel
+        self.config = config
+        self.data_address = config.data_address or data_address
+        self.peer_address = peer_address
+        self.name = "s-" + secrets.token_hex(4)
+        self.dir: Path | None = None
+        self._dir_fd: int | None = None
+        self._dir_fds: dict[str, int] = {}
+        self.limits = Limits(max_file_size=config.max_file_size, max_total_bytes=config.max_session_bytes,
+                             max_files=config.max_files)
+        self.state = "new"
+        self.page_servers: dict[str, PageServer] = {}
+        self.lazy: LazyPages | None = None
+        self._lazy_done = threading.Event()
+        self._lazy_status: int | None = None
+        self._lock = threading.Lock()
+        self.restored_pid: int | None = None
+        self.committed = False
+        self.killed: int | None = None
+        self.failed = False
+        self.use_tls_for_criu = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Serve the session; return True when it ended with ``bye`` after a commit or cleanly."""
+        ok = False
+        try:
+            ok = self._loop()
+        except (ProtocolError, AgentError) as exc:
+            self.failed = True
+            log.warning("%s: refused: %s", self.name, exc.message)
+            self._send_error("refused" if isinstance(exc, ProtocolError) else exc.code, exc.message)
+        except TransportError as exc:
+            self.failed = not self.committed
+            log.warning("%s: connection lost: %s", self.name, exc.message)
+        except BaseException as exc:
+            self.failed = True
+            log.error("%s: agent error: %r", self.name, exc)
+            self._send_error("internal", f"agent error: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.cleanup()
+        return ok
+
+    def _send_error(self, code: str, message: str) -> None:
+        try:
+            self.channel.send({"type": "error", "code": code, "message": message[:4000]})
+        except (TransportError, ProtocolError):
+            pass
+
+    def cleanup(self) -> None:
+        """Kill an uncommitted restored tree, stop daemons, remove the session directory."""
+        with self._lock:
+            if self.restored_pid is not None and not self.committed and self.killed is None:
+                log.warning("%s: restored tree %d was not committed: killing it", self.name, self.restored_pid)
+                self.killed = kill_tree(self.restored_pid)
+        for ps in self.page_servers.values():
+            ps.stop()
+        self.page_servers.clear()
+        if self.lazy is not None:
+            if self.committed and self.killed is None and self.lazy.running:
+                # The tree runs on pages it has not received yet: never cut its supply.
+                log.info("%s: waiting for the lazy-pages daemon to finish", self.name)
+                self._lazy_done.wait(self.config.lazy_timeout)
+            self._stop_lazy()
+        for fd in [*self._dir_fds.values(), *([self._dir_fd] if self._dir_fd is not None else [])]:
+            os.close(fd)
+        self._dir_fds.clear()
+        self._dir_fd = None
+        self.channel.close()
+        if self.dir is not None and self.dir.exists():
+            if self.failed:
+                for sub in self.dir.iterdir():
+                    if sub.name != "work":
+                        shutil.rmtree(sub, ignore_errors=True)
+                log.warning("%s: session failed; CRIU logs kept in %s", self.name, self.dir / "work")
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_lazy(self) -> None:
+        lazy, self.lazy = self.lazy, None
+        if lazy is not None:
+            lazy.stop()
+            with self._lock:
+                if self._lazy_status is None:
+                    self._lazy_status = -1
+            self._lazy_done.set()
+
+    # -- the message loop ------------------------------------------------------------------------
+
+    def _timeout(self) -> float:
+        return self.config.commit_timeout if self.state == "restored" else self.config.idle_timeout
+
+    def _loop(self) -> bool:
+        while True:
+            msg = self.channel.recv(timeout=self._timeout())
+            kind = msg["type"]
+            handler = self._HANDLERS.get(kind)
+            allowed = self._ALLOWED.get(self.state, frozenset())
+            if handler is None or kind not in allowed:
+                raise ProtocolError(f"message {kind!r} is not allowed now (session state {self.state!r})")
+            if handler(self, msg) is False:
+                return True
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _hello(self, msg: dict[str, Any]) -> None:
+        if msg["protocol"] != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol {msg['protocol']} is not supported (this agent speaks {PROTOCOL_VERSION})")
+        local = self.config.local_info()
+        problems = _compatibility(msg, local)
+        reply = {"type": "hello", "protocol": PROTOCOL_VERSION, **{k: local[k] for k in (
+            "pycriu", "criu", "arch", "kernel", "features", "criu_check", "criu_error")},
+            "session": self.name, "data_address": self.data_address, "peer_address": self.peer_address}
+        if problems:
+            raise AgentError("; ".join(problems), code="incompatible")
+        root = self.config.root
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir = root / self.name
+        self.dir.mkdir(mode=0o700)
+        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        (self.dir / "work").mkdir(mode=0o700)
+        self._subdir("images")
+        self.state = "ready"
+        log.info("%s: session for a %s migration from %s", self.name, msg.get("mode", "?"), self.peer_address)
+        self.channel.send(reply)
+
+    def _ping(self, msg: dict[str, Any]) -> None:
+        self.channel.send({"type": "pong", "t": msg["t"]})
+
+    def _subdir(self, name: str) -> int:
+        name = check_dir_name(name)
+        fd = self._dir_fds.get(name)
+        if fd is None:
+            assert self._dir_fd is not None
+            try:
+                os.mkdir(name, 0o700, dir_fd=self._dir_fd)
+            except FileExistsError:
+                pass
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            self._dir_fds[name] = fd
+        return fd
+
+    def _path(self, name: str) -> Path:
+        assert self.dir is not None
+        self._subdir(name)
+        return self.dir / name
+
+    def _link_parent(self, name: str, parent: str | None) -> None:
+        if parent is None:
+            return
+        parent = check_dir_name(parent)
+        if parent == name or parent not in self._dir_fds or not parent.startswith("pre-"):
+            raise ProtocolError(f"parent {parent!r} is not an earlier pre-dump iteration")
+        os.symlink(f"../{parent}", "parent", dir_fd=self._dir_fds[name])  # ours, never the peer's
+
+    def _prepare_dir(self, msg: dict[str, Any]) -> None:
+        name = check_dir_name(msg["dir"])
+        self._subdir(name)
+        self._link_parent(name, msg.get("parent"))
+        self.channel.send({"type": "dir-ready", "dir": name})
+
+    def _page_server(self, msg: dict[str, Any]) -> None:
+        name = check_dir_name(msg["dir"])
+        if name in self.page_servers:
+            raise ProtocolError(f"a page server for {name!r} was already started")
+        images = self._path(name)
+        self._link_parent(name, msg.get("parent"))
+        opts = PageServerOptions(images_dir=images, work_dir=self._path_work(), address=self.data_address, port=0,
+                                 log_file=f"page-server-{name}.log", **self._tls_kwargs())
+        ps = self.config.criu().page_server(opts)
+        try:
+            ps.start()
+        except CriuError as exc:
+            raise AgentError(f"page server failed to start: {exc.message} ({exc.criu_message})",
+                             code="page-server-failed") from None
+        self.page_servers[name] = ps
+        self.channel.send({"type": "page-server", "dir": name, "address": self.data_address, "port": ps.port})
+
+    def _path_work(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "work"
+
+    def _tls_kwargs(self) -> dict[str, Any]:
+        tls = self.config.tls
+        if not self.use_tls_for_criu or tls is None:
+            return {}
+        return {"tls": True, "tls_cacert": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
+
+    def _file(self, msg: dict[str, Any]) -> None:
+        name = check_dir_name(msg["dir"])
+        receive_file(self.channel, msg, self._subdir(name), self.limits, timeout=self.config.idle_timeout)
+
+    def _files_done(self, msg: dict[str, Any]) -> None:
+        count, total = self.limits.received_files, self.limits.received_bytes
+        self.channel.send({"type": "files-ok", "count": count, "bytes": total})
+        # counters are per batch
+        self.limits.received_files = 0
+        self.limits.received_bytes = 0
+        self.limits.max_total_bytes -= total
+
+    def _restore(self, msg: dict[str, Any]) -> None:
+        name = check_dir_name(msg["dir"])
+        images = self._path(name)
+        flags = msg["flags"]
+        for key, value in flags.items():
+            if key not in RESTORE_FLAGS or not isinstance(value, bool):
+                raise ProtocolError(f"restore flag {key!r} is not allowed")
+        if not (images / "inventory.img").exists() or not (images / "pstree.img").exists():
+            raise ProtocolError("restore requested before the images were sent")
+        lazy = msg["lazy"]
+        source_ps = msg["page_server"]
+        if lazy and not self.config.local_info()["features"]["lazy_pages"]:
+            raise AgentError("lazy pages are not supported on this host", code="unsupported")
+        if source_ps is not None and not lazy:
+            raise ProtocolError("a page server to read from only makes sense with lazy=true")
+        t_request = time.monotonic()
+        ps_wait = 0.0
+        ps = self.page_servers.pop(name, None)
+        if ps is not None:  # page-server flow: every page must be in before the restore reads them
+            try:
+                ps.wait(timeout=60)
+            except (CriuError, TimeoutError) as exc:
+                ps.stop()
+                self.state = "failed"
+                raise AgentError(f"the page server did not receive the dump: {exc}", code="page-server-failed") from None
+            ps_wait = time.monotonic() - t_request
+        work = self._path_work()
+        criu = self.config.criu()
+        lazy_seconds = None
+        if lazy:
+            t0 = time.monotonic()
+            address = None
+            if source_ps is not None:
+                address = PageServerAddress(source_ps["address"], source_ps["port"])
+            try:
+                self.lazy = criu.lazy_pages(LazyPagesOptions(images_dir=images, work_dir=work, page_server=address,
+                                                             **self._tls_kwargs()))
+                self.lazy.start()
+            except (CriuError, InvalidOptionError) as exc:
+                self.lazy = None
+                self.state = "failed"
+                raise AgentError(f"the lazy-pages daemon failed to start: {exc.message} ({exc.criu_message})",
+                                 code="lazy-pages-failed") from None
+            threading.Thread(target=self._watch_lazy, args=(self.lazy,), daemon=True,
+                             name=f"{self.name}-lazy").start()
+            lazy_seconds = time.monotonic() - t0
+        times: dict[str, float] = {}
+
+        def notify(action: str, pid: int) -> None:
+            times[action] = time.monotonic()
+
+        t_restore = time.monotonic()
+        try:
+            result = criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
+                                                 log_level=self.config.log_level, lazy_pages=True if lazy else None,
+                                                 notify=notify, **flags))
+        except CriuError as exc:
+            self._stop_lazy()
+            self.state = "failed"
+            raise AgentError(f"restore failed: {exc.message}"
+                             + (f": {exc.criu_message}" if exc.criu_message else ""), code="restore-failed") from None
+        now = time.monotonic()
+        with self._lock:
+            self.restored_pid = result.pid
+            lazy_failed = self._lazy_status not in (None, 0)
+        if lazy_failed:  # the daemon died while the restore finished: the tree has holes
+            self.killed = kill_tree(result.pid)
+            self.state = "failed"
+            raise AgentError("the lazy-pages daemon failed during the restore; the restored tree was killed",
+                             code="lazy-pages-failed")
+        self.state = "restored"
+        resumed = times.get("post-resume", now)
+        log.info("%s: restored pid %d (lazy=%s)", self.name, result.pid, lazy)
+        self.channel.send({"type": "restored", "pid": result.pid, "resumed_ago": finite(now - resumed),
+                           "restore_seconds": finite(now - t_restore), "lazy_daemon_seconds": lazy_seconds,
+                           "stats": result.stats.to_dict() if result.stats else None,
+                           "page_server_wait": finite(ps_wait)})
+
+    def _watch_lazy(self, daemon: LazyPages) -> None:
+        proc = daemon._proc  # noqa: SLF001 - the daemon object is ours
+        if proc is None:
+            return
+        status = proc.wait()
+        with self._lock:
+            self._lazy_status = status
+            if status != 0 and self.restored_pid is not None and self.killed is None:
+                # The kernel resolves the remaining faults with zero pages once the daemon is gone:
+                # the tree must not run on.
+                log.error("%s: lazy-pages daemon failed (status %d): killing restored tree %d",
+                          self.name, status, self.restored_pid)
+                self.killed = kill_tree(self.restored_pid)
+        self._lazy_done.set()
+
+    def _commit(self, msg: dict[str, Any]) -> None:
+        assert self.restored_pid is not None
+        with self._lock:
+            if self.killed is not None:
+                raise AgentError("the restored tree was already killed (lazy-pages daemon failed)",
+                                 code="lazy-pages-failed")
+            self.committed = True
+        self.state = "committed"
+        self.channel.send({"type": "committed", "pid": self.restored_pid})
+
+    def _abort(self, msg: dict[str, Any]) -> bool:
+        log.warning("%s: source aborted: %s", self.name, msg["reason"][:200])
+        with self._lock:
+            if self.restored_pid is not None and not self.committed and self.killed is None:
+                self.killed = kill_tree(self.restored_pid)
+        self._stop_lazy()
+        self.failed = True
+        self.channel.send({"type": "aborted", "killed": self.killed})
+        self.state = "aborted"
+        return True
+
+    def _lazy_wait(self, msg: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        if self.lazy is None:
+            raise ProtocolError("no lazy restore in this session")
+        timeout = min(float(msg["timeout"]), self.config.lazy_timeout)
+        finished = self._lazy_done.wait(timeout)
+        error = None
+        with self._lock:
+            status = self._lazy_status
+        if not finished:
+            error = f"lazy pages still missing after {timeout:.0f} s"
+            with self._lock:
+                if self.restored_pid is not None and self.killed is None:
+                    self.killed = kill_tree(self.restored_pid)
+            self._stop_lazy()
+        elif status != 0:
+            error = f"the lazy-pages daemon failed (exit status {status}); the restored tree was killed"
+        ok = finished and status == 0
+        if not ok:
+            self.failed = True
+        self.channel.send({"type": "lazy-done", "ok": ok, "status": status, "error": error, "killed": self.killed,
+                           "seconds": finite(time.monotonic() - t0), "pages": None})
+        self.state = "done" if ok else "failed"
+
+    def _logs(self, msg: dict[str, Any]) -> None:
+        work = self._path_work()
+        files = [(p.name, p, None) for p in sorted(work.iterdir())
+                 if LOG_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+        send_files(self.channel, "images", files, pattern=LOG_NAME)
+
+    def _bye(self, msg: dict[str, Any]) -> bool:
+        assert self.dir is not None
+        images = dir_usage(self.dir)
+        self.channel.send({"type": "bye", "disk": images.to_dict()})
+        if self.state in ("failed", "aborted"):
+            self.failed = True
+        return False
+
+    _HANDLERS: dict[str, Any] = {
+        "hello": _hello, "ping": _ping, "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file, "files-done": _files_done,
+        "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
+        "bye": _bye,
+    }
+    _ALLOWED: dict[str, frozenset[str]] = {
+        "new": frozenset({"hello"}),
+        "ready": frozenset({"ping", "prepare-dir", "page-server", "file", "files-done", "restore", "abort", "logs", "bye"}),
+        "restored": frozenset({"ping", "commit", "abort"}),
+        "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),
+        "done": frozenset({"ping", "logs", "bye"}),
+        "failed": frozenset({"ping", "logs", "bye", "abort"}),
+        "aborted": frozenset({"logs", "bye"}),
+    }
+
+
+def _compatibility(hello: dict[str, Any], local: dict[str, Any]) -> list[str]:
+    """Why this host cannot receive from the source described by ``hello`` (empty: it can)."""
+    problems = []
+    if not local["criu_check"]:
+        problems.append(f"CRIU does not work on the destination: {local['criu_error']}")
+    if hello["arch"] != local["arch"]:
+        problems.append(f"architecture differs: source {hello['arch']}, destination {local['arch']}")
+    if _version_tuple(hello["criu"]) > _version_tuple(local["criu"]):
+        problems.append(f"destination CRIU {local['criu']} is older than the source's {hello['criu']}: "
+                        "its images may not restore here")
+    return problems
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split("."))
+    except ValueError:
+        return (0,)
+
+
+# --- Serving ------------------------------------------------------------------------------------
+
+
+def serve_stdio(config: AgentConfig) -> int:
+    """Serve one session over this process's stdin/stdout; return the exit status."""
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # stray prints (ours or a child's) must never corrupt the protocol
+    os.close(devnull)
+    data_address, peer = "127.0.0.1", "127.0.0.1"
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    if len(ssh) == 4:
+        peer, data_address = ssh[0], ssh[2]
+    channel = Channel(PipeStream(rfd, wfd), role="agent", timeout=config.idle_timeout)
+    try:
+        agent_authenticate(channel, None, _agent_name())
+    except MigrationError as exc:
+        log.error("cannot start the session: %s", exc.message)
+        channel.close()
+        return 1
+    session = AgentSession(channel, config, data_address=data_address, peer_address=peer)
+    session.run()
+    return 1 if session.failed else 0
+
+
+def _agent_name() -> str:
+    return f"pycriu {__version__} agent on {socket.gethostname()}"
+
+
+def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, once: bool = False,
+              announce: Any = None) -> int:
+    """Accept sessions on ``host:port`` one after another (authenticated); return the exit status.
+
+    ``announce(host, port)`` is called once listening (default: print it on stdout)."""
+    if config.secret is None and config.tls is None:
+        raise InvalidOptionError("refusing to listen without authentication: give --secret-file and/or "
+                                 "--tls-cert/--tls-key/--tls-ca")
+    server = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        bound = server.getsockname()
+        if announce is None:
+            print(f"pycriu agent listening on {bound[0]}:{bound[1]}", flush=True)
+        else:
+            announce(bound[0], bound[1])
+        context = config.tls.server_context() if config.tls is not None else None
+        while True:
+            conn, addr = server.accept()
+            ok = _serve_connection(config, conn, addr, context)
+            if once:
+                return 0 if ok else 1
+    finally:
+        server.close()
+
+
+def _serve_connection(config: AgentConfig, conn: socket.socket, addr: Any, context: ssl.SSLContext | None) -> bool:
+    peer = addr[0]
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local = conn.getsockname()[0]
+        if context is not None:
+            conn.settimeout(30)
+            try:
+                conn = context.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", peer, exc)
+                conn.close()
+                return False
+        channel = Channel(SocketStream(conn), role="agent", timeout=config.idle_timeout)
+    except OSError as exc:
+        log.warning("connection from %s failed: %s", peer, exc)
+        conn.close()
+        return False
+    try:
+        agent_authenticate(channel, config.secret, _agent_name())
+    except MigrationError as exc:
+        log.warning("refused %s: %s", peer, exc.message)
+        channel.close()
+        return False
+    session = AgentSession(channel, config, data_address=local, peer_address=peer)
+    session.run()
+    return not session.failed
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``pycriu agent`` options (shared by the CLI and ``python -m pycriu.migration.agent``)."""
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--stdio", action="store_true", help="serve one session on stdin/stdout (local, ssh://)")
+    how.add_argument("--listen", metavar="HOST:PORT", help="serve sessions over TCP (tcp://); HOST defaults to "
+                                                           "127.0.0.1, PORT 0 picks a free one")
+    parser.add_argument("--root", metavar="DIR", help="directory for session data (default: a new temporary one)")
+    parser.add_argument("--secret-file", metavar="FILE", help="shared secret for tcp:// clients")
+    parser.add_argument("--tls-cert", metavar="PEM", help="this agent's certificate (TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA that signs accepted client certificates")
+    parser.add_argument("--data-address", metavar="IP", help="address CRIU's page servers listen on "
+                                                             "(default: the address the source reached)")
+    parser.add_argument("--once", action="store_true", help="with --listen: exit after one session")
+    parser.add_argument("--criu", metavar="PATH", help="criu binary")
+    parser.add_argument("--commit-timeout", type=float, default=120.0, metavar="S",
+                        help="kill a restored tree the source has not committed after S seconds")
+    parser.add_argument("--max-file-size", type=int, default=64 << 30, metavar="BYTES")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def read_secret(path: str) -> bytes:
+    data = Path(path).read_bytes().strip()
+    if len(data) < 16:
+        raise InvalidOptionError(f"the secret in {path} is too short: use at least 16 bytes "
+                                 "(for example `head -c 32 /dev/urandom | base64 > FILE`)")
+    return data
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run an agent from parsed :func:`add_arguments` options; returns the exit status."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="pycriu-agent[%(process)d] %(levelname)s %(message)s")
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if not (args.tls_cert and args.tls_key and args.tls_ca):
+            print("pycriu agent: TLS needs --tls-cert, --tls-key and --tls-ca", file=sys.stderr)
+            return 2
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    own_root = args.root is None
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
+    config = AgentConfig(root=root, secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
+                         data_address=args.data_address, criu_binary=args.criu, commit_timeout=args.commit_timeout,
+                         max_file_size=args.max_file_size)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.stdio:
+            return serve_stdio(config)
+        host, _, port = args.listen.rpartition(":")
+        return serve_tcp(config, host.strip("[]") or "127.0.0.1", int(port or 0), once=args.once)
+    except InvalidOptionError as exc:
+        print(f"pycriu agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if own_root:
+            try:
+                root.rmdir()  # only when empty: the logs of failed sessions stay
+            except OSError:
+                log.warning("kept %s (logs of failed sessions)", root)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pycriu agent", description="Destination agent of pycriu migrations.")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The source's side of the agent protocol: one method per request, replies checked."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..options import PageServerAddress
+from .errors import ProtocolError
+from .protocol import LOG_NAME, PROTOCOL_VERSION, Limits, receive_file, send_files
+from .transport import Connection
+
+__all__ = ["AgentClient"]
+
+
+class AgentClient:
+    """Requests to one agent session over ``connection`` (which the caller owns)."""
+
+    def __init__(self, connection: Connection, *, timeout: float) -> None:
+        self.connection = connection
+        self.channel = connection.channel
+        self.timeout = timeout
+        self.info: dict[str, Any] = {}
+        self.rtt = 0.0
+        self.commit_sent = False
+        self.committed = False
+        self.aborted = False
+        self._abort_reply: dict[str, Any] | None = None
+
+    def hello(self, local: Mapping[str, Any], mode: str) -> dict[str, Any]:
+        self.channel.send({"type": "hello", "protocol": PROTOCOL_VERSION, "mode": mode,
+                           **{k: local[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}})
+        self.info = self.channel.recv("hello", timeout=max(self.timeout, 60.0))
+        return self.info
+
+    def ping(self, rounds: int = 3) -> float:
+        """Measure the round-trip time to the agent (the best of ``rounds``)."""
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.monotonic()
+            self.channel.send({"type": "ping", "t": t0})
+            reply = self.channel.recv("pong")
+            if reply["t"] != t0:
+                raise ProtocolError("pong does not match ping")
+            best = min(best, time.monotonic() - t0)
+        self.rtt = best
+        return best
+
+    def prepare_dir(self, name: str, parent: str | None = None) -> None:
+        self.channel.send({"type": "prepare-dir", "dir": name, "parent": parent})
+        self.channel.recv("dir-ready")
+
+    def start_page_server(self, name: str, parent: str | None = None) -> PageServerAddress:
+        self.channel.send({"type": "page-server", "dir": name, "parent": parent})
+        reply = self.channel.recv("page-server", timeout=max(self.timeout, 60.0))
+        return PageServerAddress(reply["address"], reply["port"])
+
+    def send_images(self, name: str, files: Sequence[tuple[str, str | os.PathLike[str], list[tuple[int, int]] | None]],
+                    on_bytes: Callable[[int], None] | None = None) -> tuple[int, int]:
+        return send_files(self.channel, name, files, on_bytes=on_bytes)
+
+    def restore(self, name: str, *, lazy: bool, page_server: PageServerAddress | None,
+                flags: Mapping[str, bool]) -> dict[str, Any]:
+        self.channel.send({"type": "restore", "dir": name, "lazy": lazy, "flags": dict(flags),
+                           "page_server": None if page_server is None else
+                           {"address": page_server.address, "port": page_server.port}})
+        return self.channel.recv("restored", timeout=self.timeout)
+
+    def commit(self) -> dict[str, Any]:
+        self.commit_sent = True
+        self.channel.send({"type": "commit"})
+        reply = self.channel.recv("committed")
+        self.committed = True
+        return reply
+
+    def abort(self, reason: str) -> dict[str, Any] | None:
+        """Tell the agent to drop this migration (best effort: None if it cannot be told).
+        Only the first call talks to the agent."""
+        if self.aborted:
+            return self._abort_reply
+        self.aborted = True
+        try:
+            self.channel.send({"type": "abort", "reason": reason[:1000]})
+            self._abort_reply = self.channel.recv("aborted", timeout=15.0)
+            return self._abort_reply
+        except Exception:  # noqa: BLE001 - the agent also aborts on its own when the link drops
+            return None
+
+    def lazy_wait(self, timeout: float) -> dict[str, Any]:
+        self.channel.send({"type": "lazy-wait", "timeout": timeout})
+        return self.channel.recv("lazy-done", timeout=timeout + 30.0)
+
+    def fetch_logs(self, into: Path) -> list[Path]:
+        """Receive the agent's CRIU logs into ``into``; returns their paths here."""
+        into.mkdir(parents=True, exist_ok=True)
+        self.channel.send({"type": "logs"})
+        limits = Limits(max_file_size=256 << 20, max_total_bytes=1 << 30, max_files=64, min_free_bytes=0)
+        got: list[Path] = []
+        fd = os.open(into, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                msg = self.channel.recv("file", "files-done")
+                if msg["type"] == "files-done":
+                    self.channel.send({"type": "files-ok", "count": len(got), "bytes": limits.received_bytes})
+                    return got
+                try:
+                    os.unlink(msg["name"], dir_fd=fd) if LOG_NAME.fullmatch(msg["name"]) else None
+                except FileNotFoundError:
+                    pass
+                receive_file(self.channel, msg, fd, limits, pattern=LOG_NAME)
+                got.append(into / msg["name"])
+        finally:
+            os.close(fd)
+
+    def bye(self) -> dict[str, Any]:
+        self.channel.send({"type": "bye"})
+        return self.channel.recv("bye")

@@ -1,0 +1,56 @@
+"""Errors of a migration.
+
+A failed :meth:`pycriu.Migration.run` raises :class:`MigrationError` (or a subclass); its
+``report`` attribute is the :class:`~pycriu.MigrationReport` of what happened, including where the
+process runs now (``report.source_state``, ``report.destination_state``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CriuError
+
+if TYPE_CHECKING:
+    from .report import MigrationReport
+
+__all__ = ["MigrationError", "ProtocolError", "AuthenticationError", "AgentError", "TransportError"]
+
+
+class MigrationError(CriuError):
+    """A migration failed; ``report`` says what happened to the process on both sides."""
+
+    def __init__(self, message: str, *, report: MigrationReport | None = None, **kwargs: Any) -> None:
+        super().__init__(message, operation=kwargs.pop("operation", "migrate"), **kwargs)
+        self.report = report
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the report does not travel; the message does
+        return (_rebuild, (type(self), self.message, self.hint))
+
+
+def _rebuild(cls: type[MigrationError], message: str, hint: str | None) -> MigrationError:
+    return cls(message, hint=hint)
+
+
+class TransportError(MigrationError):
+    """The agent could not be reached, or the connection to it broke or timed out."""
+
+
+class ProtocolError(MigrationError):
+    """A peer sent something the protocol does not allow (bad frame, type, field, name or size)."""
+
+
+class AuthenticationError(ProtocolError):
+    """The peer could not be authenticated (wrong shared secret, no authentication offered)."""
+
+
+class AgentError(MigrationError):
+    """The agent refused a request or reported a failure; ``code`` is its error code."""
+
+    def __init__(self, message: str, *, code: str = "failed", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.code = code
+
+
+for _cls in (MigrationError, TransportError, ProtocolError, AuthenticationError, AgentError):
+    _cls.__module__ = "pycriu"

@@ -1,0 +1,213 @@
+"""What a CRIU images directory holds: which files to send, how big they are, and which pages the
+pagemaps describe (read from the pagemap metadata only; page contents are never read here)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import IMAGE_NAME
+
+__all__ = ["ImageFile", "list_images", "dir_usage", "Pagemap", "read_pagemap", "pagemaps", "PAGE_SIZE",
+           "non_lazy_ranges"]
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_IMG_COMMON_MAGIC = 0x54564319
+_PAGEMAP_MAGIC = 0x56084025
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    name: str
+    path: Path
+    size: int
+
+    @property
+    def is_pages(self) -> bool:
+        return self.name.startswith("pages-")
+
+
+def list_images(directory: str | os.PathLike[str]) -> list[ImageFile]:
+    """The regular ``*.img`` files CRIU wrote in ``directory`` (symlinks such as ``parent`` and
+    service files such as ``stats-dump`` are not images to send)."""
+    out = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if not IMAGE_NAME.fullmatch(entry.name):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            out.append(ImageFile(entry.name, Path(entry.path), st.st_size))
+    return out
+
+
+@dataclass(frozen=True)
+class DirUsage:
+    """Bytes in a directory tree: page images, other images, everything else (logs, stats).
+
+    ``page_images`` counts the bytes really written (a sparse page image counts only its data);
+    ``page_images_apparent`` the files' sizes."""
+
+    page_images: int = 0
+    other_images: int = 0
+    other: int = 0
+    page_images_apparent: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.page_images + self.other_images + self.other
+
+    def to_dict(self) -> dict[str, int]:
+        return {"page_images": self.page_images, "other_images": self.other_images, "other": self.other,
+                "total": self.total, "page_images_apparent": self.page_images_apparent}
+
+
+def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
+    """Sum the sizes of the regular files under ``directory`` (symlinks not followed).
+
+    A sparse page image (page-server-on-source sends only the non-lazy pages) counts with the
+    blocks it really uses."""
+    pages = images = other = apparent = 0
+    if directory is None or not os.path.isdir(directory):
+        return DirUsage()
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if name.startswith("pages-") and name.endswith(".img"):
+                pages += min(st.st_size, st.st_blocks * 512)
+                apparent += st.st_size
+            elif IMAGE_NAME.fullmatch(name):
+                images += st.st_size
+            else:
+                other += st.st_size
+    return DirUsage(pages, images, other, apparent)
+
+
+# --- pagemap metadata ---------------------------------------------------------------------------
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint in pagemap image")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _message(buf: bytes) -> dict[int, int]:
+    """Varint fields of one protobuf message (all pagemap fields are varints)."""
+    out: dict[int, int] = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        if key & 7 != 0:
+            raise ValueError("unexpected wire type in pagemap image")
+        out[key >> 3], pos = _varint(buf, pos)
+    return out
+
+
+@dataclass(frozen=True)
+class PagemapEntry:
+    vaddr: int
+    nr_pages: int
+    flags: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & PE_PRESENT)
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.flags & PE_LAZY)
+
+    @property
+    def in_parent(self) -> bool:
+        return bool(self.flags & PE_PARENT)
+
+
+@dataclass(frozen=True)
+class Pagemap:
+    """One ``pagemap-N.img``: the ``pages-<pages_id>.img`` it indexes and its entries."""
+
+    name: str
+    pages_id: int
+    entries: tuple[PagemapEntry, ...]
+
+    @property
+    def pages_name(self) -> str:
+        return f"pages-{self.pages_id}.img"
+
+    def count(self, *, lazy: bool | None = None, present: bool | None = None) -> int:
+        return sum(e.nr_pages for e in self.entries
+                   if (lazy is None or e.lazy == lazy) and (present is None or e.present == present))
+
+
+def read_pagemap(path: str | os.PathLike[str]) -> Pagemap:
+    """Parse a CRIU ``pagemap-*.img`` (magics, then size-prefixed PagemapHead and entries)."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short for a pagemap image")
+    m0, m1 = struct.unpack_from("<II", data)
+    if m0 != _IMG_COMMON_MAGIC or m1 != _PAGEMAP_MAGIC:
+        raise ValueError(f"{path}: not a pagemap image")
+    pos = 8
+    messages = []
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ValueError(f"{path}: truncated")
+        (size,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        messages.append(_message(data[pos:pos + size]))
+        pos += size
+    if not messages:
+        raise ValueError(f"{path}: no pagemap head")
+    head, *rest = messages
+    entries = []
+    for fields in rest:
+        nr = fields.get(5, fields.get(2, 0))
+        flags = fields[4] if 4 in fields else (PE_PARENT if fields.get(3) else PE_PRESENT)
+        entries.append(PagemapEntry(fields.get(1, 0), nr, flags))
+    return Pagemap(Path(path).name, head.get(1, 0), tuple(entries))
+
+
+def pagemaps(directory: str | os.PathLike[str]) -> list[Pagemap]:
+    """Every task pagemap in an images directory (``pagemap-shmem-*`` excluded)."""
+    out = []
+    for img in list_images(directory):
+        if img.name.startswith("pagemap-") and not img.name.startswith("pagemap-shmem-"):
+            out.append(read_pagemap(img.path))
+    return out
+
+
+def non_lazy_ranges(pagemap: Pagemap) -> list[tuple[int, int]]:
+    """Byte ranges of ``pages-<id>.img`` that a lazy restore reads locally: the present pages of
+    entries that are not lazy (stack, vDSO, file-backed or locked mappings). The lazy ones are
+    skipped by the restore (CRIU only advances its offset) and fetched by the lazy-pages daemon."""
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    for e in pagemap.entries:
+        if not e.present:
+            continue
+        length = e.nr_pages * PAGE_SIZE
+        if not e.lazy:
+            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((offset, length))
+        offset += length
+    return ranges

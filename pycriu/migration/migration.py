@@ -1,0 +1,562 @@
+"""``Migration``: move a live process tree to another host, losing nothing.
+
+::
+
+    from pycriu import Migration
+    report = Migration(pid, to="ssh://host", mode="lazy").run()
+    print(report)            # downtime, phases, bytes, where everything went
+
+:meth:`Migration.run` checks both hosts before anything is frozen, runs one of the flows of
+:mod:`pycriu.migration.flows`, and returns a :class:`MigrationReport`. On failure it raises
+:class:`MigrationError` whose ``report`` says where the process runs now: until the destination
+has restored the tree and the source has committed, every failure resumes the source with its
+memory intact.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..criu import Criu
+from ..enums import LogLevel
+from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
+from ..options import DumpOptions, PageServerAddress
+from ..results import DumpResult, DumpStats
+from . import procs
+from .agent import RESTORE_FLAGS
+from .client import AgentClient
+from .errors import AgentError, MigrationError, TransportError
+from .images import PAGE_SIZE, dir_usage
+from .policy import PreCopyPolicy
+from .report import MigrationReport, Phase
+from .transport import Connection, Destination, TLSConfig, connect
+
+__all__ = ["Migration", "MODES", "Progress"]
+
+#: Every flow, in the order ``auto`` would consider them.
+MODES = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
+NEEDS_LAZY = frozenset({"lazy", "page-server-on-source", "hybrid"})
+NEEDS_MEM_TRACK = frozenset({"pre-copy", "hybrid"})
+_NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event: a phase starts or ends, or bytes moved within it."""
+
+    phase: str
+    event: str  # start | end | bytes | info
+    elapsed: float
+    seconds: float | None = None
+    done: int | None = None
+    total: int | None = None
+    message: str = ""
+
+
+class Migration:
+    """A migration of the process tree rooted at ``pid`` to the agent at ``to``.
+
+    Args:
+        pid: root of the tree to move.
+        to: ``"local"`` (a local agent subprocess with its own temporary root), an
+            ``"ssh://[user@]host[:port]"`` (runs ``pycriu agent --stdio`` there with OpenSSH) or
+            ``"tcp://host:port"`` (a running ``pycriu agent --listen``).
+        mode: ``classic``, ``page-server``, ``lazy``, ``page-server-on-source``, ``pre-copy``,
+            ``hybrid`` or ``auto`` (lazy when both hosts support lazy pages, else page-server).
+        secret: shared secret for ``tcp://`` (str or bytes, at least 16 bytes).
+        tls: :class:`TLSConfig` (client certificate, key, CA) for ``tcp://`` with TLS.
+        ssh_options: extra ``ssh`` arguments (``["-o", "UserKnownHostsFile=..."]``).
+        identity_file: SSH private key to use.
+        agent_command: the agent command line on the destination (default
+            ``pycriu agent --stdio``; for ``local``, this Python's ``-m pycriu.migration.agent``).
+        log_dir: where the CRIU logs of both sides are kept (default: a new
+            ``pycriu-migration-*`` directory in the temporary directory; the report names it).
+        scratch_dir: where the source writes its images (default: the temporary directory).
+        policy: :class:`PreCopyPolicy` for ``pre-copy``/``hybrid``.
+        timeout: seconds to wait for any one reply of the agent (restore included).
+        lazy_timeout: seconds the lazy page transfer may take in the lazy flows.
+        source_address: the address of this host the destination connects to for lazy pages
+            (default: this host as the agent sees it).
+        relay: ``relay(address) -> address`` rewrites the address a CRIU page connection is
+            told to use (an SSH or other tunnel you run, or a fault injector in tests).
+        progress: ``progress(Progress)`` is called as phases start and end and bytes move.
+        criu: the :class:`~pycriu.Criu` to use on the source.
+        flags: CRIU booleans for both dump and restore, from
+            ``pycriu.migration.agent.RESTORE_FLAGS`` (``tcp_established``, ``shell_job``, ...).
+    """
+
+    def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
+                 secret: str | bytes | None = None, tls: TLSConfig | None = None,
+                 ssh_options: Sequence[str] = (), identity_file: str | os.PathLike[str] | None = None,
+                 agent_command: Sequence[str] | None = None, log_dir: str | os.PathLike[str] | None = None,
+                 scratch_dir: str | os.PathLike[str] | None = None, policy: PreCopyPolicy | None = None,
+                 timeout: float = 120.0, lazy_timeout: float = 600.0, source_address: str | None = None,
+                 relay: Callable[[PageServerAddress], PageServerAddress] | None = None,
+                 progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
+                 flags: Mapping[str, bool] | None = None) -> None:
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
+        if mode != "auto" and mode not in MODES:
+            raise InvalidOptionError(f"mode={mode!r} is invalid: expected auto or one of {', '.join(MODES)}")
+        self.pid = pid
+        self.destination = Destination.parse(to)
+        self.mode = mode
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
+            raise InvalidOptionError("secret must be at least 16 bytes")
+        self.secret = secret
+        if tls is not None and not isinstance(tls, TLSConfig):
+            raise InvalidOptionError("tls must be a TLSConfig(cert, key, ca)")
+        self.tls = tls
+        if self.destination.kind == "tcp" and secret is None and tls is None:
+            raise InvalidOptionError("tcp:// needs authentication: pass secret=... or tls=TLSConfig(...)")
+        if isinstance(ssh_options, str) or not all(isinstance(o, str) for o in ssh_options):
+            raise InvalidOptionError("ssh_options must be a list of strings")
+        self.ssh_options = tuple(ssh_options)
+        self.identity_file = os.fspath(identity_file) if identity_file is not None else None
+        if agent_command is not None and (isinstance(agent_command, str) or not agent_command):
+            raise InvalidOptionError("agent_command must be a non-empty list of strings")
+        self.agent_command = tuple(agent_command) if agent_command is not None else None
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
+        self.policy = policy or PreCopyPolicy()
+        for name, value in (("timeout", timeout), ("lazy_timeout", lazy_timeout)):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidOptionError(f"{name}={value!r} is invalid: expected seconds > 0")
+        self.timeout = float(timeout)
+        self.lazy_timeout = float(lazy_timeout)
+        self.source_address = source_address
+        self.relay = relay
+        self.progress = progress
+        self.criu = criu
+        flags = dict(flags or {})
+        for key, value in flags.items():
+            if key not in RESTORE_FLAGS or not isinstance(value, bool):
+                raise InvalidOptionError(f"flag {key!r} is not supported: use booleans among {sorted(RESTORE_FLAGS)}")
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
+
+    def run(self) -> MigrationReport:
+        """Migrate; return the report, or raise :class:`MigrationError` (with ``.report``)."""
+        return MigrationRun(self).execute()
+
+
+class MigrationRun:
+    """The state of one :meth:`Migration.run`; the flows drive it."""
+
+    def __init__(self, m: Migration) -> None:
+        self.m = m
+        self.pid = m.pid
+        self.t0 = time.monotonic()
+        self.report = MigrationReport(mode=m.mode, requested_mode=m.mode, destination=str(m.destination),
+                                      transport=m.destination.kind if m.destination.kind != "tcp" else
+                                      ("tcp+tls" if m.tls else "tcp+secret"), pid=m.pid)
+        self.criu = m.criu or Criu()
+        self.conn: Connection | None = None
+        self.client: AgentClient | None = None
+        self.scratch: Path | None = None
+        self.images: Path | None = None
+        self.log_dir: Path | None = None
+        self.src_logs: Path | None = None
+        self.t_freeze: float | None = None
+        self.t_resume: float | None = None
+        self.dumped = False
+        self.touched = False  # a pre-dump ran (the tree was briefly frozen and resumed)
+        self.source_resumes_on_failure = True  # false once the source was committed to dying
+        self.keep_scratch = False
+        self.leave_stopped = False
+        self.dump_result: DumpResult | None = None
+        self.page_bytes = 0
+        self.pages: dict[str, int] = {}
+        self.local: dict[str, Any] = {}
+        self.source_address = "127.0.0.1"
+        self._open_phases: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.cleanups: list[Callable[[], None]] = []
+
+    # -- progress and phases ---------------------------------------------------------------------
+
+    def emit(self, phase: str, event: str, **kw: Any) -> None:
+        if self.m.progress is not None:
+            try:
+                self.m.progress(Progress(phase, event, time.monotonic() - self.t0, **kw))
+            except Exception:  # noqa: BLE001 - a progress display must not break a migration
+                pass
+
+    def phase_start(self, name: str) -> None:
+        with self._lock:
+            self._open_phases[name] = time.monotonic()
+        self.emit(name, "start")
+
+    def phase_end(self, name: str, detail: str = "") -> float:
+        with self._lock:
+            start = self._open_phases.pop(name, None)
+        if start is None:
+            return 0.0
+        seconds = time.monotonic() - start
+        self.report.phases.append(Phase(name, round(seconds, 6), detail))
+        self.emit(name, "end", seconds=seconds, message=detail)
+        return seconds
+
+    @contextmanager
+    def phase(self, name: str, detail: str = "") -> Iterator[None]:
+        self.phase_start(name)
+        try:
+            yield
+        except BaseException:
+            self.phase_end(name, (detail + " " if detail else "") + "(failed)")
+            raise
+        self.phase_end(name, detail)
+
+    def note(self, text: str) -> None:
+        self.report.notes.append(text)
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    def execute(self) -> MigrationReport:
+        from . import flows
+
+        error: BaseException | None = None
+        try:
+            self._prepare_dirs()
+            with self.phase("checks"):
+                mode = self._checks()
+            self.report.mode = mode
+            self.emit("mode", "info", message=f"{mode}: {self.report.mode_reason}")
+            flows.FLOWS[mode](self)
+            self.report.outcome = "migrated"
+        except BaseException as exc:  # noqa: BLE001 - re-raised below with the report
+            error = exc
+            self._on_failure(exc)
+        finally:
+            self._finish(error)
+        if error is not None:
+            raise self._final_error(error)
+        return self.report
+
+    def _prepare_dirs(self) -> None:
+        if self.m.log_dir is not None:
+            self.m.log_dir.mkdir(parents=True, exist_ok=True)
+            self.log_dir = Path(tempfile.mkdtemp(prefix=f"migration-{self.pid}-", dir=self.m.log_dir))
+        else:
+            self.log_dir = Path(tempfile.mkdtemp(prefix=f"pycriu-migration-{self.pid}-"))
+        self.report.log_dir = str(self.log_dir)
+        self.src_logs = self.log_dir / "source"
+        self.src_logs.mkdir()
+        self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=self.m.scratch_dir))
+        self.images = self.scratch / "images"
+        self.images.mkdir()
+
+    def _checks(self) -> str:
+        """Everything that can be known before freezing: returns the mode to run."""
+        m = self.m
+        if os.geteuid() != 0:
+            from ..errors import CriuPermissionError
+
+            raise CriuPermissionError("migration needs root on the source (CRIU dump)", operation="migrate")
+        if procs.tree_state(self.pid) == "gone":
+            raise NoSuchProcessError(f"no process with pid {self.pid} to migrate", operation="migrate")
+        criu = self.criu
+        version = criu.require_version()
+        criu.check()
+        features = criu.features()
+        self.local = {"pycriu": __version__, "criu": str(version), "arch": platform.machine(),
+                      "kernel": platform.release(),
+                      "features": {"lazy_pages": features.lazy_pages, "mem_track": features.mem_track}}
+        self.report.versions["source"] = dict(self.local)
+        requested = m.mode
+        if requested in NEEDS_MEM_TRACK and not features.mem_track:
+            raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the source: "
+                                         f"{_NO_MEM_TRACK}", operation="migrate",
+                                         hint="use mode='lazy', 'page-server' or 'classic'")
+        if requested in NEEDS_LAZY and not features.lazy_pages:
+            raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the source",
+                                         operation="migrate", hint="use mode='page-server' or 'classic'")
+        self.conn = connect(m.destination, secret=m.secret, tls=m.tls, ssh_options=m.ssh_options,
+                            identity_file=m.identity_file, agent_command=m.agent_command,
+                            stderr_path=self.log_dir / "agent.log" if self.log_dir else None, timeout=m.timeout)
+        self.report.transport = self.conn.transport
+        self.client = AgentClient(self.conn, timeout=m.timeout)
+        remote = self.client.hello(self.local, requested)
+        self.report.versions["destination"] = {k: remote[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}
+        if not remote.get("criu_check"):
+            raise AgentError(f"CRIU does not work on the destination: {remote.get('criu_error')}", code="incompatible")
+        if _vt(remote["criu"]) < _vt(self.local["criu"]):
+            raise AgentError(f"destination CRIU {remote['criu']} is older than the source's {self.local['criu']}",
+                             code="incompatible")
+        self.client.ping()
+        self.source_address = self._source_address(remote)
+        mode, reason = _choose_mode(requested, features.lazy_pages, features.mem_track,
+                                    remote["features"]["lazy_pages"], remote["features"]["mem_track"])
+        self.report.mode_reason = reason
+        return mode
+
+    def _source_address(self, remote: Mapping[str, Any]) -> str:
+        if self.m.source_address:
+            return self.m.source_address
+        if self.m.destination.kind == "local":
+            return "127.0.0.1"
+        seen = remote.get("peer_address")
+        if isinstance(seen, str) and seen and _is_local_address(seen):
+            return seen
+        assert self.m.destination.host is not None
+        return self.conn.local_address if self.conn and self.conn.local_address and self.m.destination.kind == "tcp" \
+            else procs.address_towards(self.m.destination.host)
+
+    # -- building blocks for the flows -----------------------------------------------------------
+
+    def relay(self, address: PageServerAddress) -> PageServerAddress:
+        return self.m.relay(address) if self.m.relay is not None else address
+
+    def dump_options(self, **kw: Any) -> DumpOptions:
+        assert self.images is not None and self.src_logs is not None
+        kw.setdefault("images_dir", self.images)
+        kw.setdefault("log_file", "dump.log")
+        return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **self.m.flags, **kw)
+
+    def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:
+        """A dump notify callback: marks the freeze and runs ``post_dump`` at CRIU's post-dump
+        point (an exception there makes CRIU resume the tree and is re-raised by the dump)."""
+
+        def callback(action: str, pid: int) -> bool:
+            if action == "pre-dump":
+                self.t_freeze = time.monotonic()
+                self.phase_start("freeze+dump")
+            elif action == "post-dump":
+                self.phase_end("freeze+dump")
+                self.dumped = True
+                if post_dump is not None:
+                    post_dump()
+            return True
+
+        return callback
+
+    def record_dump(self, result: DumpResult, label: str = "dump") -> None:
+        self.dump_result = result
+        if result.stats is not None:
+            self.report.criu_stats[label] = result.stats.to_dict()
+        self.report.logs[f"source {label}"] = str(result.log_path)
+
+    def send_images(self, name: str, files: Sequence[tuple[str, Path, list[tuple[int, int]] | None]],
+                    detail: str = "") -> int:
+        assert self.client is not None
+        total = sum(sum(n for _, n in r) if r is not None else p.stat().st_size for _, p, r in files)
+        done = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            self.emit("image transfer", "bytes", done=done, total=total)
+
+        with self.phase("image transfer", detail or f"{len(files)} files, {total} bytes"):
+            self.client.send_images(name, files, on_bytes=on_bytes)
+        return total
+
+    def restore_and_commit(self, *, lazy: bool, page_server: PageServerAddress | None, name: str = "images") -> None:
+        """Ask the agent to restore; on success commit (from here the destination owns the
+        process)."""
+        assert self.client is not None
+        with self.phase("restore"):
+            reply = self.client.restore(name, lazy=lazy, page_server=page_server, flags=self.m.flags)
+        t_reply = time.monotonic()
+        self.report.destination_pid = reply["pid"]
+        self.report.destination_state = "restored (not committed)"
+        self.t_resume = t_reply - float(reply["resumed_ago"]) - self.client.rtt / 2
+        if reply["stats"] is not None:
+            self.report.criu_stats["restore"] = reply["stats"]
+        if reply["page_server_wait"]:
+            self.note(f"the destination waited {reply['page_server_wait'] * 1000:.0f} ms for its page server "
+                      "to finish writing before restoring")
+        if reply["lazy_daemon_seconds"] is not None:
+            self.note(f"starting the lazy-pages daemon took {reply['lazy_daemon_seconds'] * 1000:.0f} ms of the "
+                      "restore phase")
+        self.client.commit()
+        self.report.destination_state = "running"
+        if self.t_freeze is not None:
+            self.report.downtime = round(max(0.0, self.t_resume - self.t_freeze), 6)
+            self.report.downtime_method = (
+                "source pre-dump notification (freeze) to destination post-resume notification, on the source's "
+                f"clock: the agent's delay after the resume and half the round trip ({self.client.rtt * 1000:.2f} ms) "
+                "are subtracted from the arrival of its reply")
+
+    def dump_stats(self) -> DumpStats | None:
+        return self.dump_result.stats if self.dump_result is not None else None
+
+    # -- failure and the end ---------------------------------------------------------------------
+
+    def _on_failure(self, exc: BaseException) -> None:
+        self.report.error = _describe(exc)
+        if self.t_freeze is None and not self.touched:
+            self.report.outcome = "refused"
+            return
+        if self.client is not None and not self.client.committed:
+            # the destination must not keep an uncommitted copy
+            reply = self.client.abort(f"source failed: {self.report.error}")
+            if reply is not None:
+                if reply["killed"]:
+                    self.report.destination_state = "killed"
+                elif self.report.destination_state == "none":
+                    self.report.destination_state = "none"
+            elif self.report.destination_state != "none":
+                self.report.destination_state = "unknown (the agent kills an uncommitted tree when the link drops)"
+            if self.client.commit_sent:
+                self.note("the commit was sent but not acknowledged: if the agent received it, the destination "
+                          f"keeps running (pid {self.report.destination_pid}) while the source resumed")
+        if self.leave_stopped and procs.tree_state(self.pid) == "stopped" and self.source_resumes_on_failure:
+            procs.resume_tree(self.pid)
+            self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
+
+    def _final_error(self, exc: BaseException) -> BaseException:
+        report = self.report
+        if not isinstance(exc, Exception):
+            exc.report = report  # type: ignore[attr-defined]
+            return exc
+        if report.outcome == "refused":
+            if isinstance(exc, CriuError):
+                exc.report = report  # type: ignore[attr-defined]
+                return exc
+            return MigrationError(f"migration refused before anything was frozen: {report.error}", report=report)
+        what = {
+            "rolled-back": "the source runs again with its memory intact",
+            "failed-after-resume": f"the destination had resumed; source is {report.source_state}, destination "
+                                   f"{report.destination_state}",
+        }.get(report.outcome, f"source {report.source_state}, destination {report.destination_state}")
+        err = MigrationError(f"migration failed ({report.outcome}: {what}): {report.error}", report=report)
+        err.__cause__ = exc
+        return err
+
+    def _finish(self, error: BaseException | None) -> None:
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                pass
+        self._collect_remote(error)
+        report = self.report
+        report.source_state = procs.tree_state(self.pid)
+        if report.outcome == "unknown" and error is not None:
+            if report.source_state == "running" and (report.destination_state in ("none", "killed")
+                                                     or report.destination_state.startswith("unknown")):
+                report.outcome = "rolled-back"
+        if report.outcome == "refused" and report.source_state != "gone":
+            report.source_state = "running (never frozen)" if report.source_state == "running" else report.source_state
+        src = dir_usage(self.scratch)
+        logs = dir_usage(self.log_dir / "source") if self.log_dir else None
+        report.disk["source"] = {"page_images": src.page_images, "other_images": src.other_images,
+                                 "other": (logs.total if logs else 0)}
+        if self.scratch is not None:
+            if self.keep_scratch and self.images is not None and any(self.images.iterdir()):
+                report.recovery_images = str(self.images)
+            else:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.src_logs is not None:
+            for p in sorted(self.src_logs.glob("*.log")):
+                report.logs.setdefault(f"source {p.stem}", str(p))
+        agent_log = self.log_dir / "agent.log" if self.log_dir else None
+        if agent_log is not None and agent_log.exists() and agent_log.stat().st_size:
+            report.logs["agent stderr"] = str(agent_log)
+        report.total_seconds = round(time.monotonic() - self.t0, 6)
+
+    def _collect_remote(self, error: BaseException | None) -> None:
+        """Fetch the destination's logs and disk figures, say goodbye, close the connection."""
+        conn, client = self.conn, self.client
+        if conn is None:
+            return
+        dest_logs = self.log_dir / "destination" if self.log_dir else None
+        fetched = False
+        try:
+            if client is not None and not conn.channel.closed and client.info:
+                if dest_logs is not None:
+                    for p in client.fetch_logs(dest_logs):
+                        self.report.logs[f"destination {p.stem}"] = str(p)
+                    fetched = True
+                bye = client.bye()
+                stats = conn.channel.stats
+                self.report.bytes = {"control": stats.control, "images": stats.data_sent,
+                                     "page_server": self.page_bytes, "logs_fetched": stats.data_received}
+                disk = bye.get("disk") or {}
+                self.report.disk["destination"] = {k: int(disk.get(k, 0)) for k in
+                                                   ("page_images", "other_images", "other")}
+        except (MigrationError, OSError) as exc:
+            self.note(f"could not collect the destination's logs and figures: {_describe(exc)}")
+            stats = conn.channel.stats
+            self.report.bytes = {"control": stats.control, "images": stats.data_sent, "page_server": self.page_bytes}
+        finally:
+            if not fetched and conn.root is not None and dest_logs is not None:
+                # local agent: its directory is ours to read
+                for p in conn.root.glob("*/work/*.log"):
+                    dest_logs.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(p, dest_logs / p.name)
+                    self.report.logs[f"destination {p.stem}"] = str(dest_logs / p.name)
+            try:
+                conn.close(timeout=max(30.0, self.m.lazy_timeout if self.report.mode in NEEDS_LAZY else 30.0))
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CriuError):
+        text = exc.message
+        if exc.criu_message:
+            text += f" (criu: {exc.criu_message})"
+        return text
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _vt(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(text).split("."))
+    except ValueError:
+        return (0,)
+
+
+def _is_local_address(address: str) -> bool:
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _choose_mode(requested: str, src_lazy: bool, src_track: bool, dst_lazy: bool, dst_track: bool) -> tuple[str, str]:
+    """The flow to run and why; raises :class:`KernelUnsupportedError` when it cannot run."""
+    both_lazy = src_lazy and dst_lazy
+    both_track = src_track and dst_track
+    if requested == "auto":
+        if both_lazy:
+            return "lazy", ("auto: both hosts support lazy pages (userfaultfd), so post-copy gives the shortest "
+                            "downtime and writes no page of anonymous memory to any disk")
+        side = "source" if not src_lazy else "destination"
+        return "page-server", (f"auto: lazy pages are not supported on the {side}; the page server on the "
+                               "destination receives the pages during the dump, so the source writes none")
+    if requested in NEEDS_MEM_TRACK and not both_track:
+        side = "source" if not src_track else "destination"
+        raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the {side}: "
+                                     f"{_NO_MEM_TRACK}", operation="migrate",
+                                     hint="use mode='lazy', 'page-server' or 'classic'")
+    if requested in NEEDS_LAZY and not both_lazy:
+        side = "source" if not src_lazy else "destination"
+        raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the {side}",
+                                     operation="migrate", hint="use mode='page-server' or 'classic'")
+    return requested, "requested"
+

@@ -1,0 +1,152 @@
+"""Process trees and sockets as the kernel shows them in ``/proc`` (both sides use these)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+__all__ = ["tree_state", "descendants", "kill_tree", "resume_tree", "is_listening", "has_connection",
+           "wait_listening", "free_port", "poison_lazy_server", "address_towards"]
+
+
+def _state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def tree_state(pid: int) -> str:
+    """``running``, ``stopped`` (SIGSTOP/traced) or ``gone`` (no such process, or a zombie)."""
+    s = _state(pid)
+    if s is None or s in ("Z", "X", "x"):
+        return "gone"
+    if s in ("T", "t"):
+        return "stopped"
+    return "running"
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from ``/proc/PID/task/TID/children``)."""
+    pids = [pid]
+    seen = {pid}
+    i = 0
+    while i < len(pids):
+        p = pids[i]
+        i += 1
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                children = Path(f"/proc/{p}/task/{t}/children").read_text().split()
+            except OSError:
+                continue
+            for c in map(int, children):
+                if c not in seen:
+                    seen.add(c)
+                    pids.append(c)
+    return pids
+
+
+def kill_tree(pid: int) -> int | None:
+    """SIGKILL the tree rooted at ``pid`` (stopped first so that nothing forks away).
+
+    Returns ``pid`` if it existed, else ``None``."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    for p in reversed(descendants(pid)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    return pid
+
+
+def resume_tree(pid: int) -> None:
+    """SIGCONT every process of the tree (CRIU's ``leave_stopped`` left them stopped)."""
+    for p in descendants(pid):
+        try:
+            os.kill(p, signal.SIGCONT)
+        except OSError:
+            pass
+
+
+def _tcp_sockets() -> list[tuple[str, int, str]]:
+    """(local ip hex, local port, state hex) of this network namespace's TCP sockets."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            ip, port = fields[1].rsplit(":", 1)
+            out.append((ip, int(port, 16), fields[3]))
+    return out
+
+
+def is_listening(port: int) -> bool:
+    return any(p == port and st == "0A" for _, p, st in _tcp_sockets())
+
+
+def has_connection(port: int) -> bool:
+    """Whether a TCP connection is established on local ``port`` (someone was accepted there)."""
+    return any(p == port and st == "01" for _, p, st in _tcp_sockets())
+
+
+def wait_listening(port: int, timeout: float, alive: object = None) -> bool:
+    """Wait until something listens on local TCP ``port``; ``alive()`` False stops waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_listening(port):
+            return True
+        if callable(alive) and not alive():
+            return False
+        time.sleep(0.002)
+    return False
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` right now (CRIU's lazy dump refuses port 0)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def poison_lazy_server(address: str, port: int) -> bool:
+    """Make a lazy dump's page server (blocked waiting for its one client) fail, so CRIU resumes
+    the frozen tree: connect and send a request with an unknown command. Returns True if sent."""
+    try:
+        with socket.create_connection((address, port), timeout=2) as s:
+            s.sendall(bytes(24))  # struct page_server_iov with cmd 0: "Unknown command"
+            s.settimeout(2)
+            try:
+                s.recv(1)
+            except OSError:
+                pass
+        return True
+    except OSError:
+        return False
+
+
+def address_towards(host: str) -> str:
+    """This host's source address for reaching ``host`` (no packet is sent)."""
+    try:
+        info = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+            s.connect(info[4])
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
