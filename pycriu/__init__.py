@@ -53,6 +53,17 @@ from .options import (
     external_veth,
 )
 from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats
+from .migration import (
+    AgentError,
+    AuthenticationError,
+    Migration,
+    MigrationError,
+    MigrationReport,
+    PreCopyPolicy,
+    ProtocolError,
+    TLSConfig,
+    TransportError,
+)
 
 __all__ = [
     "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",
@@ -64,4 +75,6 @@ __all__ = [
     "PageServerAddress", "PageServerOptions", "PreDumpOptions", "RestoreOptions", "VethPair",
     "external_mount", "external_namespace", "external_veth",
     "DumpResult", "DumpStats", "Features", "RestoreResult", "RestoreStats",
+    "Migration", "MigrationReport", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
+    "TransportError", "PreCopyPolicy", "TLSConfig",
 ]

@@ -1,0 +1,131 @@
+"""Each memory-transfer flow moves a live workload to a local agent (a separate process with its
+own directories): the workload beats on at the destination with its memory unchanged, the source
+is gone, and the report's byte and disk figures are what really lay in the two directories."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_lazy_pages, needs_root
+from migration_support import Snapshot, private_tmp, wait_gone  # noqa: F401 - fixture
+from pycriu import Migration, MigrationReport
+from pycriu.migration.images import PAGE_SIZE
+from pycriu.workload import Workload
+
+pytestmark = [needs_root, pytest.mark.criu]
+
+MIB = 24
+
+
+def _migrate(w: Workload, mode: str, tmp: Path, **kw: object) -> tuple[MigrationReport, Snapshot]:
+    snap = Snapshot(tmp)
+    report = Migration(w.pid, to="local", mode=mode, log_dir=tmp.parent / "logs", progress=snap, **kw).run()
+    return report, snap
+
+
+def _moved(w: Workload, report: MigrationReport) -> None:
+    source = w.pid
+    assert report.outcome == "migrated", report
+    assert report.source_state == "gone"
+    assert wait_gone(source), "the source tree still runs"
+    assert report.destination_state == "running"
+    assert report.destination_pid and report.destination_pid != source
+    w.adopt(report.destination_pid)
+    before = w.state["beat"]
+    w.wait_beats(5)
+    assert w.state["beat"] > before
+    assert w.checksum(report.destination_pid) == w.expected_checksum
+    assert report.downtime is not None and 0 < report.downtime < report.total_seconds
+    # JSON-serialisable, and back
+    again = MigrationReport.from_json(report.to_json())
+    assert again == report
+    assert json.loads(report.to_json())["mode"] == report.mode
+    assert str(report).startswith(f"Migration of pid {source}")
+    for path in report.logs.values():
+        assert Path(path).is_file(), path
+
+
+def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=MIB)
+    report, snap = _migrate(w, "classic", private_tmp)
+    _moved(w, report)
+    pages = report.pages["in_image_files"]
+    assert pages * PAGE_SIZE >= MIB << 20
+    # what lay on the source's disk at restore time is what the report says, and it all travelled
+    assert Snapshot.pages(snap.source) == pages * PAGE_SIZE == report.disk["source"]["page_images"]
+    assert Snapshot.pages(snap.destination) == pages * PAGE_SIZE == report.disk["destination"]["page_images"]
+    assert report.bytes["images"] >= sum(snap.source.values())
+    assert report.bytes["page_server"] == 0
+    assert snap.phases()[:4] == ["checks", "freeze+dump", "image transfer", "restore"]
+
+
+def test_page_server_writes_no_page_on_the_source(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=MIB)
+    report, snap = _migrate(w, "page-server", private_tmp)
+    _moved(w, report)
+    assert not [n for n in snap.source if n.startswith(("pages-", "pagemap-"))], snap.source
+    assert report.disk["source"]["page_images"] == 0
+    pages = report.pages["via_page_server"]
+    assert pages * PAGE_SIZE >= MIB << 20
+    assert Snapshot.pages(snap.destination) == pages * PAGE_SIZE == report.disk["destination"]["page_images"]
+    assert report.bytes["page_server"] == pages * PAGE_SIZE
+    # only the small images crossed the control connection
+    assert report.bytes["images"] < 1 << 20
+
+
+@needs_lazy_pages
+def test_lazy_writes_no_lazy_page_anywhere(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=MIB)
+    report, snap = _migrate(w, "lazy", private_tmp)
+    _moved(w, report)
+    lazy = report.pages["lazy"]
+    assert lazy * PAGE_SIZE >= MIB << 20
+    assert report.bytes["page_server"] == lazy * PAGE_SIZE
+    # CRIU writes only the pages that cannot be restored lazily (stack, vDSO, file-backed
+    # mappings) into pages-*.img; the workload's memory itself never touches a disk
+    non_lazy = report.pages["in_image_files"] * PAGE_SIZE
+    assert Snapshot.pages(snap.source) == non_lazy == report.disk["source"]["page_images"]
+    assert Snapshot.pages(snap.destination) == non_lazy == report.disk["destination"]["page_images"]
+    assert non_lazy < (MIB << 20) / 4
+    assert report.phase("lazy page completion") is not None
+
+
+@needs_lazy_pages
+def test_page_server_on_source_serves_pages_from_the_source_disk(workload: Callable[..., Workload],
+                                                                   private_tmp: Path) -> None:
+    w = workload(mib=MIB)
+    report, snap = _migrate(w, "page-server-on-source", private_tmp)
+    _moved(w, report)
+    lazy = report.pages["lazy"]
+    non_lazy = report.pages["in_image_files"]
+    # the source's dump holds every page ...
+    assert Snapshot.pages(snap.source) == (lazy + non_lazy) * PAGE_SIZE == report.disk["source"]["page_images"]
+    # ... the destination only the non-lazy ones (a sparse copy), the rest came lazily
+    assert sum(v for k, v in snap.destination_allocated.items() if k.startswith("pages-")) == non_lazy * PAGE_SIZE
+    assert report.disk["destination"]["page_images"] == non_lazy * PAGE_SIZE
+    assert report.bytes["page_server"] == lazy * PAGE_SIZE >= MIB << 20
+    assert "page server start" in snap.phases()
+    assert "source page-server" in report.logs
+
+
+@needs_lazy_pages
+def test_auto_picks_lazy_and_says_why(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=16)
+    report, _ = _migrate(w, "auto", private_tmp)
+    _moved(w, report)
+    assert report.requested_mode == "auto"
+    assert report.mode == "lazy"
+    assert "lazy pages" in report.mode_reason
+
+
+def test_a_tree_with_children_and_threads_moves_whole(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=8, children=2, threads=2)
+    echoes = w.wait_beats(3)["echoes"]
+    report, _ = _migrate(w, "page-server", private_tmp)
+    _moved(w, report)
+    st = w.wait_beats(5)
+    assert st["echoes"] > echoes  # the children answer at the destination too
