@@ -153,8 +153,9 @@ class Relay:
         self._cut.set()
         for s in self._socks:
             try:
-                if reset:
+                if reset:  # wake the pump without a FIN; the last close then sends RST
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    s.shutdown(socket.SHUT_RD)
                 else:
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()

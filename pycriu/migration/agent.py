@@ -205,7 +205,7 @@ class AgentSession:
     def _stop_lazy(self) -> None:
         lazy, self.lazy = self.lazy, None
         if lazy is not None:
-            lazy.stop()
+            lazy.stop(grace=1.0)
             with self._lock:
                 if self._lazy_status is None:
                     self._lazy_status = -1
@@ -333,6 +333,8 @@ class AgentSession:
                 raise ProtocolError(f"restore flag {key!r} is not allowed")
         if not (images / "inventory.img").exists() or not (images / "pstree.img").exists():
             raise ProtocolError("restore requested before the images were sent")
+        if self.channel.peer_gone():
+            raise TransportError("the source went away before the restore started")
         lazy = msg["lazy"]
         source_ps = msg["page_server"]
         if lazy and not self.config.local_info()["features"]["lazy_pages"]:
@@ -383,8 +385,8 @@ class AgentSession:
         except CriuError as exc:
             self._stop_lazy()
             self.state = "failed"
-            raise AgentError(f"restore failed: {exc.message}"
-                             + (f": {exc.criu_message}" if exc.criu_message else ""), code="restore-failed") from None
+            raise AgentError(exc.message + (f": {exc.criu_message}" if exc.criu_message else ""),
+                             code="restore-failed") from None
         now = time.monotonic()
         with self._lock:
             self.restored_pid = result.pid

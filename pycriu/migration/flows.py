@@ -273,7 +273,7 @@ def page_server_on_source(run: MigrationRun) -> None:
                                                         timeout=run.m.timeout))
             ps.start()
             holder["ps"] = ps
-            run.cleanups.append(ps.stop)
+            run.cleanups.append(lambda: ps.stop(grace=1.0))
         run.restore_and_commit(lazy=True, page_server=run.relay(ps.address))
 
     run.record_dump(run.criu.dump(run.dump_options(leave_stopped=True, notify=run.notify(post_dump))))

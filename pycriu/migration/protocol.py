@@ -234,6 +234,8 @@ class Stream(Protocol):
 
     def close(self) -> None: ...
 
+    def peer_gone(self) -> bool: ...
+
 
 @dataclass
 class ChannelStats:
@@ -309,6 +311,7 @@ class Channel:
                 for part in parts:
                     self.stream.write(part)
         except (OSError, ValueError) as exc:
+            self.close()  # a partly sent frame: the stream is unusable
             raise TransportError(f"connection to the {self.peer} broke while sending: {exc}") from exc
         return sum(len(p) for p in parts)
 
@@ -338,13 +341,19 @@ class Channel:
         return kind, payload
 
     def _read(self, n: int, timeout: float | None) -> bytes:
+        """Read exactly ``n`` bytes; any failure leaves the stream mid-frame, so it is closed."""
+        if self.closed:
+            raise TransportError("connection already closed")
         try:
             return self.stream.read_exact(n, timeout)
         except TimeoutError:
+            self.close()
             raise TransportError(f"timed out after {timeout:.0f} s waiting for the {self.peer}") from None
         except EOFError:
+            self.close()
             raise TransportError(f"the {self.peer} closed the connection") from None
         except OSError as exc:
+            self.close()
             raise TransportError(f"connection to the {self.peer} broke: {exc}") from exc
 
     # -- messages --------------------------------------------------------------------------------
@@ -373,7 +382,7 @@ class Channel:
             raise ProtocolError("unexpected data frame (no file transfer in progress)")
         msg = validate(decode(payload), sender=self.peer)
         if msg["type"] == "error" and "error" not in expected:
-            raise AgentError(f"the agent refused: {msg['message']}", code=msg["code"])
+            raise AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
         if expected and msg["type"] not in expected:
             raise ProtocolError(f"expected {' or '.join(expected)}, got {msg['type']!r}")
         return msg
@@ -385,9 +394,18 @@ class Channel:
             msg = decode(payload)
             if isinstance(msg, dict) and msg.get("type") == "error" and self.peer == "agent":
                 validate(msg, sender="agent")
-                raise AgentError(f"the agent refused: {msg['message']}", code=msg["code"])
+                raise AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
             raise ProtocolError("expected file data, got a control message")
         return payload
+
+    def peer_gone(self) -> bool:
+        """Whether the peer has closed its end (checked without consuming anything)."""
+        if self.closed:
+            return True
+        try:
+            return self.stream.peer_gone()
+        except OSError:
+            return True
 
     def close(self) -> None:
         if not self.closed:

@@ -150,6 +150,19 @@ class SocketStream:
             got += k
         return bytes(buf)
 
+    def peer_gone(self) -> bool:
+        if isinstance(self.sock, ssl.SSLSocket):
+            return False  # cannot peek below TLS records
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        if not ready:
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def close(self) -> None:
         try:
             if isinstance(self.sock, ssl.SSLSocket):
@@ -205,6 +218,15 @@ class PipeStream:
             chunks.append(data)
             got += len(data)
         return b"".join(chunks)
+
+    def peer_gone(self) -> bool:
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN | select.POLLHUP)
+        poller.register(self.wfd, select.POLLOUT)
+        for fd, ev in poller.poll(0):
+            if ev & (select.POLLHUP | select.POLLERR) and not (fd == self.rfd and ev & select.POLLIN):
+                return True
+        return False
 
     def close(self) -> None:
         for fd in {self.rfd, self.wfd}:

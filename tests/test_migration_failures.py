@@ -1,0 +1,208 @@
+"""Nothing is lost: whatever breaks before the destination took over (agent killed, link cut,
+restore failing, timeout, Ctrl-C), the source runs again with its memory intact, the destination
+keeps no copy, and the report says so. When a lazy flow's page link breaks after the destination
+resumed, the destination's copy is killed (its missing pages would read as zeros) and the source,
+which CRIU kept stopped, resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_lazy_pages, needs_root
+from migration_support import Relay, TcpAgent, agent_pids, private_tmp, wait_gone  # noqa: F401 - fixture
+from pycriu import Migration, MigrationError, PageServerAddress
+from pycriu.migration import Progress
+from pycriu.workload import Workload
+
+pytestmark = [needs_root, pytest.mark.criu]
+
+SECRET = b"0123456789abcdef-test-secret"
+
+
+def _source_intact(w: Workload, report_state: str) -> None:
+    """The source tree runs again, beats, and its memory is what it was."""
+    assert report_state == "running"
+    assert w.alive(w.pid)
+    w.wait_beats(3)
+    assert w.checksum(w.pid) == w.expected_checksum
+
+
+def _at(phase: str, event: str, action: Callable[[], None]) -> Callable[[Progress], None]:
+    def progress(e: Progress) -> None:
+        if e.phase == phase and e.event == event:
+            action()
+
+    return progress
+
+
+def _kill_agent() -> None:
+    pids = agent_pids()
+    assert pids, "no agent process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("mode", "phase"), [("classic", "image transfer"), ("page-server", "restore")])
+def test_agent_killed_before_restore_rolls_back(workload: Callable[..., Workload], private_tmp: Path,
+                                                mode: str, phase: str) -> None:
+    w = workload(mib=16)
+    with pytest.raises(MigrationError, match="rolled-back") as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs",
+                  progress=_at(phase, "start", _kill_agent)).run()
+    report = info.value.report
+    assert report is not None
+    assert report.outcome == "rolled-back"
+    assert report.destination_pid is None
+    assert report.downtime is None
+    assert "agent" in (report.error or "")
+    _source_intact(w, report.source_state)
+
+
+def test_connection_cut_before_restore_rolls_back(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    agent = TcpAgent(private_tmp.parent / "agent-root", "--secret-file", _secret_file(private_tmp))
+    relay = Relay(("127.0.0.1", agent.port))
+    try:
+        w = workload(mib=16)
+        with pytest.raises(MigrationError) as info:
+            Migration(w.pid, to=f"tcp://127.0.0.1:{relay.port}", mode="classic", secret=SECRET,
+                      log_dir=private_tmp.parent / "logs", progress=_at("restore", "start", relay.cut)).run()
+        report = info.value.report
+        assert report.outcome == "rolled-back"
+        _source_intact(w, report.source_state)
+        # the agent noticed and cleaned its session up (it keeps only a failed session's logs)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and list(agent.root.glob("s-*/images")):
+            time.sleep(0.05)
+        assert not list(agent.root.glob("s-*/images"))
+    finally:
+        relay.close()
+        agent.close()
+
+
+def test_unresponsive_agent_times_out_and_rolls_back(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    agent = TcpAgent(private_tmp.parent / "agent-root", "--secret-file", _secret_file(private_tmp),
+                     "--commit-timeout", "5")
+    try:
+        w = workload(mib=16)
+        t0 = time.monotonic()
+        with pytest.raises(MigrationError) as info:
+            Migration(w.pid, to=agent.url, mode="classic", secret=SECRET, timeout=3,
+                      log_dir=private_tmp.parent / "logs",
+                      progress=_at("restore", "start", lambda: os.kill(agent.proc.pid, signal.SIGSTOP))).run()
+        assert time.monotonic() - t0 < 30
+        report = info.value.report
+        assert "timed out" in (report.error or "")
+        assert report.outcome == "rolled-back"
+        _source_intact(w, report.source_state)
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+        agent.close()
+    # the agent woke up, restored (maybe), saw nobody commit, and killed its copy: one copy runs
+    time.sleep(0.5)
+    assert w.alive(w.pid)
+
+
+def test_ctrl_c_during_the_transfer_resumes_the_source(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=16)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode="classic", log_dir=private_tmp.parent / "logs",
+                  progress=_at("image transfer", "start", interrupt)).run()
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.outcome == "rolled-back"
+    _source_intact(w, report.source_state)
+
+
+def _secret_file(tmp: Path) -> str:
+    p = tmp.parent / "secret"
+    p.write_bytes(SECRET)
+    p.chmod(0o600)
+    return str(p)
+
+
+# --- lazy flows --------------------------------------------------------------------------------
+
+
+@needs_lazy_pages
+@pytest.mark.parametrize("mode", ["lazy", "page-server-on-source"])
+def test_lazy_restore_failure_resumes_the_frozen_source(workload: Callable[..., Workload], private_tmp: Path,
+                                                        mode: str) -> None:
+    """The destination cannot reach the source's page server: its restore fails, and CRIU, which
+    waits for a lazy-pages client, is told to give up so that the source resumes."""
+    w = workload(mib=16)
+    with socket_closed_port() as dead:
+        with pytest.raises(MigrationError) as info:
+            Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs", timeout=30,
+                      relay=lambda a: PageServerAddress("127.0.0.1", dead)).run()
+    report = info.value.report
+    assert report.outcome == "rolled-back", report
+    assert report.destination_state in ("none", "killed")
+    _source_intact(w, report.source_state)
+
+
+class socket_closed_port:
+    """A TCP port nobody listens on (bound but not listening, so nobody else takes it)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+@needs_lazy_pages
+@pytest.mark.parametrize(("mode", "reset"), [("lazy", True), ("lazy", False), ("page-server-on-source", True)])
+def test_page_link_broken_after_resume_kills_the_destination_and_resumes_the_source(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str, reset: bool) -> None:
+    """The destination resumed and pulls pages through a slow link that then breaks (a connection
+    reset, or an orderly close that CRIU's page server takes for the end of the transfer). The
+    destination's copy is incomplete: the agent kills it. The source was kept stopped (not
+    killed): it resumes from the checkpoint, memory intact. What the destination did since the
+    freeze is lost, and the report says so."""
+    w = workload(mib=24)
+    relays: list[Relay] = []
+
+    def relay(address: PageServerAddress) -> PageServerAddress:
+        r = Relay((address.address, address.port), rate=8 << 20)
+        relays.append(r)
+        return PageServerAddress("127.0.0.1", r.port)
+
+    def cut_midway() -> None:
+        def run() -> None:
+            r = relays[0]
+            deadline = time.monotonic() + 20
+            while r.forwarded < 4 << 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r.cut(reset=reset)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    try:
+        with pytest.raises(MigrationError, match="after the destination resumed|page transfer failed") as info:
+            Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs", relay=relay,
+                      progress=_at("lazy page completion", "start", cut_midway)).run()
+    finally:
+        for r in relays:
+            r.close()
+    report = info.value.report
+    assert report.outcome == "failed-after-resume", report
+    assert report.destination_pid is not None and report.downtime is not None
+    assert report.destination_state.startswith("killed")
+    w.adopt(report.destination_pid)
+    assert wait_gone(report.destination_pid), "the incomplete destination copy still runs"
+    w.pid = report.pid  # back to the source
+    _source_intact(w, report.source_state)
