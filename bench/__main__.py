@@ -47,8 +47,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="prove the harness works: smallest size, lo only, idle, 1 repeat, small reference")
     ap.add_argument("--ref-mib", type=int, default=256, help="MiB streamed to measure each link (default: %(default)s)")
-    ap.add_argument("--verbosity", type=int, default=4, choices=range(0, 5),
-                    help="CRIU log level of the CLI flows, -vN (default: %(default)s, as pycriu's flows)")
+    ap.add_argument("--verbosity", type=int, default=3, choices=range(0, 5),
+                    help="CRIU log level of the CLI flows, -vN (default: %(default)s, the level pycriu's flows "
+                         "use: LogLevel.INFO)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where images and heartbeat files go (default: a new directory in /var/tmp)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results)")
@@ -128,11 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with netns.topology() as links:
             run = runner.Runner(cfg, links)
-            env = runner.environment(run.criu)
-            refs = run.link_references()
-            records = run.run()
-            for name, m in run.link_references().items():  # again at the end: the machine is noisy
-                refs[name]["throughput_end"] = m["throughput_start"]
+            try:
+                env = runner.environment(run.criu)
+                refs = run.link_references()
+                records = run.run()
+                for name, m in run.link_references().items():  # again at the end: the machine is noisy
+                    refs[name]["throughput_end"] = m["throughput_start"]
+            finally:
+                run.close()
     finally:
         runner.kill_leftover_children()
         if own_workdir and not args.keep:

@@ -45,7 +45,7 @@ class TrialContext:
     dst_dir: Path             # destination side's working directory (exists, empty)
     port: int                 # ports port .. port+9 are free for this trial
     pid: int                  # root of the tree to migrate
-    verbosity: int = 4        # CRIU log level for the CLI flows (-vN)
+    verbosity: int = 3        # CRIU log level for the CLI flows (-vN); pycriu logs at INFO (3)
     agent: Any = None         # pycriu flows: where the destination agent is (see pycriu_flows)
 
 
@@ -101,20 +101,22 @@ def _stamps(log: Path, *markers: str) -> dict[str, float]:
 
 
 def criu_log_times(dump_log: Path | None, restore_log: Path | None) -> dict[str, float]:
-    """CRIU's own time inside the downtime, from its logs' timestamps (``-v4`` logs have them).
+    """CRIU's own time inside the downtime, from the timestamps of its logs (``-v3`` and up).
 
-    ``criu_dump_frozen_log_s``: from the first task seized (the freeze) to the end of the dump
-    (``Dumping finished``), or for a lazy dump to the moment it serves pages (``status-ready``):
-    CRIU's ``stats-dump`` is unusable for lazy dumps (CRIU 4.2.1 writes frozen_time garbage and
-    zero page counts there). ``criu_restore_log_s``: the whole ``criu restore`` up to ``Restore
-    finished`` (its start-up included: it is CRIU's own work too).
+    ``criu_dump_frozen_log_s``: from the first task seized (the freeze) to the end of CRIU's dump
+    work: the first of "Starting lazy pages server" (a lazy dump serving pages), "Unfreezing
+    tasks" (post-dump answered: the tree is killed) or "Dumping finished". CRIU's ``stats-dump``
+    cannot serve here: a lazy dump's is garbage in CRIU 4.2.1 (frozen time, zero page counts).
+    ``criu_restore_log_s``: the whole ``criu restore`` up to "Restore finished" (its start-up,
+    30 to 45 ms here, is CRIU's own work too and not in ``stats-restore``).
     """
     out: dict[str, float] = {}
     if dump_log is not None:
-        d = _stamps(dump_log, "Seized task", "Running status-ready scripts", "Dumping finished successfully")
-        end = d.get("Running status-ready scripts", d.get("Dumping finished successfully"))
-        if "Seized task" in d and end is not None:
-            out["criu_dump_frozen_log_s"] = end - d["Seized task"]
+        ends = ("Starting lazy pages server", "Unfreezing tasks", "Dumping finished successfully")
+        d = _stamps(dump_log, "Seized task", *ends)
+        found = [d[e] for e in ends if e in d]
+        if "Seized task" in d and found:
+            out["criu_dump_frozen_log_s"] = min(found) - d["Seized task"]
     if restore_log is not None:
         r = _stamps(restore_log, "Restore finished successfully")
         if "Restore finished successfully" in r:

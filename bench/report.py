@@ -172,8 +172,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines.append("## Results")
     lines.append("")
     lines.append("Downtime = longest gap in the workload's own 1 kHz heartbeat. Total = start of the flow until "
-                 "everything is finished (lazy pages included). Full speed = heartbeat back to its normal "
-                 "interval, from the start of the flow. Times in ms unless marked s; ratio = pycriu / CLI "
+                 "everything is finished (lazy pages included). Full speed = from the freeze until the heartbeat is "
+                 "back to its normal interval (for non-lazy flows: the downtime). Times in ms unless marked s; ratio = pycriu / CLI "
                  "(below 1: pycriu is faster). Net = bytes over the link; disk = image bytes written on "
                  "source/destination. CRIU's own = CRIU's time inside the downtime, from its logs: freeze to end of "
                  "dump (lazy: to serving pages) plus the whole `criu restore`. Orchestration = (downtime - CRIU's "

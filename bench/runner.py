@@ -40,7 +40,7 @@ class Config:
     repeat: int
     impls: list[str]
     workdir: Path
-    verbosity: int = 4
+    verbosity: int = 3
     ref_mib: int = 256
     verify: bool = True
     keep: bool = False
@@ -106,10 +106,30 @@ class Runner:
         self.skipped: list[dict[str, str]] = []
         self._trial = 0
         self.impl_funcs: dict[str, Callable[[str, TrialContext], FlowResult]] = {"baseline": flows.baseline}
+        self.agents: dict[str, Any] = {}
         if "pycriu" in cfg.impls:
             from . import pycriu_flows
 
             self.impl_funcs["pycriu"] = pycriu_flows.run
+
+    def agent_for(self, link: Link) -> Any:
+        """pycriu across the link: one ``pycriu agent --listen`` in the destination namespace per
+        run (a service of the destination host). Loopback uses ``to="local"``: no agent here."""
+        if not link.dst_prefix:
+            return None
+        if link.name not in self.agents:
+            from .pycriu_flows import TcpAgent
+
+            self.agents[link.name] = TcpAgent(link, 26999, self.cfg.workdir, self.criu.binary)
+        return self.agents[link.name]
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.close()
+        self.agents.clear()
+
+    def _keep(self) -> set[int]:
+        return {a.pid for a in self.agents.values()}
 
     # -- references --------------------------------------------------------------------------
 
@@ -141,7 +161,8 @@ class Runner:
         try:
             wl = heartbeat.HeartbeatWorkload(self.binary, base / "heartbeat", mib=mib, rate=rate)
             ctx = TrialContext(criu=self.criu.binary, link=link, src_dir=src, dst_dir=dst, port=self._port(),
-                               pid=wl.pid, verbosity=self.cfg.verbosity)
+                               pid=wl.pid, verbosity=self.cfg.verbosity,
+                               agent=self.agent_for(link) if impl == "pycriu" else None)
             counter0 = link.counter()
             result = self.impl_funcs[impl](mode, ctx)
             counter1 = link.counter()
@@ -159,7 +180,7 @@ class Runner:
         finally:
             if wl is not None:
                 wl.close()
-            kill_leftover_children()
+            kill_leftover_children(self._keep())
             if not self.cfg.keep:
                 shutil.rmtree(base, ignore_errors=True)
             else:
@@ -189,9 +210,10 @@ class Runner:
             "resumed_s": (g.first_after_ns - r.start_ns) * s,
             "freeze_at_s": (g.last_before_ns - r.start_ns) * s,
             "total_s": (r.end_ns - r.start_ns) * s,
-            "full_speed_s": (max(g.full_speed_ns, g.first_after_ns) - r.start_ns) * s,
+            # "again": from the freeze, so that work before the freeze (agent start) does not count
+            "full_speed_s": (max(g.full_speed_ns, g.first_after_ns) - g.last_before_ns) * s,
             "restored_s": (r.restored_ns - r.start_ns) * s if r.restored_ns else None,
-            "lazy_done_s": (r.lazy_done_ns - r.start_ns) * s if r.lazy_done_ns else None,
+            "lazy_done_s": (r.lazy_done_ns - g.last_before_ns) * s if r.lazy_done_ns else None,
             "nominal_interval_ms": g.nominal_interval_ns / 1e6,
             "missing_beats": g.missing_beats,
             "clock_shift_s": g.clock_shift_ns * s,

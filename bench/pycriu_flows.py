@@ -1,0 +1,129 @@
+"""The same flows through pycriu: ``Migration(pid, to=..., mode=...).run()``.
+
+On ``lo`` the destination is ``to="local"``: pycriu starts its local agent subprocess itself,
+inside ``run()`` (so its start-up counts in the total time, before the freeze). Across the link
+the destination is a ``pycriu agent --listen`` started once per run in the destination namespace
+with a shared secret, like a service the destination host runs; each trial is one session.
+
+What the harness takes from pycriu's report: the restored pid, CRIU's statistics, the disk
+figures (pycriu removes its directories at the end and reports what they held), the phases, the
+CRIU logs (for CRIU's own time), and pycriu's own downtime estimate (``reported_downtime_s``, for
+comparison only: the downtime in the table is the heartbeat's).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pycriu.results import DumpStats, RestoreStats
+
+from .flows import FlowResult, TrialContext, criu_log_times
+from .netns import Link
+from .procs import FlowError
+
+
+class TcpAgent:
+    """``python -m pycriu.migration.agent --listen DST:PORT`` in the destination namespace."""
+
+    def __init__(self, link: Link, port: int, workdir: Path, criu_binary: str) -> None:
+        self.link = link
+        self.port = port
+        self.root = Path(tempfile.mkdtemp(prefix="agent-root-", dir=workdir))
+        self.secret = secrets.token_hex(32)
+        secret_file = workdir / "agent-secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.secret + "\n")
+        self.stderr_path = workdir / "agent.log"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        argv = link.dst([sys.executable, "-m", "pycriu.migration.agent", "--listen", f"{link.dst_addr}:{port}",
+                         "--secret-file", str(secret_file), "--root", str(self.root), "--criu", criu_binary])
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     start_new_session=True, cwd="/")
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline().decode(errors="replace") if ready else ""
+        if "listening" not in line:
+            self.close()
+            raise FlowError(f"pycriu agent in the destination namespace did not start: {line.strip()!r} "
+                            f"(see {self.stderr_path})")
+        self.url = f"tcp://{link.dst_addr}:{port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+def run(mode: str, ctx: TrialContext) -> FlowResult:
+    """Migrate ``ctx.pid`` with pycriu in ``mode``; return what the harness measures."""
+    from pycriu.migration import Migration, MigrationError
+
+    marks: dict[str, int] = {}
+
+    def progress(p: Any) -> None:
+        if p.event == "end":
+            marks[p.phase] = time.time_ns()
+
+    kw: dict[str, Any] = {"mode": mode, "scratch_dir": ctx.src_dir, "log_dir": ctx.src_dir / "logs",
+                          "progress": progress}
+    agent: TcpAgent | None = ctx.agent
+    if agent is not None:
+        kw.update(to=agent.url, secret=agent.secret)
+    else:
+        kw.update(to="local")
+    migration = Migration(ctx.pid, **kw)
+    t0 = time.time_ns()
+    try:
+        report = migration.run()
+    except MigrationError as exc:
+        r = getattr(exc, "report", None)
+        raise FlowError(f"pycriu migration failed: {exc}" + (f" [outcome {r.outcome}]" if r else "")) from exc
+    t1 = time.time_ns()
+    if report.destination_pid is None:
+        raise FlowError(f"pycriu reported no destination pid (outcome {report.outcome})")
+
+    dump = report.criu_stats.get("dump")
+    restore = report.criu_stats.get("restore")
+    dump_stats = DumpStats(**dump) if isinstance(dump, dict) else None
+    restore_stats = RestoreStats(**restore) if isinstance(restore, dict) else None
+    src = report.disk.get("source", {})
+    dst = report.disk.get("destination", {})
+    disk = {"src_bytes": src.get("page_images", 0) + src.get("other_images", 0),
+            "dst_bytes": dst.get("page_images", 0) + dst.get("other_images", 0),
+            "src_pages_bytes": src.get("page_images", 0), "dst_pages_bytes": dst.get("page_images", 0)}
+    extra: dict[str, Any] = {"reported_downtime_s": report.downtime, "reported_total_s": report.total_seconds,
+                             "pycriu_bytes": dict(report.bytes), "pycriu_pages": dict(report.pages),
+                             "pycriu_notes": list(report.notes)}
+    logs = {k: Path(v) for k, v in report.logs.items()}
+    times = criu_log_times(None, logs.get("destination restore"))
+    freeze_dump = report.phase("freeze+dump")
+    if freeze_dump is not None:
+        # CRIU's own dump work: from its pre-dump notification (the freeze) to post-dump
+        times["criu_dump_frozen_log_s"] = freeze_dump
+    extra.update(times)
+    phases = {}
+    for p in report.phases:
+        phases[p.name] = phases.get(p.name, 0.0) + p.seconds
+    return FlowResult(dest_pid=report.destination_pid, start_ns=t0, end_ns=t1, restored_ns=marks.get("restore"),
+                      lazy_done_ns=marks.get("lazy page completion"), dump_stats=dump_stats,
+                      restore_stats=restore_stats, disk=disk, phases=phases, extra=extra)
