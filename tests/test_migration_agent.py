@@ -1,0 +1,209 @@
+"""The agent validates everything it receives: image names (no traversal, no absolute paths, no
+links), sizes, message types, fields and their order. Each test speaks the protocol directly to a
+real agent process and checks that it refuses, ends the session, and wrote nothing outside it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pycriu
+from conftest import needs_root
+from migration_support import private_tmp  # noqa: F401 - fixture
+from pycriu.migration import AgentError, TransportError
+from pycriu.migration.protocol import KIND_CONTROL, KIND_DATA, PROTOCOL_VERSION, Channel
+from pycriu.migration.transport import Connection, Destination, connect
+
+pytestmark = [needs_root]
+
+
+def _hello() -> dict[str, Any]:
+    version = pycriu.Criu().version()
+    return {"type": "hello", "protocol": PROTOCOL_VERSION, "pycriu": pycriu.__version__, "criu": str(version),
+            "arch": platform.machine(), "kernel": platform.release(), "mode": "classic",
+            "features": {"lazy_pages": True, "mem_track": False}}
+
+
+def _raw(channel: Channel, obj: Any, kind: int = KIND_CONTROL) -> None:
+    """Send a frame without the sender's own schema check (what a hostile client would do)."""
+    payload = obj if isinstance(obj, bytes) else __import__("json").dumps(obj).encode()
+    channel._send_frame(kind, payload)  # noqa: SLF001
+
+
+@pytest.fixture
+def agent(private_tmp: Path) -> Iterator[Connection]:
+    """A local agent process with a session opened by ``hello``."""
+    conn = connect(Destination("local"), timeout=30)
+    conn.channel.send(_hello())
+    reply = conn.channel.recv("hello")
+    assert reply["criu_check"] is True
+    try:
+        yield conn
+    finally:
+        conn.close(timeout=10)
+
+
+def _refused(conn: Connection, match: str | None = None) -> str:
+    """The agent answers with an error and ends the session."""
+    with pytest.raises(AgentError, match=match) as info:
+        conn.channel.recv("files-ok", "pong", "dir-ready", "restored", "committed")
+    with pytest.raises(TransportError):  # the session is over
+        conn.channel.recv()
+    return info.value.message
+
+
+def _session(conn: Connection) -> Path:
+    assert conn.root is not None
+    (session,) = conn.root.glob("s-*")
+    return session
+
+
+def _outside_untouched(conn: Connection) -> None:
+    assert conn.root is not None
+    for p in conn.root.rglob("*"):
+        rel = p.relative_to(conn.root).parts
+        assert rel[0].startswith("s-"), f"agent wrote {p} outside its session"
+        assert not p.is_symlink(), f"agent created or kept a symlink {p}"
+
+
+HOSTILE_NAMES = ["../x.img", "/etc/passwd", "a/b.img", "..", ".", "", "x\x00y.img", "pages-1.img/../../x.img",
+                 "PAGES-1.IMG", ".hidden.img", "a" * 200 + ".img", "parent", "inventory.img.", "inventory.img\n",
+                 "core-1.img/", "..img", "pages-1..img", "../../../../tmp/evil.img", "\\x.img", "~root.img"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_image_names_are_refused(agent: Connection, name: str, private_tmp: Path) -> None:
+    _raw(agent.channel, {"type": "file", "dir": "images", "name": name, "size": 3})
+    message = _refused(agent)
+    assert "refused" in message or "invalid" in message or "name" in message
+    _outside_untouched(agent)
+    assert not (private_tmp / "x.img").exists() and not Path("/tmp/evil.img").exists()
+
+
+@pytest.mark.parametrize("directory", ["../images", "/", "images/..", "pre-0", "work", "logs", "", "pre-1/x"])
+def test_hostile_directory_names_are_refused(agent: Connection, directory: str) -> None:
+    _raw(agent.channel, {"type": "file", "dir": directory, "name": "core-1.img", "size": 1})
+    _refused(agent, "directory")
+    _outside_untouched(agent)
+
+
+def test_a_symlink_planted_in_the_session_is_never_followed(agent: Connection, private_tmp: Path) -> None:
+    target = private_tmp / "target"
+    link = _session(agent) / "images" / "core-1.img"
+    link.symlink_to(target)
+    _raw(agent.channel, {"type": "file", "dir": "images", "name": "core-1.img", "size": 5})
+    _refused(agent, "already exists")
+    assert not target.exists()
+
+
+def test_a_file_sent_twice_is_refused(agent: Connection) -> None:
+    agent.channel.send({"type": "file", "dir": "images", "name": "core-1.img", "size": 2})
+    agent.channel.send_data(b"ab")
+    agent.channel.send({"type": "file", "dir": "images", "name": "core-1.img", "size": 2})
+    _refused(agent, "already sent")
+
+
+def test_sizes_are_limited(private_tmp: Path) -> None:
+    conn = connect(Destination("local"), timeout=30,
+                   agent_command=(__import__("sys").executable, "-m", "pycriu.migration.agent", "--stdio",
+                                  "--max-file-size", "1000"))
+    try:
+        conn.channel.send(_hello())
+        conn.channel.recv("hello")
+        conn.channel.send({"type": "file", "dir": "images", "name": "pages-1.img", "size": 1001})
+        _refused(conn, "exceeds the limit")
+    finally:
+        conn.close(timeout=10)
+
+
+def test_more_data_than_announced_is_refused(agent: Connection) -> None:
+    agent.channel.send({"type": "file", "dir": "images", "name": "core-1.img", "size": 4})
+    agent.channel.send_data(b"12345")
+    _refused(agent, "more data than announced")
+    assert not (_session(agent) / "images" / "core-1.img").exists()  # the partial file is removed
+
+
+def test_sparse_ranges_must_lie_inside_the_file(agent: Connection) -> None:
+    _raw(agent.channel, {"type": "file", "dir": "images", "name": "pages-1.img", "size": 8192,
+                         "ranges": [[4096, 8192]]})
+    _refused(agent, "ranges")
+
+
+def test_an_oversized_frame_is_refused(agent: Connection) -> None:
+    agent.channel.stream.write(bytes([KIND_CONTROL]) + (64 << 20).to_bytes(4, "big"))
+    _refused(agent, "exceeds the limit")
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json", b"[1, 2]", b'{"type": "file", "type": "bye"}', b'{"type": "ping", "t": NaN}',
+    b'{"type": "launch-missiles"}', b'{"type": "ping"}', b'{"type": "ping", "t": "now"}',
+    b'{"type": "ping", "t": 1, "extra": true}', b'{"type": "restored", "pid": 1}', b"\xff\xfe",
+])
+def test_malformed_or_unknown_messages_are_refused(agent: Connection, payload: bytes) -> None:
+    _raw(agent.channel, payload)
+    _refused(agent)
+
+
+def test_data_without_a_file_is_refused(agent: Connection) -> None:
+    _raw(agent.channel, b"stray", KIND_DATA)
+    _refused(agent, "data")
+
+
+@pytest.mark.parametrize("msg", [
+    {"type": "commit"},
+    {"type": "lazy-wait", "timeout": 1},
+    {"type": "restore", "dir": "images", "lazy": False, "page_server": None, "flags": {}},
+])
+def test_requests_out_of_order_are_refused(agent: Connection, msg: dict[str, Any]) -> None:
+    agent.channel.send(msg)
+    _refused(agent)
+
+
+def test_only_safe_restore_flags_are_accepted(agent: Connection) -> None:
+    for name in ("inventory.img", "pstree.img"):
+        agent.channel.send({"type": "file", "dir": "images", "name": name, "size": 1})
+        agent.channel.send_data(b"x")
+    agent.channel.send({"type": "files-done", "dir": "images", "count": 2, "bytes": 2})
+    agent.channel.recv("files-ok")
+    agent.channel.send({"type": "restore", "dir": "images", "lazy": False, "page_server": None,
+                        "flags": {"exec_cmd": True}})
+    _refused(agent, "not allowed")
+
+
+def test_hello_comes_first(private_tmp: Path) -> None:
+    conn = connect(Destination("local"), timeout=30)
+    try:
+        conn.channel.send({"type": "file", "dir": "images", "name": "core-1.img", "size": 1})
+        _refused(conn, "not allowed")
+        assert conn.root is not None and not list(conn.root.glob("s-*"))
+    finally:
+        conn.close(timeout=10)
+
+
+def test_an_incompatible_source_is_refused_at_hello(private_tmp: Path) -> None:
+    conn = connect(Destination("local"), timeout=30)
+    try:
+        conn.channel.send({**_hello(), "criu": "99.0.0"})
+        _refused(conn, "older than the source")
+    finally:
+        conn.close(timeout=10)
+
+
+def test_the_agent_cleans_its_session_after_a_clean_goodbye(private_tmp: Path) -> None:
+    conn = connect(Destination("local"), timeout=30)
+    try:
+        conn.channel.send(_hello())
+        conn.channel.recv("hello")
+        conn.channel.send({"type": "bye"})
+        assert conn.channel.recv("bye")["disk"]["total"] == 0
+        assert conn.process is not None
+        assert conn.process.wait(10) == 0
+        assert conn.root is not None and not list(conn.root.iterdir())
+    finally:
+        conn.close(timeout=10)
+    assert os.path.exists(private_tmp)
