@@ -4,6 +4,7 @@ link, agents over TCP, test certificates, and a real OpenSSH server on loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from pycriu import MigrationReport
 from pycriu.migration import Progress
+from pycriu.workload import Workload
 
 AGENT = [sys.executable, "-m", "pycriu.migration.agent"]
 
@@ -291,3 +294,27 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def assert_moved(w: Workload, report: MigrationReport) -> None:
+    """The tree runs at the destination (heartbeat advances), its memory is unchanged, the source
+    is gone, and the report is coherent and serialisable."""
+    source = w.pid
+    assert report.outcome == "migrated", report
+    assert report.source_state == "gone"
+    assert wait_gone(source), "the source tree still runs"
+    assert report.destination_state == "running"
+    assert report.destination_pid and report.destination_pid != source
+    w.adopt(report.destination_pid)
+    before = w.state["beat"]
+    w.wait_beats(5)
+    assert w.state["beat"] > before
+    assert w.checksum(report.destination_pid) == w.expected_checksum
+    assert report.downtime is not None and 0 < report.downtime < report.total_seconds
+    # JSON-serialisable, and back
+    again = MigrationReport.from_json(report.to_json())
+    assert again == report
+    assert json.loads(report.to_json())["mode"] == report.mode
+    assert str(report).startswith(f"Migration of pid {source}")
+    for path in report.logs.values():
+        assert Path(path).is_file(), path

@@ -4,14 +4,13 @@ is gone, and the report's byte and disk figures are what really lay in the two d
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import needs_lazy_pages, needs_root
-from migration_support import Snapshot, private_tmp, wait_gone  # noqa: F401 - fixture
+from migration_support import Snapshot, assert_moved, private_tmp  # noqa: F401 - fixture
 from pycriu import Migration, MigrationReport
 from pycriu.migration.images import PAGE_SIZE
 from pycriu.workload import Workload
@@ -27,32 +26,10 @@ def _migrate(w: Workload, mode: str, tmp: Path, **kw: object) -> tuple[Migration
     return report, snap
 
 
-def _moved(w: Workload, report: MigrationReport) -> None:
-    source = w.pid
-    assert report.outcome == "migrated", report
-    assert report.source_state == "gone"
-    assert wait_gone(source), "the source tree still runs"
-    assert report.destination_state == "running"
-    assert report.destination_pid and report.destination_pid != source
-    w.adopt(report.destination_pid)
-    before = w.state["beat"]
-    w.wait_beats(5)
-    assert w.state["beat"] > before
-    assert w.checksum(report.destination_pid) == w.expected_checksum
-    assert report.downtime is not None and 0 < report.downtime < report.total_seconds
-    # JSON-serialisable, and back
-    again = MigrationReport.from_json(report.to_json())
-    assert again == report
-    assert json.loads(report.to_json())["mode"] == report.mode
-    assert str(report).startswith(f"Migration of pid {source}")
-    for path in report.logs.values():
-        assert Path(path).is_file(), path
-
-
 def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workload], private_tmp: Path) -> None:
     w = workload(mib=MIB)
     report, snap = _migrate(w, "classic", private_tmp)
-    _moved(w, report)
+    assert_moved(w, report)
     pages = report.pages["in_image_files"]
     assert pages * PAGE_SIZE >= MIB << 20
     # what lay on the source's disk at restore time is what the report says, and it all travelled
@@ -66,7 +43,7 @@ def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workloa
 def test_page_server_writes_no_page_on_the_source(workload: Callable[..., Workload], private_tmp: Path) -> None:
     w = workload(mib=MIB)
     report, snap = _migrate(w, "page-server", private_tmp)
-    _moved(w, report)
+    assert_moved(w, report)
     assert not [n for n in snap.source if n.startswith(("pages-", "pagemap-"))], snap.source
     assert report.disk["source"]["page_images"] == 0
     pages = report.pages["via_page_server"]
@@ -81,7 +58,7 @@ def test_page_server_writes_no_page_on_the_source(workload: Callable[..., Worklo
 def test_lazy_writes_no_lazy_page_anywhere(workload: Callable[..., Workload], private_tmp: Path) -> None:
     w = workload(mib=MIB)
     report, snap = _migrate(w, "lazy", private_tmp)
-    _moved(w, report)
+    assert_moved(w, report)
     lazy = report.pages["lazy"]
     assert lazy * PAGE_SIZE >= MIB << 20
     assert report.bytes["page_server"] == lazy * PAGE_SIZE
@@ -99,7 +76,7 @@ def test_page_server_on_source_serves_pages_from_the_source_disk(workload: Calla
                                                                    private_tmp: Path) -> None:
     w = workload(mib=MIB)
     report, snap = _migrate(w, "page-server-on-source", private_tmp)
-    _moved(w, report)
+    assert_moved(w, report)
     lazy = report.pages["lazy"]
     non_lazy = report.pages["in_image_files"]
     # the source's dump holds every page ...
@@ -116,7 +93,7 @@ def test_page_server_on_source_serves_pages_from_the_source_disk(workload: Calla
 def test_auto_picks_lazy_and_says_why(workload: Callable[..., Workload], private_tmp: Path) -> None:
     w = workload(mib=16)
     report, _ = _migrate(w, "auto", private_tmp)
-    _moved(w, report)
+    assert_moved(w, report)
     assert report.requested_mode == "auto"
     assert report.mode == "lazy"
     assert "lazy pages" in report.mode_reason
@@ -126,6 +103,6 @@ def test_a_tree_with_children_and_threads_moves_whole(workload: Callable[..., Wo
     w = workload(mib=8, children=2, threads=2)
     echoes = w.wait_beats(3)["echoes"]
     report, _ = _migrate(w, "page-server", private_tmp)
-    _moved(w, report)
+    assert_moved(w, report)
     st = w.wait_beats(5)
     assert st["echoes"] > echoes  # the children answer at the destination too

@@ -1,0 +1,156 @@
+"""``tcp://`` agents: authenticated by a shared secret (HMAC challenge-response, then a MAC on
+every frame) or by TLS with client certificates. Whoever cannot authenticate is refused before
+anything is frozen; plain unauthenticated TCP is refused by both sides."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_lazy_pages, needs_root
+from migration_support import AGENT, TcpAgent, assert_moved, make_certs, private_tmp  # noqa: F401 - fixture
+from pycriu import AuthenticationError, InvalidOptionError, Migration, TLSConfig, TransportError
+from pycriu.workload import Workload
+
+pytestmark = [needs_root, pytest.mark.criu]
+
+SECRET = b"s3cret-for-the-tcp-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def secret_agent(tmp_path: Path) -> Iterator[TcpAgent]:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    agent = TcpAgent(tmp_path / "agent", "--secret-file", str(secret))
+    yield agent
+    agent.close()
+
+
+@pytest.fixture
+def tls_agent(tmp_path: Path, certs: dict[str, Path]) -> Iterator[TcpAgent]:
+    agent = TcpAgent(tmp_path / "agent", "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]),
+                     "--tls-ca", str(certs["ca"]))
+    yield agent
+    agent.close()
+
+
+def _never_frozen(w: Workload, log_dir: Path, agent: TcpAgent) -> None:
+    assert w.alive(w.pid)
+    assert not list(log_dir.rglob("dump.log")), "CRIU dumped although authentication failed"
+    assert not list(agent.root.glob("s-*")), "the agent opened a session for an unauthenticated peer"
+    w.wait_beats(3)
+
+
+@pytest.mark.parametrize("mode", ["classic", pytest.param("lazy", marks=needs_lazy_pages)])
+def test_migrate_over_tcp_with_a_shared_secret(workload: Callable[..., Workload], private_tmp: Path,
+                                               secret_agent: TcpAgent, mode: str) -> None:
+    w = workload(mib=16)
+    report = Migration(w.pid, to=secret_agent.url, mode=mode, secret=SECRET, log_dir=private_tmp.parent / "logs").run()
+    assert report.transport == "tcp+secret"
+    assert_moved(w, report)
+
+
+def test_a_wrong_secret_is_refused_before_anything_is_frozen(workload: Callable[..., Workload], private_tmp: Path,
+                                                             secret_agent: TcpAgent) -> None:
+    w = workload(mib=8)
+    logs = private_tmp.parent / "logs"
+    with pytest.raises(AuthenticationError, match="refused the shared secret") as info:
+        Migration(w.pid, to=secret_agent.url, mode="classic", secret=b"not-the-right-secret!", log_dir=logs).run()
+    assert info.value.report.outcome == "refused"  # type: ignore[attr-defined]
+    _never_frozen(w, logs, secret_agent)
+    # the agent is still there for the next (authenticated) client
+    report = Migration(w.pid, to=secret_agent.url, mode="classic", secret=SECRET, log_dir=logs).run()
+    assert_moved(w, report)
+
+
+def test_a_raw_peer_that_skips_authentication_is_refused(secret_agent: TcpAgent) -> None:
+    with socket.create_connection(("127.0.0.1", secret_agent.port), timeout=10) as s:
+        f = s.makefile("rb")
+        kind, length = f.read(1)[0], int.from_bytes(f.read(4), "big")
+        welcome = json.loads(f.read(length))
+        assert kind == 1 and welcome["type"] == "welcome" and welcome["auth"] == "secret"
+        hello = json.dumps({"type": "hello", "protocol": 1}).encode()
+        s.sendall(bytes([1]) + len(hello).to_bytes(4, "big") + hello)
+        kind, length = f.read(1)[0], int.from_bytes(f.read(4), "big")
+        reply = json.loads(f.read(length))
+        assert reply["type"] == "error" and reply["code"] == "auth-failed"
+        assert f.read(1) == b""  # and it hung up
+    assert not list(secret_agent.root.glob("s-*"))
+
+
+def test_a_client_without_the_secret_is_refused(workload: Callable[..., Workload], private_tmp: Path,
+                                                secret_agent: TcpAgent, certs: dict[str, Path]) -> None:
+    w = workload(mib=8)
+    logs = private_tmp.parent / "logs"
+    # TLS towards a plain agent: the handshake fails, nothing is frozen
+    tls = TLSConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
+    with pytest.raises(TransportError):
+        Migration(w.pid, to=secret_agent.url, mode="classic", tls=tls, log_dir=logs).run()
+    _never_frozen(w, logs, secret_agent)
+
+
+def test_plain_tcp_without_authentication_is_refused_by_both_sides(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError, match="needs authentication"):
+        Migration(1, to="tcp://127.0.0.1:1")
+    proc = subprocess.run([*AGENT, "--listen", "127.0.0.1:0", "--root", str(tmp_path / "r")],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    assert b"refusing to listen without authentication" in proc.stderr
+
+
+def test_migrate_over_tls_with_mutual_authentication(workload: Callable[..., Workload], private_tmp: Path,
+                                                     tls_agent: TcpAgent, certs: dict[str, Path]) -> None:
+    w = workload(mib=16)
+    tls = TLSConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
+    report = Migration(w.pid, to=tls_agent.url, mode="page-server", tls=tls, log_dir=private_tmp.parent / "logs").run()
+    assert report.transport == "tcp+tls"
+    assert_moved(w, report)
+
+
+def test_tls_refuses_a_client_certificate_from_another_ca(workload: Callable[..., Workload], private_tmp: Path,
+                                                          tls_agent: TcpAgent, certs: dict[str, Path]) -> None:
+    w = workload(mib=8)
+    logs = private_tmp.parent / "logs"
+    rogue = TLSConfig(str(certs["rogue"]), str(certs["rogue_key"]), str(certs["ca"]))
+    with pytest.raises(TransportError):
+        Migration(w.pid, to=tls_agent.url, mode="classic", tls=rogue, log_dir=logs).run()
+    _never_frozen(w, logs, tls_agent)
+
+
+def test_tls_client_checks_the_agent_certificate(workload: Callable[..., Workload], private_tmp: Path,
+                                                 tls_agent: TcpAgent, certs: dict[str, Path]) -> None:
+    w = workload(mib=8)
+    logs = private_tmp.parent / "logs"
+    trusting_another_ca = TLSConfig(str(certs["client"]), str(certs["client_key"]), str(certs["rogue_ca"]))
+    with pytest.raises(TransportError, match="TLS handshake"):
+        Migration(w.pid, to=tls_agent.url, mode="classic", tls=trusting_another_ca, log_dir=logs).run()
+    _never_frozen(w, logs, tls_agent)
+
+
+def test_the_agent_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    env_path = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([*AGENT, "--listen", ":0", "--root", str(tmp_path / "r"), "--secret-file", str(secret)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PYTHONPATH": env_path,
+                                                                                     "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().startswith("pycriu agent listening on 127.0.0.1:")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert sys.executable
