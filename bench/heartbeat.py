@@ -100,13 +100,19 @@ class GapAnalysis:
                                  # across the gap (CRIU's time namespace hides the downtime: ~ -downtime)
 
 
+#: Beats this long after the end of a flow still belong to its window: the first beat of the
+#: restored workload may come after ``criu restore`` has returned and the harness took its time.
+END_MARGIN_NS = 250_000_000
+
+
 def analyse(beats: Beats, start_ns: int, end_ns: int, *, window: int = 50, tolerance: float = 1.25) -> GapAnalysis:
-    """Find the migration in ``beats`` between ``start_ns`` and ``end_ns``.
+    """Find the migration in ``beats`` between ``start_ns`` and ``end_ns`` (+ :data:`END_MARGIN_NS`).
 
     Downtime: the longest gap between consecutive beats in that window. Full speed: the start of
     the first run of ``window`` beats after the resume whose mean interval is at most
     ``tolerance`` times the mean interval of the beats before ``start_ns``.
     """
+    end_ns += END_MARGIN_NS
     before = [t for t in beats.t if t < start_ns][-500:]
     if len(before) >= 2:
         nominal = (before[-1] - before[0]) / (len(before) - 1)

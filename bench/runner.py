@@ -190,7 +190,7 @@ class Runner:
     def _measure(self, wl: heartbeat.HeartbeatWorkload, r: FlowResult) -> dict[str, Any]:
         # Let the workload run on the destination long enough to see it back at full speed.
         deadline = time.monotonic() + 15
-        settle_until = time.monotonic() + 0.3
+        settle_until = time.monotonic() + heartbeat.END_MARGIN_NS / 1e9 + 0.1
         while True:
             now = time.monotonic()
             if now >= settle_until:
