@@ -109,13 +109,18 @@ def test_plain_tcp_without_authentication_is_refused_by_both_sides(tmp_path: Pat
     assert b"refusing to listen without authentication" in proc.stderr
 
 
+@pytest.mark.parametrize("mode", ["page-server", pytest.param("lazy", marks=needs_lazy_pages),
+                                  pytest.param("page-server-on-source", marks=needs_lazy_pages)])
 def test_migrate_over_tls_with_mutual_authentication(workload: Callable[..., Workload], private_tmp: Path,
-                                                     tls_agent: TcpAgent, certs: dict[str, Path]) -> None:
+                                                     tls_agent: TcpAgent, certs: dict[str, Path], mode: str) -> None:
     w = workload(mib=16)
     tls = TLSConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
-    report = Migration(w.pid, to=tls_agent.url, mode="page-server", tls=tls, log_dir=private_tmp.parent / "logs").run()
+    report = Migration(w.pid, to=tls_agent.url, mode=mode, tls=tls, log_dir=private_tmp.parent / "logs").run()
     assert report.transport == "tcp+tls"
     assert_moved(w, report)
+    # CRIU's own page connection ran inside TLS too, with the same certificates
+    logs = "".join(Path(p).read_text(errors="replace") for k, p in report.logs.items() if "agent" not in k)
+    assert "TLS handshake completed" in logs
 
 
 def test_tls_refuses_a_client_certificate_from_another_ca(workload: Callable[..., Workload], private_tmp: Path,

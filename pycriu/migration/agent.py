@@ -141,7 +141,6 @@ class AgentSession:
         self.committed = False
         self.killed: int | None = None
         self.failed = False
-        self.use_tls_for_criu = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -292,7 +291,7 @@ class AgentSession:
         images = self._path(name)
         self._link_parent(name, msg.get("parent"))
         opts = PageServerOptions(images_dir=images, work_dir=self._path_work(), address=self.data_address, port=0,
-                                 log_file=f"page-server-{name}.log", **self._tls_kwargs())
+                                 log_file=f"page-server-{name}.log", **self._tls_kwargs(msg))
         ps = self.config.criu().page_server(opts)
         try:
             ps.start()
@@ -306,10 +305,14 @@ class AgentSession:
         assert self.dir is not None
         return self.dir / "work"
 
-    def _tls_kwargs(self) -> dict[str, Any]:
-        tls = self.config.tls
-        if not self.use_tls_for_criu or tls is None:
+    def _tls_kwargs(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """CRIU's own TLS for a page connection, with this agent's certificate, when asked."""
+        if not msg.get("tls"):
             return {}
+        tls = self.config.tls
+        if tls is None:
+            raise AgentError("TLS for CRIU's page connections was requested but this agent has no certificate",
+                             code="unsupported")
         return {"tls": True, "tls_cacert": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
 
     def _file(self, msg: dict[str, Any]) -> None:
@@ -362,7 +365,7 @@ class AgentSession:
                 address = PageServerAddress(source_ps["address"], source_ps["port"])
             try:
                 self.lazy = criu.lazy_pages(LazyPagesOptions(images_dir=images, work_dir=work, page_server=address,
-                                                             **self._tls_kwargs()))
+                                                             **self._tls_kwargs(msg)))
                 self.lazy.start()
             except (CriuError, InvalidOptionError) as exc:
                 self.lazy = None

@@ -53,8 +53,8 @@ class AgentClient:
         self.channel.send({"type": "prepare-dir", "dir": name, "parent": parent})
         self.channel.recv("dir-ready")
 
-    def start_page_server(self, name: str, parent: str | None = None) -> PageServerAddress:
-        self.channel.send({"type": "page-server", "dir": name, "parent": parent})
+    def start_page_server(self, name: str, parent: str | None = None, *, tls: bool = False) -> PageServerAddress:
+        self.channel.send({"type": "page-server", "dir": name, "parent": parent, "tls": tls})
         reply = self.channel.recv("page-server", timeout=max(self.timeout, 60.0))
         return PageServerAddress(reply["address"], reply["port"])
 
@@ -63,8 +63,8 @@ class AgentClient:
         return send_files(self.channel, name, files, on_bytes=on_bytes)
 
     def restore(self, name: str, *, lazy: bool, page_server: PageServerAddress | None,
-                flags: Mapping[str, bool]) -> dict[str, Any]:
-        self.channel.send({"type": "restore", "dir": name, "lazy": lazy, "flags": dict(flags),
+                flags: Mapping[str, bool], tls: bool = False) -> dict[str, Any]:
+        self.channel.send({"type": "restore", "dir": name, "lazy": lazy, "flags": dict(flags), "tls": tls,
                            "page_server": None if page_server is None else
                            {"address": page_server.address, "port": page_server.port}})
         return self.channel.recv("restored", timeout=self.timeout)

@@ -94,7 +94,7 @@ def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any)
     follow in post-dump; then restore."""
     assert run.client is not None
     with run.phase("page server start"):
-        address = run.client.start_page_server("images", parent=parent)
+        address = run.client.start_page_server("images", parent=parent, tls=bool(run.criu_tls_options()))
 
     def post_dump() -> None:
         run.send_images("images", _all_images(run))
@@ -270,7 +270,7 @@ def page_server_on_source(run: MigrationRun) -> None:
         with run.phase("page server start"):
             ps = run.criu.page_server(PageServerOptions(images_dir=run.images, work_dir=run.src_logs,
                                                         lazy_pages=True, address=run.source_address, port=0,
-                                                        timeout=run.m.timeout))
+                                                        timeout=run.m.timeout, **run.criu_tls_options()))
             ps.start()
             holder["ps"] = ps
             run.cleanups.append(lambda: ps.stop(grace=1.0))
@@ -309,11 +309,11 @@ def _pre_copy_iterations(run: MigrationRun) -> str:
         local.mkdir()
         t0 = time.monotonic()
         with run.phase(f"pre-dump {i}"):
-            address = run.client.start_page_server(name, parent=parent)
+            address = run.client.start_page_server(name, parent=parent, tls=bool(run.criu_tls_options()))
             result = run.criu.pre_dump(PreDumpOptions(
                 pid=run.pid, images_dir=local, work_dir=run.src_logs, log_file=f"pre-dump-{i}.log",
                 track_mem=True, page_server=run.relay(address), parent_images=f"../{parent}" if parent else None,
-                **run.m.flags))
+                **run.criu_tls_options(), **run.m.flags))
             extra = [(img.name, img.path, None) for img in list_images(local)]
             if extra:
                 run.client.send_images(name, extra)

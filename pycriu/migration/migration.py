@@ -94,6 +94,10 @@ class Migration:
         criu: the :class:`~pycriu.Criu` to use on the source.
         flags: CRIU booleans for both dump and restore, from
             ``pycriu.migration.agent.RESTORE_FLAGS`` (``tcp_established``, ``shell_job``, ...).
+        criu_tls: encrypt and authenticate CRIU's own page connections (page server, lazy
+            pages) with the ``tls`` certificates too (default: whenever ``tls`` is given). CRIU
+            checks each peer certificate against the CA and against the *address* of the
+            connection, so the certificates must name the hosts' data addresses.
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -104,7 +108,7 @@ class Migration:
                  timeout: float = 120.0, lazy_timeout: float = 600.0, source_address: str | None = None,
                  relay: Callable[[PageServerAddress], PageServerAddress] | None = None,
                  progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
-                 flags: Mapping[str, bool] | None = None) -> None:
+                 flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None) -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
         if mode != "auto" and mode not in MODES:
@@ -146,6 +150,9 @@ class Migration:
             if key not in RESTORE_FLAGS or not isinstance(value, bool):
                 raise InvalidOptionError(f"flag {key!r} is not supported: use booleans among {sorted(RESTORE_FLAGS)}")
         self.flags = flags
+        if criu_tls and tls is None:
+            raise InvalidOptionError("criu_tls needs tls=TLSConfig(...) (CRIU uses the same certificates)")
+        self.criu_tls = tls is not None if criu_tls is None else bool(criu_tls)
 
     def __repr__(self) -> str:
         return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
@@ -322,10 +329,19 @@ class MigrationRun:
     def relay(self, address: PageServerAddress) -> PageServerAddress:
         return self.m.relay(address) if self.m.relay is not None else address
 
+    def criu_tls_options(self) -> dict[str, Any]:
+        """CRIU's TLS options for this side's page connections (empty without ``criu_tls``)."""
+        tls = self.m.tls
+        if not self.m.criu_tls or tls is None:
+            return {}
+        return {"tls": True, "tls_cacert": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
+
     def dump_options(self, **kw: Any) -> DumpOptions:
         assert self.images is not None and self.src_logs is not None
         kw.setdefault("images_dir", self.images)
         kw.setdefault("log_file", "dump.log")
+        if kw.get("page_server") is not None or kw.get("lazy_pages"):
+            kw.update(self.criu_tls_options())
         return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **self.m.flags, **kw)
 
     def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:
@@ -371,7 +387,8 @@ class MigrationRun:
         process)."""
         assert self.client is not None
         with self.phase("restore"):
-            reply = self.client.restore(name, lazy=lazy, page_server=page_server, flags=self.m.flags)
+            reply = self.client.restore(name, lazy=lazy, page_server=page_server, flags=self.m.flags,
+                                        tls=bool(page_server is not None and self.criu_tls_options()))
         t_reply = time.monotonic()
         self.report.destination_pid = reply["pid"]
         self.report.destination_state = "restored (not committed)"
