@@ -170,6 +170,7 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
     run.phase_end("lazy page completion")
     if done is not None and done["ok"]:
         procs.kill_tree(run.pid)  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
+        procs.wait_gone(run.pid)
         run.report.destination_state = "running"
         if interrupted is not None:
             raise interrupted

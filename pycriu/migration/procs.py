@@ -8,7 +8,7 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["tree_state", "descendants", "kill_tree", "resume_tree", "is_listening", "has_connection",
+__all__ = ["tree_state", "descendants", "kill_tree", "wait_gone", "resume_tree", "is_listening", "has_connection",
            "wait_listening", "free_port", "poison_lazy_server", "address_towards"]
 
 
@@ -70,6 +70,16 @@ def kill_tree(pid: int) -> int | None:
         except OSError:
             pass
     return pid
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until ``pid`` is gone or a zombie (a SIGKILL takes effect asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while tree_state(pid) != "gone":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def resume_tree(pid: int) -> None:
