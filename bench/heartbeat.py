@@ -157,7 +157,12 @@ class HeartbeatWorkload:
                 "--interval-us", str(interval_us), "--ring", str(ring)]
         self._unshare = subprocess.Popen(
             ["unshare", "--pid", "--fork", "setsid", *argv],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # Its own working directory: CRIU's parasite mounts a private /proc on
+            # "proc.crtools" relative to the dumped task's cwd when the task is in its own PID
+            # namespace, so two dumps at once of tasks sharing a cwd (say "/") collide with
+            # "Can't create a directory (-17)" (criu/pie/parasite.c). Seen on this shared machine.
+            cwd=self.hb_path.parent)
         self.pid = 0
         self._pids: list[int] = []
         try:
