@@ -1,0 +1,133 @@
+"""Iterative pre-copy and hybrid migration: the convergence policy (unit tests, no root), the fast
+refusal on a kernel without dirty-memory tracking (before the process is touched), and the
+end-to-end flows, which need that tracking and skip here with the kernel's reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pycriu
+from conftest import FEATURES, needs_mem_track, needs_root
+from migration_support import assert_moved, private_tmp  # noqa: F401 - fixture
+from pycriu import Migration, PreCopyPolicy
+from pycriu.workload import Workload
+
+NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
+
+# --- the policy ---------------------------------------------------------------------------------
+
+
+def test_defaults_are_p_hauls() -> None:
+    p = PreCopyPolicy()
+    assert (p.max_iterations, p.min_pages, p.max_growth) == (8, 64, 0.10)
+
+
+def test_a_small_iteration_converges() -> None:
+    d = PreCopyPolicy().decide([65536, 40])
+    assert not d.another and d.reason.startswith("converged")
+
+
+def test_a_shrinking_dirty_set_goes_on() -> None:
+    d = PreCopyPolicy().decide([65536, 8000])
+    assert d.another
+
+
+def test_a_growing_dirty_set_stops() -> None:
+    d = PreCopyPolicy().decide([65536, 8000, 9000])  # +12.5 % > 10 %
+    assert not d.another and d.reason.startswith("not converging") and "+12%" in d.reason
+
+
+def test_growth_within_the_tolerance_goes_on() -> None:
+    assert PreCopyPolicy().decide([65536, 8000, 8500]).another  # +6 %
+
+
+def test_max_iterations_stops() -> None:
+    d = PreCopyPolicy(max_iterations=3).decide([9000, 8000, 7000])
+    assert not d.another and "max_iterations=3" in d.reason
+
+
+def test_min_iterations_forces_more() -> None:
+    assert PreCopyPolicy(min_iterations=2).decide([10]).another
+    assert not PreCopyPolicy(min_iterations=2).decide([10, 10]).another
+
+
+@pytest.mark.parametrize("kwargs", [{"max_iterations": 0}, {"min_pages": -1}, {"max_growth": -0.1},
+                                    {"max_iterations": 2, "min_iterations": 3}, {"max_growth": True},
+                                    {"max_iterations": 1.5}])
+def test_invalid_policies_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(pycriu.InvalidOptionError):
+        PreCopyPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+@given(st.integers(1, 12), st.integers(0, 1000), st.floats(0, 2), st.lists(st.integers(0, 10**6), min_size=1,
+                                                                            max_size=40))
+def test_the_policy_always_stops_in_time(max_iterations: int, min_pages: int, growth: float,
+                                         written: list[int]) -> None:
+    policy = PreCopyPolicy(max_iterations=max_iterations, min_pages=min_pages, max_growth=growth)
+    history: list[int] = []
+    for pages in written:
+        history.append(pages)
+        decision = policy.decide(history)
+        if not decision.another:
+            break
+        # going on means: not small enough yet, not growing too fast, iterations left
+        assert pages > min_pages
+        assert len(history) < max_iterations
+    assert len(history) <= max_iterations
+
+
+def test_a_process_with_a_steady_dirty_rate_converges() -> None:
+    """Each pre-dump copies what was dirtied during the previous one; with the copy faster than
+    the dirtying, the iterations shrink geometrically until one is small enough."""
+    policy = PreCopyPolicy()
+    total, copy_rate, dirty_rate = 262144, 150000.0, 20000.0  # pages, pages/s
+    history = [total]
+    while policy.decide(history).another:
+        history.append(int(history[-1] / copy_rate * dirty_rate))
+    assert history[-1] <= policy.min_pages
+    assert len(history) <= policy.max_iterations
+
+
+# --- the flows ----------------------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.skipif(FEATURES is not None and FEATURES.mem_track, reason="this kernel has dirty-memory tracking")
+@pytest.mark.parametrize("mode", ["pre-copy", "hybrid"])
+def test_without_memory_tracking_it_fails_fast_before_touching_the_process(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str) -> None:
+    w = workload(mib=8)
+    logs = private_tmp.parent / "logs"
+    with pytest.raises(pycriu.KernelUnsupportedError, match="dirty-memory tracking") as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=logs).run()
+    assert NO_MEM_TRACK in str(info.value)
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.outcome == "refused"
+    assert not list(logs.rglob("*.log")), "CRIU ran or an agent was started"
+    assert w.alive(w.pid)
+    w.wait_beats(3)
+
+
+@needs_root
+@needs_mem_track
+def test_pre_copy_converges_then_moves_the_rest(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=32, touch=0.05)
+    report = Migration(w.pid, to="local", mode="pre-copy", log_dir=private_tmp.parent / "logs").run()
+    assert report.pre_copy and report.pre_copy_stop
+    assert report.pages["pre_copied"] > 0
+    w.adopt(report.destination_pid)  # type: ignore[arg-type]
+    w.wait_beats(5)
+
+
+@needs_root
+@needs_mem_track
+def test_hybrid_pre_copies_then_finishes_lazily(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    w = workload(mib=32)
+    report = Migration(w.pid, to="local", mode="hybrid", log_dir=private_tmp.parent / "logs").run()
+    assert report.pre_copy
+    assert_moved(w, report)
