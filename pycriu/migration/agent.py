@@ -606,8 +606,9 @@ def _serve_connection(config: AgentConfig, conn: socket.socket, addr: Any, conte
 # --- Command line -------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``pycriu agent`` options (shared by the CLI and ``python -m pycriu.migration.agent``)."""
+def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) -> None:
+    """The ``pycriu agent`` options (shared by the CLI and ``python -m pycriu.migration.agent``);
+    ``criu_option=False`` when the parser already has a ``--criu``."""
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--stdio", action="store_true", help="serve one session on stdin/stdout (local, ssh://)")
     how.add_argument("--listen", metavar="HOST:PORT", help="serve sessions over TCP (tcp://); HOST defaults to "
@@ -620,7 +621,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-address", metavar="IP", help="address CRIU's page servers listen on "
                                                              "(default: the address the source reached)")
     parser.add_argument("--once", action="store_true", help="with --listen: exit after one session")
-    parser.add_argument("--criu", metavar="PATH", help="criu binary")
+    if criu_option:
+        parser.add_argument("--criu", metavar="PATH", help="criu binary")
     parser.add_argument("--commit-timeout", type=float, default=120.0, metavar="S",
                         help="kill a restored tree the source has not committed after S seconds")
     parser.add_argument("--max-file-size", type=int, default=64 << 30, metavar="BYTES")
@@ -648,7 +650,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     own_root = args.root is None
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
     config = AgentConfig(root=root, secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
-                         data_address=args.data_address, criu_binary=args.criu, commit_timeout=args.commit_timeout,
+                         data_address=args.data_address, criu_binary=getattr(args, "criu", None), commit_timeout=args.commit_timeout,
                          max_file_size=args.max_file_size)
     signal.signal(signal.SIGTERM, _terminate)
     try:

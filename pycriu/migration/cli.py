@@ -1,0 +1,199 @@
+"""``pycriu agent`` and ``pycriu migrate``: :func:`register` adds them to the ``pycriu`` command;
+``python -m pycriu.migration.cli`` runs them on their own.
+
+::
+
+    pycriu agent --listen 0.0.0.0:7000 --tls-cert agent.pem --tls-key agent.key --tls-ca ca.pem
+    pycriu migrate 1234 --to tcp://dst:7000 --mode lazy --tls-cert src.pem --tls-key src.key --tls-ca ca.pem
+    pycriu migrate 1234 --to ssh://root@dst --mode auto
+
+``migrate`` shows each phase as it happens when standard error is a terminal, prints the report
+(``--json``: as JSON) and exits 0 when the process moved, 1 when it did not (the report says where
+it runs), 2 on bad usage, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO, Any
+
+from ..errors import CriuError, InvalidOptionError
+from . import agent as agent_mod
+from .migration import MODES, Migration, Progress
+from .policy import PreCopyPolicy
+from .report import MigrationReport
+from .transport import TLSConfig
+
+__all__ = ["register", "main", "ProgressDisplay", "cmd_agent", "cmd_migrate"]
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in action.option_strings for action in parser._actions)  # noqa: SLF001
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``agent`` and ``migrate`` subcommands (each with a ``func(args) -> int`` default)."""
+    p = subparsers.add_parser("agent", help="run the destination agent of migrations",
+                              description="Receive migrating process trees (see `pycriu migrate`).")
+    agent_mod.add_arguments(p, criu_option=not _has_option(p, "--criu"))
+    p.set_defaults(func=cmd_agent)
+
+    p = subparsers.add_parser("migrate", help="move a live process tree to another host",
+                              description="Migrate the tree rooted at PID to a destination agent.")
+    p.add_argument("pid", type=int, metavar="PID", help="root of the tree to migrate")
+    p.add_argument("--to", default="local", metavar="DEST",
+                   help="local (default), ssh://[user@]host[:port] or tcp://host:port")
+    p.add_argument("--mode", default="auto", choices=["auto", *MODES],
+                   help="memory-transfer flow (default auto: lazy when both hosts support it, else page-server)")
+    auth = p.add_argument_group("tcp:// authentication")
+    auth.add_argument("--secret-file", metavar="FILE", help="shared secret (the agent's --secret-file)")
+    auth.add_argument("--tls-cert", metavar="PEM", help="this host's certificate")
+    auth.add_argument("--tls-key", metavar="PEM", help="its private key")
+    auth.add_argument("--tls-ca", metavar="PEM", help="CA that signed the agent's certificate")
+    auth.add_argument("--no-criu-tls", action="store_true",
+                      help="with TLS, leave CRIU's own page connections unencrypted")
+    ssh = p.add_argument_group("ssh://")
+    ssh.add_argument("-i", "--identity", metavar="FILE", help="SSH private key")
+    ssh.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
+                     help="extra ssh argument, e.g. --ssh-option=-oPort=2222 (repeatable)")
+    ssh.add_argument("--agent-command", metavar="CMD",
+                     help="agent command on the destination (default: pycriu agent --stdio)")
+    p.add_argument("--log-dir", metavar="DIR", help="keep the CRIU logs of both sides here")
+    p.add_argument("--scratch-dir", metavar="DIR", help="where the source writes its images")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="wait at most S s for any agent reply")
+    p.add_argument("--lazy-timeout", type=float, default=600.0, metavar="S",
+                   help="lazy flows: the page transfer may take S s")
+    p.add_argument("--source-address", metavar="IP", help="address of this host the destination connects to")
+    p.add_argument("--flag", action="append", default=[], choices=sorted(agent_mod.RESTORE_FLAGS),
+                   help="CRIU option for dump and restore (repeatable), e.g. --flag tcp_established")
+    pre = p.add_argument_group("pre-copy and hybrid")
+    pre.add_argument("--max-iterations", type=int, default=8)
+    pre.add_argument("--min-pages", type=int, default=64)
+    pre.add_argument("--max-growth", type=float, default=0.10)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    if not _has_option(p, "--json"):
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+    if not _has_option(p, "--criu"):
+        p.add_argument("--criu", metavar="PATH", help="criu binary")
+    p.set_defaults(func=cmd_migrate)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    return agent_mod.run_from_args(args)
+
+
+class ProgressDisplay:
+    """Phases as they start and end, and a byte counter during the image transfer."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._open = ""
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def __call__(self, e: Progress) -> None:
+        with self._lock:
+            if e.event == "start":
+                self._close_line()
+                self._open = e.phase
+                self._write(f"  {e.phase:<22} ...")
+            elif e.event == "end":
+                self._close_line(f"  {e.phase:<22} {(e.seconds or 0) * 1000:8.1f} ms"
+                                 + (f"  {e.message}" if e.message else ""))
+                self._open = ""
+            elif e.event == "bytes" and self.tty and e.total and time.monotonic() - self._last > 0.1:
+                self._last = time.monotonic()
+                self._write(f"\r  {e.phase:<22} ... {e.done / 2**20:7.1f} / {e.total / 2**20:.1f} MiB")
+            elif e.event == "info":
+                self._close_line(f"  mode: {e.message}")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _close_line(self, text: str | None = None) -> None:
+        if text is None:
+            if self._open:
+                self._write("\n")
+            return
+        if self._open and self.tty:
+            self._write("\r\x1b[K" + text + "\n")
+        elif self._open:
+            self._write("\n" + text + "\n")
+        else:
+            self._write(text + "\n")
+        self._open = ""
+
+
+def _migration(args: argparse.Namespace) -> Migration:
+    from ..criu import Criu
+
+    secret = None
+    if args.secret_file:
+        secret = agent_mod.read_secret(args.secret_file)
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if not (args.tls_cert and args.tls_key and args.tls_ca):
+            raise InvalidOptionError("TLS needs --tls-cert, --tls-key and --tls-ca")
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    progress = None
+    if not args.quiet and sys.stderr.isatty():
+        progress = ProgressDisplay(sys.stderr)
+    criu_path = getattr(args, "criu", None)
+    return Migration(
+        args.pid, to=args.to, mode=args.mode, secret=secret, tls=tls, ssh_options=args.ssh_option,
+        identity_file=args.identity, agent_command=shlex.split(args.agent_command) if args.agent_command else None,
+        log_dir=args.log_dir, scratch_dir=args.scratch_dir, timeout=args.timeout, lazy_timeout=args.lazy_timeout,
+        source_address=args.source_address, progress=progress, criu=Criu(criu_path) if criu_path else None,
+        flags={name: True for name in args.flag}, criu_tls=False if args.no_criu_tls else None,
+        policy=PreCopyPolicy(max_iterations=args.max_iterations, min_pages=args.min_pages,
+                             max_growth=args.max_growth))
+
+
+def _print_report(report: MigrationReport, as_json: bool) -> None:
+    print(report.to_json() if as_json else str(report), flush=True)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    as_json = bool(getattr(args, "json", False))
+    try:
+        migration = _migration(args)
+        if not args.quiet and sys.stderr.isatty():
+            print(f"pycriu migrate: pid {args.pid} -> {args.to}, mode {args.mode}", file=sys.stderr)
+        report = migration.run()
+    except InvalidOptionError as exc:
+        print(f"pycriu migrate: {exc}", file=sys.stderr)
+        return 2
+    except CriuError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            _print_report(report, as_json)
+        print(f"pycriu migrate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            _print_report(report, as_json)
+        print("pycriu migrate: interrupted", file=sys.stderr)
+        return 130
+    _print_report(report, as_json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pycriu.migration.cli {agent,migrate} ...``."""
+    parser = argparse.ArgumentParser(prog="pycriu", description="pycriu migration commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
