@@ -24,12 +24,17 @@ class MigrationError(CriuError):
         super().__init__(message, operation=kwargs.pop("operation", "migrate"), **kwargs)
         self.report = report
 
-    def __reduce__(self) -> tuple[Any, ...]:  # the report does not travel; the message does
-        return (_rebuild, (type(self), self.message, self.hint))
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Everything but the report (a live object of this process) crosses a pickle.
+        state = {"operation": self.operation, "errno": self.errno, "criu_message": self.criu_message,
+                 "log_path": self.log_path, "hint": self.hint, "code": getattr(self, "code", None)}
+        return (_rebuild, (type(self), self.message, state))
 
 
-def _rebuild(cls: type[MigrationError], message: str, hint: str | None) -> MigrationError:
-    return cls(message, hint=hint)
+def _rebuild(cls: type[MigrationError], message: str, state: dict[str, Any]) -> MigrationError:
+    code = state.pop("code", None)
+    err = cls(message, **({"code": code} if code is not None else {}), **state)
+    return err
 
 
 class TransportError(MigrationError):
