@@ -13,33 +13,47 @@ from .workload import Workload
 
 
 def main() -> int:
+    from .errors import KernelUnsupportedError
+    from .migration import Migration, MigrationError, Progress
+
     criu = Criu()
     print(f"pycriu demo: CRIU {criu.version()} at {criu.binary}")
+    print("lazy (post-copy) migration of a live sample workload to a local agent: a separate process with "
+          "its own directories, reached like a remote host")
     with tempfile.TemporaryDirectory(prefix="pycriu-demo-") as tmp:
-        images = Path(tmp) / "images"
-        images.mkdir()
         with Workload(Path(tmp) / "state", mib=64) as w:
             before = w.wait_beats(3)
             print(f"workload pid {w.pid}: {before['mib']} MiB, heartbeat {before['beat']}, "
                   f"memory checksum {w.expected_checksum}")
-            events: list[str] = []
+
+            def show(event: Progress) -> None:
+                if event.event == "end":
+                    print(f"  {event.phase:<22} {(event.seconds or 0) * 1000:8.1f} ms", flush=True)
+
             try:
-                dump = criu.dump(DumpOptions(pid=w.pid, images_dir=images,
-                                             notify=lambda action, pid: events.append(action)))
-                restored = criu.restore(RestoreOptions(images_dir=images))
+                try:
+                    report = Migration(w.pid, to="local", mode="lazy", progress=show).run()
+                except KernelUnsupportedError as exc:
+                    print(f"lazy migration is not possible here ({exc.message}): letting pycriu choose")
+                    report = Migration(w.pid, to="local", mode="auto", progress=show).run()
+            except MigrationError as exc:
+                print(f"demo failed: {exc}", file=sys.stderr)
+                if exc.report is not None:
+                    print(exc.report, file=sys.stderr)
+                return 1
             except CriuError as exc:
                 print(f"demo failed: {exc}", file=sys.stderr)
                 return 1
-            w.adopt(restored.pid)
+            assert report.destination_pid is not None
+            w.adopt(report.destination_pid)
             after = w.wait_beats(3)
             same = w.checksum() == w.expected_checksum
-            assert dump.stats is not None and restored.stats is not None
-            print(f"dumped: frozen {dump.stats.frozen_time * 1000:.0f} ms, "
-                  f"{dump.stats.pages_written} pages written; notifications: {', '.join(events)}")
-            print(f"restored as pid {restored.pid} in {restored.stats.restore_time * 1000:.0f} ms; "
-                  f"heartbeat {after['beat']} and counting; memory intact: {same}")
+            print()
+            print(report)
+            print()
+            print(f"the workload runs on as pid {report.destination_pid}: heartbeat {after['beat']} and counting; "
+                  f"memory intact: {same}; source gone: {not w.alive(report.pid)}")
             return 0 if same else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
