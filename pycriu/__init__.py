@@ -36,6 +36,17 @@ from .errors import (
     RestoreError,
     ServiceError,
 )
+from .migration import (
+    AgentError,
+    AuthenticationError,
+    Migration,
+    MigrationError,
+    MigrationReport,
+    PreCopyPolicy,
+    ProtocolError,
+    TLSConfig,
+    TransportError,
+)
 from .options import (
     CgroupRoot,
     DumpOptions,
@@ -53,17 +64,6 @@ from .options import (
     external_veth,
 )
 from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats
-from .migration import (
-    AgentError,
-    AuthenticationError,
-    Migration,
-    MigrationError,
-    MigrationReport,
-    PreCopyPolicy,
-    ProtocolError,
-    TLSConfig,
-    TransportError,
-)
 
 __all__ = [
     "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",

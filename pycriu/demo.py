@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .criu import Criu
 from .errors import CriuError
-from .options import DumpOptions, RestoreOptions
 from .workload import Workload
 
 

@@ -61,10 +61,10 @@ def criu_pids() -> list[int]:
             if c.split(" ")[0].endswith("criu") and ("page-server" in c or "lazy-pages" in c or "swrk" in c)]
 
 
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Point :mod:`tempfile` at a private directory, and check at the end that a migration left
-    nothing behind there (scratch images, agent roots) and no agent or CRIU daemon running."""
+def leak_checked_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Body of the ``private_tmp`` fixtures: point :mod:`tempfile` at a private directory, and
+    check at the end that a migration left nothing behind there (scratch images, agent roots) and
+    no agent or CRIU daemon running."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))

@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import needs_root
+from migration_support import leak_checked_tmp
 
 import pycriu
-from conftest import needs_root
-from migration_support import private_tmp  # noqa: F401 - fixture
 from pycriu.migration import AgentError, TransportError
 from pycriu.migration.protocol import KIND_CONTROL, KIND_DATA, PROTOCOL_VERSION, Channel
 from pycriu.migration.transport import Connection, Destination, connect
 
 pytestmark = [needs_root]
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from leak_checked_tmp(tmp_path, monkeypatch)
+
 
 
 def _hello() -> dict[str, Any]:

@@ -10,17 +10,22 @@ import pty
 import select
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_root
-from migration_support import assert_moved, private_tmp  # noqa: F401 - fixture
+from migration_support import assert_moved, leak_checked_tmp
+
 from pycriu import MigrationReport
 from pycriu.migration import Progress
 from pycriu.migration.cli import ProgressDisplay, register
 from pycriu.workload import Workload
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 PYCRIU = [sys.executable, "-m", "pycriu.migration.cli"]
 

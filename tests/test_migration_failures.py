@@ -10,18 +10,23 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_lazy_pages, needs_root
-from migration_support import Relay, TcpAgent, agent_pids, private_tmp, wait_gone  # noqa: F401 - fixture
+from migration_support import Relay, TcpAgent, agent_pids, leak_checked_tmp, wait_gone
+
 from pycriu import Migration, MigrationError, PageServerAddress
 from pycriu.migration import Progress
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 SECRET = b"0123456789abcdef-test-secret"
 

@@ -4,18 +4,23 @@ is gone, and the report's byte and disk figures are what really lay in the two d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_lazy_pages, needs_root
-from migration_support import Snapshot, assert_moved, private_tmp  # noqa: F401 - fixture
+from migration_support import Snapshot, assert_moved, leak_checked_tmp
+
 from pycriu import Migration, MigrationReport
 from pycriu.migration.images import PAGE_SIZE
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 MIB = 24
 

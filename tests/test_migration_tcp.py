@@ -12,13 +12,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_lazy_pages, needs_root
-from migration_support import AGENT, TcpAgent, assert_moved, make_certs, private_tmp  # noqa: F401 - fixture
+from migration_support import AGENT, TcpAgent, assert_moved, leak_checked_tmp, make_certs
+
 from pycriu import AuthenticationError, InvalidOptionError, Migration, TLSConfig, TransportError
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from leak_checked_tmp(tmp_path, monkeypatch)
+
 
 SECRET = b"s3cret-for-the-tcp-tests-0123456789"
 

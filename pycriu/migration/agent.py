@@ -353,7 +353,8 @@ class AgentSession:
             except (CriuError, TimeoutError) as exc:
                 ps.stop()
                 self.state = "failed"
-                raise AgentError(f"the page server did not receive the dump: {exc}", code="page-server-failed") from None
+                raise AgentError(f"the page server did not receive the dump: {exc}",
+                                 code="page-server-failed") from None
             ps_wait = time.monotonic() - t_request
         work = self._path_work()
         criu = self.config.criu()
@@ -482,13 +483,15 @@ class AgentSession:
         return False
 
     _HANDLERS: dict[str, Any] = {
-        "hello": _hello, "ping": _ping, "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file, "files-done": _files_done,
+        "hello": _hello, "ping": _ping, "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
+        "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
         "bye": _bye,
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
-        "ready": frozenset({"ping", "prepare-dir", "page-server", "file", "files-done", "restore", "abort", "logs", "bye"}),
+        "ready": frozenset({"ping", "prepare-dir", "page-server", "file", "files-done", "restore", "abort", "logs",
+                            "bye"}),
         "restored": frozenset({"ping", "commit", "abort"}),
         "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),
         "done": frozenset({"ping", "logs", "bye"}),
@@ -650,7 +653,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     own_root = args.root is None
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
     config = AgentConfig(root=root, secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
-                         data_address=args.data_address, criu_binary=getattr(args, "criu", None), commit_timeout=args.commit_timeout,
+                         data_address=args.data_address, criu_binary=getattr(args, "criu", None),
+                         commit_timeout=args.commit_timeout,
                          max_file_size=args.max_file_size)
     signal.signal(signal.SIGTERM, _terminate)
     try:

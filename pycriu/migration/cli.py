@@ -109,7 +109,7 @@ class ProgressDisplay:
                 self._open = ""
             elif e.event == "bytes" and self.tty and e.total and time.monotonic() - self._last > 0.1:
                 self._last = time.monotonic()
-                self._write(f"\r  {e.phase:<22} ... {e.done / 2**20:7.1f} / {e.total / 2**20:.1f} MiB")
+                self._write(f"\r  {e.phase:<22} ... {(e.done or 0) / 2**20:7.1f} / {e.total / 2**20:.1f} MiB")
             elif e.event == "info":
                 self._close_line(f"  mode: {e.message}")
 
@@ -171,15 +171,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(f"pycriu migrate: {exc}", file=sys.stderr)
         return 2
     except CriuError as exc:
-        report = getattr(exc, "report", None)
-        if report is not None:
-            _print_report(report, as_json)
+        failed = getattr(exc, "report", None)
+        if failed is not None:
+            _print_report(failed, as_json)
         print(f"pycriu migrate: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        report = getattr(exc, "report", None)
-        if report is not None:
-            _print_report(report, as_json)
+        failed = getattr(exc, "report", None)
+        if failed is not None:
+            _print_report(failed, as_json)
         print("pycriu migrate: interrupted", file=sys.stderr)
         return 130
     _print_report(report, as_json)

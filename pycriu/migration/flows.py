@@ -274,7 +274,7 @@ def page_server_on_source(run: MigrationRun) -> None:
                                                         timeout=run.m.timeout, **run.criu_tls_options()))
             ps.start()
             holder["ps"] = ps
-            run.cleanups.append(lambda: ps.stop(grace=1.0))
+            run.cleanups.append(lambda: _stop(ps))
         run.restore_and_commit(lazy=True, page_server=run.relay(ps.address))
 
     run.record_dump(run.criu.dump(run.dump_options(leave_stopped=True, notify=run.notify(post_dump))))
@@ -294,6 +294,10 @@ def page_server_on_source(run: MigrationRun) -> None:
     _account(run, image_pages=sizes.get("present", 0), server_pages=0, lazy_pages=sizes.get("lazy", 0))
 
 
+def _stop(daemon: Any) -> None:
+    daemon.stop(grace=1.0)
+
+
 # --- iterative ------------------------------------------------------------------------------------
 
 
@@ -303,7 +307,7 @@ def _pre_copy_iterations(run: MigrationRun) -> str:
     assert run.client is not None and run.scratch is not None and run.src_logs is not None
     written: list[int] = []
     parent: str | None = None
-    run.touched = True  # type: ignore[attr-defined]
+    run.touched = True
     for i in itertools.count(1):
         name = f"pre-{i}"
         local = run.scratch / name
@@ -311,10 +315,11 @@ def _pre_copy_iterations(run: MigrationRun) -> str:
         t0 = time.monotonic()
         with run.phase(f"pre-dump {i}"):
             address = run.client.start_page_server(name, parent=parent, tls=bool(run.criu_tls_options()))
+            extra_opts: dict[str, Any] = {**run.criu_tls_options(), **run.m.flags}
             result = run.criu.pre_dump(PreDumpOptions(
                 pid=run.pid, images_dir=local, work_dir=run.src_logs, log_file=f"pre-dump-{i}.log",
                 track_mem=True, page_server=run.relay(address), parent_images=f"../{parent}" if parent else None,
-                **run.criu_tls_options(), **run.m.flags))
+                **extra_opts))
             extra = [(img.name, img.path, None) for img in list_images(local)]
             if extra:
                 run.client.send_images(name, extra)

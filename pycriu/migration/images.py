@@ -75,7 +75,7 @@ def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
     pages = images = other = apparent = 0
     if directory is None or not os.path.isdir(directory):
         return DirUsage()
-    for root, dirs, files in os.walk(directory, followlinks=False):
+    for root, _dirs, files in os.walk(directory, followlinks=False):
         for name in files:
             try:
                 st = os.lstat(os.path.join(root, name))

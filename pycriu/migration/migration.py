@@ -36,8 +36,8 @@ from ..results import DumpResult, DumpStats
 from . import procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
-from .errors import AgentError, MigrationError, TransportError
-from .images import PAGE_SIZE, dir_usage
+from .errors import AgentError, MigrationError
+from .images import dir_usage
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
 from .transport import Connection, Destination, TLSConfig, connect
@@ -342,7 +342,8 @@ class MigrationRun:
         kw.setdefault("log_file", "dump.log")
         if kw.get("page_server") is not None or kw.get("lazy_pages"):
             kw.update(self.criu_tls_options())
-        return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **self.m.flags, **kw)
+        flags: dict[str, Any] = dict(self.m.flags)
+        return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **flags, **kw)
 
     def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:
         """A dump notify callback: marks the freeze and runs ``post_dump`` at CRIU's post-dump

@@ -147,8 +147,8 @@ class MigrationReport:
             lines.append(f"  recovery images: {self.recovery_images}")
         if self.logs:
             lines.append("  logs:")
-            for k, v in self.logs.items():
-                lines.append(f"    {k:<24} {v}")
+            for label, path in self.logs.items():
+                lines.append(f"    {label:<24} {path}")
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
