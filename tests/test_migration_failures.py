@@ -128,6 +128,27 @@ def test_ctrl_c_during_the_transfer_resumes_the_source(workload: Callable[..., W
     _source_intact(w, report.source_state)
 
 
+@needs_lazy_pages
+def test_ctrl_c_while_a_lazy_dump_sends_its_images_resumes_the_source(workload: Callable[..., Workload],
+                                                                      private_tmp: Path) -> None:
+    """The lazy dump runs in a thread; Ctrl-C reaches the main thread while the dump thread is in
+    CRIU's post-dump sending the images: post-dump is made to fail, CRIU resumes the tree."""
+    w = workload(mib=16)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt_main() -> None:
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.2)  # let the main thread take it while the images are being sent
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode="lazy", log_dir=private_tmp.parent / "logs",
+                  progress=_at("image transfer", "start", interrupt_main)).run()
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.outcome == "rolled-back", report
+    _source_intact(w, report.source_state)
+
+
 def _secret_file(tmp: Path) -> str:
     p = tmp.parent / "secret"
     p.write_bytes(SECRET)

@@ -232,6 +232,11 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
             raise TransportError("CRIU's lazy page server did not start listening", log_path=opts.log_path)
         run.restore_and_commit(lazy=True, page_server=run.relay(PageServerAddress(run.source_address, port)))
     except BaseException as exc:
+        if not posted.is_set() and dumper.is_alive():
+            # interrupted while the dump thread is before or inside post-dump: make post-dump fail
+            # (CRIU then resumes the tree) and wait for it, so that nobody else uses the channel
+            run.cancel.set()
+            dumper.join(run.m.timeout)
         if posted.is_set():
             _abort_lazy(run, dumper, port, f"source failed: {exc!r}")
         raise
@@ -242,9 +247,9 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
 
     _finish_lazy(run, wait_source, lambda: dumper.error is not None)
     if dumper.result is not None:
-        run.record_dump(dumper.result)
-        run.note("CRIU's dump statistics of a lazy dump do not count the pages served lazily; the page "
-                 "figures come from the pagemaps")
+        run.record_dump(dumper.result, stats=False)
+        run.note("CRIU's statistics of a lazy dump are not meaningful (zero pages, a bogus frozen time) and "
+                 "are left out; the page figures come from the pagemaps")
     _account(run, image_pages=sizes.get("present", 0), server_pages=0, lazy_pages=sizes.get("lazy", 0))
 
 

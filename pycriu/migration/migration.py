@@ -184,11 +184,10 @@ class MigrationRun:
         self.dumped = False
         self.touched = False  # a pre-dump ran (the tree was briefly frozen and resumed)
         self.source_resumes_on_failure = True  # false once the source was committed to dying
-        self.keep_scratch = False
         self.leave_stopped = False
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
-        self.pages: dict[str, int] = {}
+        self.cancel = threading.Event()  # set when the main thread gives up (Ctrl-C) during a lazy dump
         self.local: dict[str, Any] = {}
         self.source_address = "127.0.0.1"
         self._open_phases: dict[str, float] = {}
@@ -356,15 +355,20 @@ class MigrationRun:
             elif action == "post-dump":
                 self.phase_end("freeze+dump")
                 self.dumped = True
+                self.check_cancelled()
                 if post_dump is not None:
                     post_dump()
             return True
 
         return callback
 
-    def record_dump(self, result: DumpResult, label: str = "dump") -> None:
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise MigrationError("cancelled by the caller (KeyboardInterrupt)")
+
+    def record_dump(self, result: DumpResult, label: str = "dump", *, stats: bool = True) -> None:
         self.dump_result = result
-        if result.stats is not None:
+        if result.stats is not None and stats:
             self.report.criu_stats[label] = result.stats.to_dict()
         self.report.logs[f"source {label}"] = str(result.log_path)
 
@@ -376,6 +380,7 @@ class MigrationRun:
 
         def on_bytes(n: int) -> None:
             nonlocal done
+            self.check_cancelled()
             done += n
             self.emit("image transfer", "bytes", done=done, total=total)
 
@@ -477,10 +482,7 @@ class MigrationRun:
         report.disk["source"] = {"page_images": src.page_images, "other_images": src.other_images,
                                  "other": (logs.total if logs else 0)}
         if self.scratch is not None:
-            if self.keep_scratch and self.images is not None and any(self.images.iterdir()):
-                report.recovery_images = str(self.images)
-            else:
-                shutil.rmtree(self.scratch, ignore_errors=True)
+            shutil.rmtree(self.scratch, ignore_errors=True)
         if self.src_logs is not None:
             for p in sorted(self.src_logs.glob("*.log")):
                 report.logs.setdefault(f"source {p.stem}", str(p))

@@ -74,7 +74,6 @@ class MigrationReport:
     criu_stats: dict[str, Any] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     log_dir: str | None = None
-    recovery_images: str | None = None
     pre_copy: list[dict[str, Any]] = field(default_factory=list)
     pre_copy_stop: str | None = None
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -143,8 +142,6 @@ class MigrationReport:
                 lines.append(f"  disk, {side}:".ljust(21) + f"page images {_size(d.get('page_images', 0))}, "
                              f"other images {_size(d.get('other_images', 0))}, "
                              f"logs/stats {_size(d.get('other', 0))}")
-        if self.recovery_images:
-            lines.append(f"  recovery images: {self.recovery_images}")
         if self.logs:
             lines.append("  logs:")
             for label, path in self.logs.items():
