@@ -179,7 +179,7 @@ class AgentSession:
                 log.warning("%s: restored tree %d was not committed: killing it", self.name, self.restored_pid)
                 self.killed = kill_tree(self.restored_pid)
         for ps in self.page_servers.values():
-            ps.stop()
+            ps.stop(grace=1.0)
         self.page_servers.clear()
         if self.lazy is not None:
             if self.committed and self.killed is None and self.lazy.running:
