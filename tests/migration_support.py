@@ -300,6 +300,9 @@ def assert_moved(w: Workload, report: MigrationReport) -> None:
     """The tree runs at the destination (heartbeat advances), its memory is unchanged, the source
     is gone, and the report is coherent and serialisable."""
     source = w.pid
+    if report.destination_pid:
+        w.adopt(report.destination_pid)  # first: whatever fails below, the copy is cleaned up
+        w.pid = source
     assert report.outcome == "migrated", report
     assert report.source_state == "gone"
     assert wait_gone(source), "the source tree still runs"
