@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -235,6 +236,14 @@ class Runner:
         out.update(r.extra)
         if out.get("criu_dump_frozen_log_s") is not None and out.get("criu_restore_log_s") is not None:
             out["criu_own_s"] = out["criu_dump_frozen_log_s"] + out["criu_restore_log_s"]
+        # How long starting `criu lazy-pages` took inside the downtime (CRIU's work, but neither
+        # frozen nor restore time): the CLI's own step, or the note pycriu's report makes.
+        if "lazy-pages start" in r.phases:
+            out["criu_lazy_daemon_start_s"] = r.phases["lazy-pages start"]
+        for note in r.extra.get("pycriu_notes") or ():
+            m = re.search(r"starting the lazy-pages daemon took (\d+) ms", note)
+            if m:
+                out["criu_lazy_daemon_start_s"] = int(m.group(1)) / 1e3
         return out
 
     # -- the whole matrix --------------------------------------------------------------------
