@@ -172,7 +172,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs-$criu_bin" ] ||
 	! "$venv/bin/python" -c 'import pycriu._libcriu' 2>/dev/null; then
 	say "installing pycriu into $venv"
 	"$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
-	PKG_CONFIG_PATH="$(criu_pc_path)" "$venv/bin/python" -m pip install -q -e "$here[test,docs,dev]"
+	PKG_CONFIG_PATH="$(criu_pc_path)" "$venv/bin/python" -m pip install -q -e "$here[test,docs,dev,bench]"
 	echo "$inputs-$criu_bin" >"$stamp"
 fi
 say "ready: criu at $criu_bin, pycriu in $venv"
