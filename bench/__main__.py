@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pycriu-bench-", dir="/var/tmp")) if own_workdir else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     runner.become_subreaper()
+    runner.install_stop_handlers()
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -126,27 +127,37 @@ def main(argv: list[str] | None = None) -> int:
                         impls=args.impls, workdir=workdir, verbosity=args.verbosity, ref_mib=args.ref_mib,
                         verify=not args.no_verify, keep=args.keep, busy_rate=args.busy_rate, log=log)
     t0 = time.monotonic()
+    interrupted = False
     try:
         with netns.topology() as links:
             run = runner.Runner(cfg, links)
             try:
                 env = runner.environment(run.criu)
                 refs = run.link_references()
-                records = run.run()
-                for name, m in run.link_references().items():  # again at the end: the machine is noisy
-                    refs[name]["throughput_end"] = m["throughput_start"]
+                try:
+                    run.run()
+                except KeyboardInterrupt:
+                    # Ctrl-C / SIGTERM: the current trial cleaned up after itself; report what ran
+                    interrupted = True
+                    log("interrupted: cleaning up and writing the trials done so far")
+                if not interrupted:
+                    for name, m in run.link_references().items():  # again at the end: the machine is noisy
+                        refs[name]["throughput_end"] = m["throughput_start"]
             finally:
                 run.close()
     finally:
         runner.kill_leftover_children()
         if own_workdir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    records = run.records
     for r in refs.values():
-        r["throughput_bytes_per_s"] = (r["throughput_start"]["bytes_per_s"] + r["throughput_end"]["bytes_per_s"]) / 2
+        ends = [m["bytes_per_s"] for k, m in r.items() if k.startswith("throughput_") and isinstance(m, dict)]
+        r["throughput_bytes_per_s"] = sum(ends) / len(ends)
     env["loadavg_end"] = os.getloadavg()
     summary = report.summarise(records, refs)
     doc = {
         "started": started.isoformat(timespec="seconds"),
+        "interrupted": interrupted,
         "duration_s": time.monotonic() - t0,
         "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "config": {"sizes": args.sizes, "rates": args.rates, "busy_rate": args.busy_rate, "links": args.links,
@@ -164,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(doc))
     for kind, p in paths.items():
         print(f"{kind}: {p}")
+    if interrupted:
+        return 130
     return 0 if all(r["ok"] for r in records) else 1
 
 

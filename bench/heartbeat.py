@@ -69,7 +69,7 @@ def read_beats(path: str | os.PathLike[str]) -> Beats:
     fields = struct.unpack_from("<11Q", data, 0)
     names = ("magic", "version", "ring", "interval_ns", "mib", "rate_ppm", "seq", "fill_ns",
              "verify_count", "verify_bad", "pages_written")
-    header = dict(zip(names, fields))
+    header = dict(zip(names, fields, strict=True))
     if header["magic"] != MAGIC:
         return Beats([], [], [], header)
     ring, newest = header["ring"], header["seq"]

@@ -121,7 +121,7 @@ def run(mode: str, ctx: TrialContext) -> FlowResult:
         # CRIU's own dump work: from its pre-dump notification (the freeze) to post-dump
         times["criu_dump_frozen_log_s"] = freeze_dump
     extra.update(times)
-    phases = {}
+    phases: dict[str, float] = {}
     for p in report.phases:
         phases[p.name] = phases.get(p.name, 0.0) + p.seconds
     return FlowResult(dest_pid=report.destination_pid, start_ns=t0, end_ns=t1, restored_ns=marks.get("restore"),

@@ -15,7 +15,7 @@ METRICS = ("downtime_s", "total_s", "resumed_s", "full_speed_s", "lazy_done_s", 
 MODE_ORDER = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: list[Any]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
@@ -162,6 +162,8 @@ def _mb(v: float | None) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     env = doc["environment"]
     lines = [f"# pycriu benchmark, {doc['started']}", ""]
+    if doc.get("interrupted"):
+        lines += ["**Interrupted**: only the trials that ran before the interruption are below.", ""]
     lines.append(f"CRIU {env['criu_version']} ({env['criu_binary']}), pycriu {env['pycriu_version']}, kernel "
                  f"{env['kernel']}, {env['cpus']} CPUs, git {str(env.get('git_commit'))[:10]}"
                  f"{' (dirty)' if env.get('git_dirty') else ''}. Command: `{doc['command']}`. "
@@ -171,8 +173,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines.append("")
     lines.append("| link | what | one TCP stream |")
     lines.append("|---|---|---|")
-    for name, l in doc["links"].items():
-        lines.append(f"| {name} | {l['description']} | {l['throughput_bytes_per_s'] / 1e6:.0f} MB/s |")
+    for name, link in doc["links"].items():
+        lines.append(f"| {name} | {link['description']} | {link['throughput_bytes_per_s'] / 1e6:.0f} MB/s |")
     lines.append("")
     for s in doc.get("skipped", []):
         lines.append(f"- skipped mode `{s['mode']}`: {s['reason']}")
@@ -180,17 +182,19 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append("")
     lines.append("## Results")
     lines.append("")
-    lines.append("Downtime = longest gap in the workload's own 1 kHz heartbeat. Total = start of the flow until "
-                 "everything is finished (lazy pages included). Full speed = from the freeze until the heartbeat is "
-                 "back to its normal interval (for non-lazy flows: the downtime). Times in ms unless marked s; ratio = pycriu / CLI "
-                 "(below 1: pycriu is faster). Net = bytes over the link; disk = image bytes written on "
-                 "source/destination. CRIU's own = CRIU's time inside the downtime, from its logs: freeze to end of "
-                 "dump (lazy: to serving pages) plus the whole `criu restore`. Orchestration = (downtime - CRIU's "
-                 "own) / downtime: the share of the downtime spent outside CRIU.")
+    lines.append(
+        "Downtime = longest gap in the workload's own 1 kHz heartbeat. Total = start of the flow until "
+        "everything is finished (lazy pages included). Full speed = from the freeze until the heartbeat is "
+        "back to its normal interval (for non-lazy flows: the downtime). Times in ms unless marked s; "
+        "ratio = pycriu / CLI (below 1: pycriu is faster). Net = bytes over the link; disk = image bytes "
+        "written on source/destination. CRIU's own = CRIU's time inside the downtime, from its logs: "
+        "freeze to end of dump (lazy: to serving pages) plus the whole `criu restore`. Orchestration = "
+        "(downtime - CRIU's own) / downtime: the share of the downtime spent outside CRIU.")
     lines.append("")
-    lines.append("| link | MiB | rate | mode | downtime pycriu | downtime CLI | ratio | total pycriu (s) | total CLI (s) "
-                 "| ratio | full speed pycriu (s) | full speed CLI (s) | net MB pycriu / CLI | disk MB src/dst pycriu "
-                 "| disk MB src/dst CLI | CRIU's own pycriu / CLI | orchestration pycriu / CLI | floor (s) |")
+    lines.append(
+        "| link | MiB | rate | mode | downtime pycriu | downtime CLI | ratio | total pycriu (s) | total CLI (s) "
+        "| ratio | full speed pycriu (s) | full speed CLI (s) | net MB pycriu / CLI | disk MB src/dst pycriu "
+        "| disk MB src/dst CLI | CRIU's own pycriu / CLI | orchestration pycriu / CLI | floor (s) |")
     lines.append("|" + "---|" * 18)
     for r in doc["summary"]:
         p = r.get("pycriu") or {}
@@ -202,13 +206,15 @@ def markdown(doc: dict[str, Any]) -> str:
 
         lines.append(
             f"| {r['link']} | {r['mib']} | {r['rate']} | {r['mode']} "
-            f"| {_ms(p.get('downtime_s'))}{fail(p)} | {_ms(b.get('downtime_s'))}{fail(b)} | {_x(ratio.get('downtime_s'))} "
+            f"| {_ms(p.get('downtime_s'))}{fail(p)} | {_ms(b.get('downtime_s'))}{fail(b)} "
+            f"| {_x(ratio.get('downtime_s'))} "
             f"| {_s(p.get('total_s'))} | {_s(b.get('total_s'))} | {_x(ratio.get('total_s'))} "
             f"| {_s(p.get('full_speed_s'))} | {_s(b.get('full_speed_s'))} "
             f"| {_mb(p.get('net_bytes'))} / {_mb(b.get('net_bytes'))} "
             f"| {_mb(p.get('disk_src_bytes'))}/{_mb(p.get('disk_dst_bytes'))} "
             f"| {_mb(b.get('disk_src_bytes'))}/{_mb(b.get('disk_dst_bytes'))} "
-            f"| {_ms(_own(p))} / {_ms(_own(b))} | {_pct(p.get('orchestration_frac'))} / {_pct(b.get('orchestration_frac'))} "
+            f"| {_ms(_own(p))} / {_ms(_own(b))} "
+            f"| {_pct(p.get('orchestration_frac'))} / {_pct(b.get('orchestration_frac'))} "
             f"| {_s(r.get('all_pages_floor_s')) if r['mode'] in ('classic', 'page-server') else ''} |")
     lines.append("")
     lines.append("floor = page bytes / measured link throughput: the least time any flow that moves every page "
@@ -295,7 +301,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
             ax.grid(axis="y", which="both", alpha=0.3)
     handles: dict[str, Any] = {}
     for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
     fig.suptitle(f"pycriu vs the criu CLI: medians of {doc['config']['repeat']} run(s), bars span min to max",
                  fontsize=11, y=0.995)

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -30,6 +31,21 @@ from .netns import Link
 
 RATES = {"idle": 0.0, "busy": 0.10}
 PR_SET_CHILD_SUBREAPER = 36
+
+#: Set by the harness's SIGINT/SIGTERM handler. The KeyboardInterrupt it raises may land inside
+#: code that finishes what it started first (pycriu defers signals while CRIU works, and lets a
+#: lazy transfer complete); the runner also checks this flag between trials, so a Ctrl-C always
+#: stops the run after at most the current trial, and the cleanup runs.
+STOP = threading.Event()
+
+
+def install_stop_handlers() -> None:
+    def handler(signum: int, frame: object) -> None:
+        STOP.set()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 @dataclass(frozen=True)
@@ -279,10 +295,16 @@ class Runner:
         for rep in range(self.cfg.repeat):
             for link, mode, mib, rate in cells:
                 for impl in self.cfg.impls:  # A B, then A B again on the next repeat
+                    if STOP.is_set():
+                        raise KeyboardInterrupt("stopped by a signal")
                     n += 1
                     rec = self.trial(impl, mode, link, mib, rate, rep)
                     self.records.append(rec)
                     self.cfg.log(_line(n, total, rec))
+                    if STOP.is_set():
+                        rec["interrupted"] = True
+                        self.cfg.log(f"  (a stop signal arrived during this trial and did not end it: {impl} "
+                                     f"{'finished the migration' if rec['ok'] else 'failed: ' + str(rec['error'])})")
         return self.records
 
 
