@@ -164,7 +164,9 @@ class Workload:
         self._unshare = subprocess.Popen(
             ["unshare", "--pid", "--fork", "setsid", *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=env, cwd="/",
+            # CRIU's parasite makes a scratch directory in the dumped task's working directory:
+            # give each workload its own, so that two dumps at once do not collide there.
+            env=env, cwd=self.state_path.parent,
         )
         self.pid = 0
         self._pids: set[int] = set()
