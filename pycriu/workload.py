@@ -160,13 +160,15 @@ class Workload:
         if listen is not None:
             argv += ["--listen", str(listen)]
         self.state_path.unlink(missing_ok=True)
+        # CRIU's parasite mounts a scratch proc in the dumped task's working directory
+        # ("proc.crtools"): each workload gets its own, so two dumps at once do not collide.
+        self.workdir = self.state_path.parent / f"{self.state_path.name}.cwd"
+        self.workdir.mkdir(exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         self._unshare = subprocess.Popen(
             ["unshare", "--pid", "--fork", "setsid", *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            # CRIU's parasite makes a scratch directory in the dumped task's working directory:
-            # give each workload its own, so that two dumps at once do not collide there.
-            env=env, cwd=self.state_path.parent,
+            env=env, cwd=self.workdir,
         )
         self.pid = 0
         self._pids: set[int] = set()
