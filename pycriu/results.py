@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._protobuf import fields
+
 __all__ = ["DumpStats", "RestoreStats", "DumpResult", "RestoreResult", "Features", "read_stats"]
 
 _IMG_SERVICE_MAGIC = 0x55105940
@@ -74,43 +76,6 @@ class Features:
     extra: dict[str, bool] = field(default_factory=dict)
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: bytes) -> dict[int, Any]:
-    """Decode one protobuf message into {field number: value} (varints and nested bytes)."""
-    out: dict[int, Any] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            out[num], pos = _varint(buf, pos)
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            out[num] = buf[pos:pos + size]
-            pos += size
-        elif wire == 1:
-            out[num] = buf[pos:pos + 8]
-            pos += 8
-        elif wire == 5:
-            out[num] = buf[pos:pos + 4]
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-    return out
-
-
 def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
     """Parse a CRIU ``stats-dump`` or ``stats-restore`` image; ``None`` if absent or unreadable."""
     try:
@@ -123,9 +88,9 @@ def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
     if magic0 != _IMG_SERVICE_MAGIC or magic1 != _STATS_MAGIC:
         return None
     try:
-        entry = _fields(data[12:12 + size])
+        entry = fields(data[12:12 + size])
         if 1 in entry:
-            d = _fields(entry[1])
+            d = fields(entry[1])
             return DumpStats(
                 freezing_time=d.get(1, 0) / 1e6, frozen_time=d.get(2, 0) / 1e6,
                 memdump_time=d.get(3, 0) / 1e6, memwrite_time=d.get(4, 0) / 1e6,
@@ -133,7 +98,7 @@ def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
                 pages_written=d.get(7, 0), pages_lazy=d.get(9, 0),
             )
         if 2 in entry:
-            r = _fields(entry[2])
+            r = fields(entry[2])
             return RestoreStats(
                 pages_compared=r.get(1, 0), pages_skipped_cow=r.get(2, 0),
                 forking_time=r.get(3, 0) / 1e6, restore_time=r.get(4, 0) / 1e6,

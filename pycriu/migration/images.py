@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import _protobuf
 from .protocol import IMAGE_NAME
 
 __all__ = ["ImageFile", "list_images", "dir_usage", "Pagemap", "read_pagemap", "pagemaps", "PAGE_SIZE",
@@ -96,31 +97,6 @@ def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
 # --- pagemap metadata ---------------------------------------------------------------------------
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("bad varint in pagemap image")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _message(buf: bytes) -> dict[int, int]:
-    """Varint fields of one protobuf message (all pagemap fields are varints)."""
-    out: dict[int, int] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        if key & 7 != 0:
-            raise ValueError("unexpected wire type in pagemap image")
-        out[key >> 3], pos = _varint(buf, pos)
-    return out
-
-
 @dataclass(frozen=True)
 class PagemapEntry:
     vaddr: int
@@ -172,7 +148,7 @@ def read_pagemap(path: str | os.PathLike[str]) -> Pagemap:
             raise ValueError(f"{path}: truncated")
         (size,) = struct.unpack_from("<I", data, pos)
         pos += 4
-        messages.append(_message(data[pos:pos + size]))
+        messages.append(_protobuf.fields(data[pos:pos + size]))
         pos += size
     if not messages:
         raise ValueError(f"{path}: no pagemap head")
