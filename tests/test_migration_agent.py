@@ -15,7 +15,7 @@ from conftest import needs_root
 from migration_support import leak_checked_tmp
 
 import pycriu
-from pycriu.migration import AgentError, TransportError
+from pycriu.migration import AgentError, TransportError, checks
 from pycriu.migration.protocol import KIND_CONTROL, KIND_DATA, PROTOCOL_VERSION, Channel
 from pycriu.migration.transport import Connection, Destination, connect
 
@@ -212,3 +212,19 @@ def test_the_agent_cleans_its_session_after_a_clean_goodbye(private_tmp: Path) -
     finally:
         conn.close(timeout=10)
     assert os.path.exists(private_tmp)
+
+
+def test_a_successful_check_is_cached_for_the_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "CACHE_FILE", tmp_path / "run" / "criu-check.json")
+    monkeypatch.setattr(checks, "_MEMO", {})
+    first = checks.probe(pycriu.Criu())
+    assert not first.cached
+    assert checks.CACHE_FILE.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setattr(checks, "_MEMO", {})  # as a new process would: from the file
+    second = checks.probe(pycriu.Criu())
+    assert second.cached and (second.lazy_pages, second.mem_track) == (first.lazy_pages, first.mem_track)
+    assert second.criu == first.criu  # the version is asked every time
+    data = checks.CACHE_FILE.read_text().replace(first.criu, "0.0.1")  # another CRIU: not reused
+    checks.CACHE_FILE.write_text(data)
+    monkeypatch.setattr(checks, "_MEMO", {})
+    assert not checks.probe(pycriu.Criu()).cached

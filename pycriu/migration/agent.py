@@ -47,6 +47,7 @@ from ..daemons import LazyPages, PageServer
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError
 from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
+from . import checks
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .images import dir_usage
 from .procs import kill_tree
@@ -91,28 +92,54 @@ class AgentConfig:
     log_level: LogLevel = LogLevel.INFO
     _criu: Criu | None = field(default=None, repr=False)
     _local: dict[str, Any] | None = field(default=None, repr=False)
+    _probe: threading.Thread | None = field(default=None, repr=False)
+    _probe_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def criu(self) -> Criu:
         if self._criu is None:
             self._criu = Criu(self.criu_binary)
         return self._criu
 
-    def local_info(self) -> dict[str, Any]:
-        """This host's CRIU version, ``criu check`` result and features (probed once)."""
-        if self._local is None:
-            info: dict[str, Any] = {"pycriu": __version__, "arch": platform.machine(), "kernel": platform.release(),
-                                    "criu": "unknown", "criu_check": False, "criu_error": None,
-                                    "features": {"lazy_pages": False, "mem_track": False}}
-            try:
-                criu = self.criu()
-                info["criu"] = str(criu.require_version())
-                criu.check()
-                info["criu_check"] = True
-                f = criu.features()
-                info["features"] = {"lazy_pages": f.lazy_pages, "mem_track": f.mem_track}
-            except CriuError as exc:
-                info["criu_error"] = str(exc).splitlines()[0]
-            self._local = info
+    def prefetch(self) -> None:
+        """Start probing this host's CRIU in the background (at agent start-up, before the
+        source's ``hello`` arrives, so that the checks cost the migration no extra wait)."""
+        with self._probe_lock:
+            if self._probe is None:
+                self._local = None
+                self._probe = threading.Thread(target=self._probe_now, name="pycriu-agent-checks", daemon=True)
+                self._probe.start()
+
+    def _probe_now(self) -> None:
+        info: dict[str, Any] = {"pycriu": __version__, "arch": platform.machine(), "kernel": platform.release(),
+                                "criu": "unknown", "criu_check": False, "criu_error": None,
+                                "features": {"lazy_pages": False, "mem_track": False}, "checks_cached": False,
+                                "checks_seconds": 0.0}
+        try:
+            host = checks.probe(self.criu())
+            info.update(criu=host.criu, criu_check=True, checks_cached=host.cached, checks_seconds=host.seconds,
+                        features={"lazy_pages": host.lazy_pages, "mem_track": host.mem_track})
+        except CriuError as exc:
+            info["criu_error"] = str(exc).splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 - reported to the source as a failed check
+            info["criu_error"] = f"{type(exc).__name__}: {exc}"
+        self._local = info
+
+    def local_info(self, *, fresh: bool = False) -> dict[str, Any]:
+        """This host's CRIU version, ``criu check`` result and features (see
+        :mod:`pycriu.migration.checks`: the version is asked every time, a successful check is
+        cached). ``fresh``: probe again unless a prefetched result is waiting."""
+        with self._probe_lock:
+            thread = self._probe
+            if thread is None and (fresh or self._local is None):
+                self._local = None
+                thread = self._probe = threading.Thread(target=self._probe_now, daemon=True)
+                thread.start()
+        if thread is not None:
+            thread.join()
+            with self._probe_lock:
+                if self._probe is thread:
+                    self._probe = None
+        assert self._local is not None
         return self._local
 
 
@@ -231,7 +258,7 @@ class AgentSession:
     def _hello(self, msg: dict[str, Any]) -> None:
         if msg["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol {msg['protocol']} is not supported (this agent speaks {PROTOCOL_VERSION})")
-        local = self.config.local_info()
+        local = self.config.local_info(fresh=True)
         problems = _compatibility(msg, local)
         reply = {"type": "hello", "protocol": PROTOCOL_VERSION, **{k: local[k] for k in (
             "pycriu", "criu", "arch", "kernel", "features", "criu_check", "criu_error")},
@@ -365,8 +392,9 @@ class AgentSession:
             if source_ps is not None:
                 address = PageServerAddress(source_ps["address"], source_ps["port"])
             try:
-                self.lazy = criu.lazy_pages(LazyPagesOptions(images_dir=images, work_dir=work, page_server=address,
-                                                             **self._tls_kwargs(msg)))
+                # LazyPages directly: lazy pages support was checked with this session hello
+                self.lazy = LazyPages(LazyPagesOptions(images_dir=images, work_dir=work, page_server=address,
+                                                       **self._tls_kwargs(msg)), binary=criu.binary)
                 self.lazy.start()
             except (CriuError, InvalidOptionError) as exc:
                 self.lazy = None
@@ -525,6 +553,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def serve_stdio(config: AgentConfig) -> int:
     """Serve one session over this process's stdin/stdout; return the exit status."""
+    config.prefetch()
     rfd = os.dup(0)
     wfd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -567,6 +596,7 @@ def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, on
         else:
             announce(bound[0], bound[1])
         context = config.tls.server_context() if config.tls is not None else None
+        config.prefetch()  # warm: the first session finds this host's checks done
         while True:
             conn, addr = server.accept()
             ok = _serve_connection(config, conn, addr, context)
@@ -578,6 +608,7 @@ def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, on
 
 def _serve_connection(config: AgentConfig, conn: socket.socket, addr: Any, context: ssl.SSLContext | None) -> bool:
     peer = addr[0]
+    config.prefetch()  # this session's checks, while TLS and authentication run
     try:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

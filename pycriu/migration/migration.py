@@ -33,7 +33,7 @@ from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
 from ..options import DumpOptions, PageServerAddress
 from ..results import DumpResult, DumpStats
-from . import procs
+from . import checks, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .errors import AgentError, MigrationError
@@ -276,25 +276,29 @@ class MigrationRun:
             raise CriuPermissionError("migration needs root on the source (CRIU dump)", operation="migrate")
         if procs.tree_state(self.pid) == "gone":
             raise NoSuchProcessError(f"no process with pid {self.pid} to migrate", operation="migrate")
-        criu = self.criu
-        version = criu.require_version()
-        criu.check()
-        features = criu.features()
-        self.local = {"pycriu": __version__, "criu": str(version), "arch": platform.machine(),
+        # This host's checks run while the agent is reached (and, there, probes its own CRIU):
+        # both sides are verified before anything is frozen, concurrently.
+        # A mode that needs a feature waits for this host's answer first (from the cache, a few
+        # ms), so that a source lacking it is refused before any agent is started.
+        probe = _Background(checks.probe, self.criu)
+        if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
+            self._require_source_features(probe.result())
+        try:
+            self.conn = connect(m.destination, secret=m.secret, tls=m.tls, ssh_options=m.ssh_options,
+                                identity_file=m.identity_file, agent_command=m.agent_command,
+                                stderr_path=self.log_dir / "agent.log" if self.log_dir else None,
+                                timeout=m.timeout)
+        finally:
+            host = probe.result()  # the source's own failure first: it is the more basic one
+        features = host
+        self.local = {"pycriu": __version__, "criu": host.criu, "arch": platform.machine(),
                       "kernel": platform.release(),
                       "features": {"lazy_pages": features.lazy_pages, "mem_track": features.mem_track}}
         self.report.versions["source"] = dict(self.local)
+        self.note(f"source checks took {host.seconds * 1000:.0f} ms"
+                  + (" (criu check and features cached for this boot; version asked now)" if host.cached else ""))
         requested = m.mode
-        if requested in NEEDS_MEM_TRACK and not features.mem_track:
-            raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the source: "
-                                         f"{_NO_MEM_TRACK}", operation="migrate",
-                                         hint="use mode='lazy', 'page-server' or 'classic'")
-        if requested in NEEDS_LAZY and not features.lazy_pages:
-            raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the source",
-                                         operation="migrate", hint="use mode='page-server' or 'classic'")
-        self.conn = connect(m.destination, secret=m.secret, tls=m.tls, ssh_options=m.ssh_options,
-                            identity_file=m.identity_file, agent_command=m.agent_command,
-                            stderr_path=self.log_dir / "agent.log" if self.log_dir else None, timeout=m.timeout)
+        self._require_source_features(host)
         self.report.transport = self.conn.transport
         self.client = AgentClient(self.conn, timeout=m.timeout)
         remote = self.client.hello(self.local, requested)
@@ -310,6 +314,16 @@ class MigrationRun:
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
         self.report.mode_reason = reason
         return mode
+
+    def _require_source_features(self, host: checks.HostCheck) -> None:
+        requested = self.m.mode
+        if requested in NEEDS_MEM_TRACK and not host.mem_track:
+            raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the source: "
+                                         f"{_NO_MEM_TRACK}", operation="migrate",
+                                         hint="use mode='lazy', 'page-server' or 'classic'")
+        if requested in NEEDS_LAZY and not host.lazy_pages:
+            raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the source",
+                                         operation="migrate", hint="use mode='page-server' or 'classic'")
 
     def _source_address(self, remote: Mapping[str, Any]) -> str:
         if self.m.source_address:
@@ -526,6 +540,29 @@ class MigrationRun:
                 conn.close(timeout=max(30.0, self.m.lazy_timeout if self.report.mode in NEEDS_LAZY else 30.0))
             except Exception:  # noqa: BLE001
                 pass
+
+
+class _Background:
+    """``fn(*args)`` in a thread; :meth:`result` joins it and returns or raises its outcome."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name=f"pycriu-{getattr(fn, '__name__', 'task')}")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _describe(exc: BaseException) -> str:
