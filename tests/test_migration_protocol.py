@@ -27,7 +27,7 @@ from pycriu.migration.protocol import (
     validate,
 )
 from pycriu.migration.report import Phase
-from pycriu.migration.transport import Destination, SocketStream
+from pycriu.migration.transport import Destination, PipeStream, SocketStream
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -239,3 +239,54 @@ def test_frames_have_a_size_limit() -> None:
     client.stream.write(bytes([KIND_CONTROL]) + (2 << 20).to_bytes(4, "big"))
     with pytest.raises(ProtocolError, match="exceeds"):
         agent.recv()
+
+
+def _pipe_pair(**kw: Any) -> tuple[Channel, Channel]:
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    return (Channel(PipeStream(r2, w1), role="client", timeout=5, **kw),
+            Channel(PipeStream(r1, w2), role="agent", timeout=5))
+
+
+def test_file_data_moves_zero_copy_over_pipes_and_arrives_intact(tmp_path: Path) -> None:
+    client, agent = _pipe_pair()
+    assert client.zero_copy and agent.zero_copy
+    data = os.urandom((3 << 20) + 12345)  # several frames, the last one partial
+    src = tmp_path / "pages-1.img"
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    got: list[int] = []
+    try:
+        t = threading.Thread(target=lambda: got.append(
+            receive_file(agent, agent.recv("file"), fd, Limits(min_free_bytes=0))))
+        t.start()
+        assert send_file(client, "images", src) == len(data)
+        t.join(10)
+    finally:
+        os.close(fd)
+    assert got == [len(data)]
+    assert (out / "pages-1.img").read_bytes() == data
+    assert client.stats.data_sent == agent.stats.data_received == len(data) + 5 * 4  # headers only added
+
+
+def test_macd_frames_never_take_the_zero_copy_path() -> None:
+    client, _agent = _pipe_pair()
+    client.enable_mac(b"k" * 32)
+    assert not client.zero_copy
+
+
+def test_zero_copy_refuses_more_data_than_announced_before_writing(tmp_path: Path) -> None:
+    client, agent = _pipe_pair()
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        client.send({"type": "file", "dir": "images", "name": "core-1.img", "size": 4})
+        client.send_data(b"12345")
+        with pytest.raises(ProtocolError, match="more data than announced"):
+            receive_file(agent, agent.recv("file"), fd, Limits(min_free_bytes=0))
+    finally:
+        os.close(fd)
+    assert not (out / "core-1.img").exists()
