@@ -214,6 +214,38 @@ def test_the_agent_cleans_its_session_after_a_clean_goodbye(private_tmp: Path) -
     assert os.path.exists(private_tmp)
 
 
+def _send_daemon_images(conn: Connection) -> None:
+    for name in ("inventory.img", "pstree.img"):
+        conn.channel.send({"type": "file", "dir": "images", "name": name, "size": 1})
+        conn.channel.send_data(b"x")
+
+
+def test_lazy_pages_before_the_images_it_reads_is_refused(agent: Connection) -> None:
+    agent.channel.send({"type": "lazy-pages", "dir": "images", "page_server": {"address": "127.0.0.1", "port": 1}})
+    agent.channel.send({"type": "ping", "t": 1})
+    _refused(agent, "before inventory.img and pstree.img")
+
+
+def test_an_early_lazy_pages_daemon_that_fails_is_reported_by_the_restore(agent: Connection) -> None:
+    _send_daemon_images(agent)  # not real images: criu lazy-pages fails on them
+    ps = {"address": "127.0.0.1", "port": 1}
+    agent.channel.send({"type": "lazy-pages", "dir": "images", "page_server": ps})
+    agent.channel.send({"type": "files-done", "dir": "images", "count": 2, "bytes": 2})
+    agent.channel.recv("files-ok")
+    agent.channel.send({"type": "restore", "dir": "images", "lazy": True, "page_server": ps, "flags": {}})
+    _refused(agent, "lazy-pages daemon failed to start")
+
+
+def test_a_restore_cannot_swap_the_early_lazy_pages_daemon(agent: Connection) -> None:
+    _send_daemon_images(agent)
+    agent.channel.send({"type": "lazy-pages", "dir": "images", "page_server": {"address": "127.0.0.1", "port": 1}})
+    agent.channel.send({"type": "files-done", "dir": "images", "count": 2, "bytes": 2})
+    agent.channel.recv("files-ok")
+    agent.channel.send({"type": "restore", "dir": "images", "lazy": True, "flags": {},
+                        "page_server": {"address": "127.0.0.1", "port": 2}})
+    _refused(agent, "another lazy-pages daemon")
+
+
 def test_a_successful_check_is_cached_for_the_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checks, "CACHE_FILE", tmp_path / "run" / "criu-check.json")
     monkeypatch.setattr(checks, "_MEMO", {})

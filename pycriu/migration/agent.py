@@ -143,6 +143,17 @@ class AgentConfig:
         return self._local
 
 
+@dataclass
+class _EarlyLazy:
+    """A lazy-pages daemon started before the restore asked for it."""
+
+    dir: str
+    address: PageServerAddress
+    tls: bool
+    thread: threading.Thread = field(default_factory=threading.Thread)
+    error: AgentError | None = None
+
+
 class AgentSession:
     """One migration, from ``hello`` to ``bye``, over one :class:`Channel`."""
 
@@ -161,6 +172,7 @@ class AgentSession:
         self.state = "new"
         self.page_servers: dict[str, PageServer] = {}
         self.lazy: LazyPages | None = None
+        self._lazy_early: _EarlyLazy | None = None
         self._lazy_done = threading.Event()
         self._lazy_status: int | None = None
         self._lock = threading.Lock()
@@ -208,6 +220,8 @@ class AgentSession:
         for ps in self.page_servers.values():
             ps.stop(grace=1.0)
         self.page_servers.clear()
+        if self._lazy_early is not None:
+            self._lazy_early.thread.join()
         if self.lazy is not None:
             if self.committed and self.killed is None and self.lazy.running:
                 # The tree runs on pages it has not received yet: never cut its supply.
@@ -229,7 +243,10 @@ class AgentSession:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_lazy(self) -> None:
-        lazy, self.lazy = self.lazy, None
+        if self._lazy_early is not None:
+            self._lazy_early.thread.join()  # a daemon still starting is stopped once it has started
+        with self._lock:
+            lazy, self.lazy = self.lazy, None
         if lazy is not None:
             lazy.stop(grace=1.0)
             with self._lock:
@@ -391,18 +408,20 @@ class AgentSession:
             address = None
             if source_ps is not None:
                 address = PageServerAddress(source_ps["address"], source_ps["port"])
-            try:
-                # LazyPages directly: lazy pages support was checked with this session hello
-                self.lazy = LazyPages(LazyPagesOptions(images_dir=images, work_dir=work, page_server=address,
-                                                       **self._tls_kwargs(msg)), binary=criu.binary)
-                self.lazy.start()
-            except (CriuError, InvalidOptionError) as exc:
-                self.lazy = None
-                self.state = "failed"
-                raise AgentError(f"the lazy-pages daemon failed to start: {exc.message} ({exc.criu_message})",
-                                 code="lazy-pages-failed") from None
-            threading.Thread(target=self._watch_lazy, args=(self.lazy,), daemon=True,
-                             name=f"{self.name}-lazy").start()
+            early = self._lazy_early
+            if early is not None:  # started when the daemon's images arrived (``lazy-pages``)
+                if early.dir != name or early.address != address or early.tls != bool(msg.get("tls")):
+                    raise ProtocolError("restore asks for another lazy-pages daemon than the one started")
+                early.thread.join()
+                if early.error is not None:
+                    self.state = "failed"
+                    raise early.error
+            else:
+                try:
+                    self._launch_lazy(images, address, msg)
+                except AgentError:
+                    self.state = "failed"
+                    raise
             lazy_seconds = time.monotonic() - t0
         times: dict[str, float] = {}
 
@@ -435,6 +454,52 @@ class AgentSession:
                            "restore_seconds": finite(now - t_restore), "lazy_daemon_seconds": lazy_seconds,
                            "stats": result.stats.to_dict() if result.stats else None,
                            "page_server_wait": finite(ps_wait)})
+
+    def _launch_lazy(self, images: Path, address: PageServerAddress | None, msg: dict[str, Any]) -> None:
+        """Start ``criu lazy-pages`` over ``images`` (it reads inventory.img and pstree.img now,
+        the rest when the restore hands it the tasks) and watch it."""
+        try:
+            # LazyPages directly: lazy pages support was checked with this session's hello
+            lazy = LazyPages(LazyPagesOptions(images_dir=images, work_dir=self._path_work(), page_server=address,
+                                              **self._tls_kwargs(msg)), binary=self.config.criu().binary)
+            with self._lock:
+                self.lazy = lazy
+            lazy.start()
+        except (CriuError, InvalidOptionError) as exc:
+            with self._lock:
+                self.lazy = None
+            raise AgentError(f"the lazy-pages daemon failed to start: {exc.message} ({exc.criu_message})",
+                             code="lazy-pages-failed") from None
+        threading.Thread(target=self._watch_lazy, args=(lazy,), daemon=True, name=f"{self.name}-lazy").start()
+
+    def _lazy_pages(self, msg: dict[str, Any]) -> None:
+        """Start the lazy-pages daemon now, in the background, while the other images arrive:
+        its start-up then overlaps the transfer instead of adding to the downtime. No reply; a
+        failure is reported by the ``restore`` that needs the daemon."""
+        name = check_dir_name(msg["dir"])
+        if self._lazy_early is not None or self.lazy is not None:
+            raise ProtocolError("a lazy-pages daemon was already started in this session")
+        if not self.config.local_info()["features"]["lazy_pages"]:
+            raise AgentError("lazy pages are not supported on this host", code="unsupported")
+        images = self._path(name)
+        if not (images / "inventory.img").exists() or not (images / "pstree.img").exists():
+            raise ProtocolError("lazy-pages requested before inventory.img and pstree.img were sent")
+        ps = msg["page_server"]
+        address = PageServerAddress(ps["address"], ps["port"])
+        self._tls_kwargs(msg)  # refuse TLS without a certificate now
+        early = _EarlyLazy(name, address, bool(msg.get("tls")))
+
+        def start() -> None:
+            try:
+                self._launch_lazy(images, address, msg)
+            except AgentError as exc:
+                early.error = exc
+            except BaseException as exc:  # noqa: BLE001 - reported by the restore
+                early.error = AgentError(f"the lazy-pages daemon failed to start: {exc!r}", code="lazy-pages-failed")
+
+        early.thread = threading.Thread(target=start, daemon=True, name=f"{self.name}-lazy-start")
+        self._lazy_early = early
+        early.thread.start()
 
     def _watch_lazy(self, daemon: LazyPages) -> None:
         proc = daemon._proc  # noqa: SLF001 - the daemon object is ours
@@ -511,15 +576,16 @@ class AgentSession:
         return False
 
     _HANDLERS: dict[str, Any] = {
-        "hello": _hello, "ping": _ping, "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
+        "hello": _hello, "ping": _ping, "lazy-pages": _lazy_pages,
+        "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
         "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
         "bye": _bye,
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
-        "ready": frozenset({"ping", "prepare-dir", "page-server", "file", "files-done", "restore", "abort", "logs",
-                            "bye"}),
+        "ready": frozenset({"ping", "prepare-dir", "page-server", "file", "files-done", "lazy-pages", "restore",
+                            "abort", "logs", "bye"}),
         "restored": frozenset({"ping", "commit", "abort"}),
         "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),
         "done": frozenset({"ping", "logs", "bye"}),

@@ -59,8 +59,15 @@ class AgentClient:
         return PageServerAddress(reply["address"], reply["port"])
 
     def send_images(self, name: str, files: Sequence[tuple[str, str | os.PathLike[str], list[tuple[int, int]] | None]],
-                    on_bytes: Callable[[int], None] | None = None) -> tuple[int, int]:
-        return send_files(self.channel, name, files, on_bytes=on_bytes)
+                    on_bytes: Callable[[int], None] | None = None,
+                    on_file: Callable[[str], None] | None = None) -> tuple[int, int]:
+        return send_files(self.channel, name, files, on_bytes=on_bytes, on_file=on_file)
+
+    def start_lazy_pages(self, name: str, page_server: PageServerAddress, *, tls: bool = False) -> None:
+        """Have the agent start its lazy-pages daemon over ``name`` now (no reply: the agent
+        reports a failure to the restore). ``inventory.img`` and ``pstree.img`` must be there."""
+        self.channel.send({"type": "lazy-pages", "dir": name, "tls": tls,
+                           "page_server": {"address": page_server.address, "port": page_server.port}})
 
     def restore(self, name: str, *, lazy: bool, page_server: PageServerAddress | None,
                 flags: Mapping[str, bool], tls: bool = False) -> dict[str, Any]:

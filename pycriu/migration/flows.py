@@ -214,11 +214,11 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
     port = procs.free_port(run.source_address)
     posted = threading.Event()
     sizes: dict[str, int] = {}
+    pages_from = run.relay(PageServerAddress(run.source_address, port))
 
     def post_dump() -> None:
-        present, lazy_only, _ = _pagemap_counts(run)
-        sizes.update(present=present, lazy=lazy_only)
-        run.send_images("images", _all_images(run))
+        # the destination starts its lazy-pages daemon as soon as the images it reads arrive
+        run.send_images("images", _all_images(run), lazy_daemon=pages_from)
         posted.set()
 
     opts = run.dump_options(lazy_pages=True, lazy_address=run.source_address, lazy_port=port, leave_stopped=True,
@@ -230,7 +230,7 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
         _wait_posted(posted, dumper)
         if not procs.wait_listening(port, run.m.timeout, alive=dumper.is_alive):
             raise TransportError("CRIU's lazy page server did not start listening", log_path=opts.log_path)
-        run.restore_and_commit(lazy=True, page_server=run.relay(PageServerAddress(run.source_address, port)))
+        run.restore_and_commit(lazy=True, page_server=pages_from)
     except BaseException as exc:
         if not posted.is_set() and dumper.is_alive():
             # interrupted while the dump thread is before or inside post-dump: make post-dump fail
@@ -245,6 +245,8 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
         dumper.join(timeout)
         return not dumper.is_alive()
 
+    present, lazy_only, _ = _pagemap_counts(run)  # after the resume: not in the downtime
+    sizes.update(present=present, lazy=lazy_only)
     _finish_lazy(run, wait_source, lambda: dumper.error is not None)
     if dumper.result is not None:
         run.record_dump(dumper.result, stats=False)
@@ -261,26 +263,46 @@ def page_server_on_source(run: MigrationRun) -> None:
     run.leave_stopped = True
     holder: dict[str, Any] = {}
     sizes: dict[str, int] = {}
+    port = procs.free_port(run.source_address)
+    pages_from = run.relay(PageServerAddress(run.source_address, port))
+
+    def start_page_server() -> None:
+        assert run.images is not None and run.src_logs is not None
+        try:
+            ps = run.criu.page_server(PageServerOptions(images_dir=run.images, work_dir=run.src_logs,
+                                                        lazy_pages=True, address=run.source_address, port=port,
+                                                        timeout=run.m.timeout, **run.criu_tls_options()))
+            holder["ps"] = ps
+            ps.start()
+        except BaseException as exc:  # noqa: BLE001 - raised in post_dump
+            holder["error"] = exc
 
     def post_dump() -> None:
         assert run.images is not None and run.src_logs is not None
-        maps = {pm.pages_name: pm for pm in pagemaps(run.images)}
-        files: list[tuple[str, Any, list[tuple[int, int]] | None]] = []
-        for img in list_images(run.images):
-            pm = maps.get(img.name)
-            files.append((img.name, img.path, non_lazy_ranges(pm) if pm is not None else None))
-        present, _, both = _pagemap_counts(run)
-        sizes.update(present=present, lazy=both)
-        run.send_images("images", files, detail=f"{len(files)} files; page images sparse: only the "
-                                                f"{present} non-lazy pages")
-        with run.phase("page server start"):
-            ps = run.criu.page_server(PageServerOptions(images_dir=run.images, work_dir=run.src_logs,
-                                                        lazy_pages=True, address=run.source_address, port=0,
-                                                        timeout=run.m.timeout, **run.criu_tls_options()))
-            ps.start()
-            holder["ps"] = ps
-            run.cleanups.append(lambda: _stop(ps))
-        run.restore_and_commit(lazy=True, page_server=run.relay(ps.address))
+        # CRIU's page server starts over the local images while the other images travel, and
+        # the destination's lazy-pages daemon starts as soon as the images it reads arrived
+        run.phase_start("page server start")
+        starter = threading.Thread(target=start_page_server, name="pycriu-page-server-start", daemon=True)
+        starter.start()
+        try:
+            maps = {pm.pages_name: pm for pm in pagemaps(run.images)}
+            files: list[tuple[str, Any, list[tuple[int, int]] | None]] = []
+            for img in list_images(run.images):
+                pm = maps.get(img.name)
+                files.append((img.name, img.path, non_lazy_ranges(pm) if pm is not None else None))
+            present, _, both = _pagemap_counts(run)
+            sizes.update(present=present, lazy=both)
+            run.send_images("images", files, lazy_daemon=pages_from,
+                            detail=f"{len(files)} files; page images sparse: only the {present} non-lazy pages")
+        finally:
+            starter.join()
+            if "ps" in holder:
+                run.cleanups.append(lambda: _stop(holder["ps"]))
+            run.phase_end("page server start", "concurrent with the image transfer" if "error" not in holder
+                          else "(failed)")
+        if "error" in holder:
+            raise holder["error"]
+        run.restore_and_commit(lazy=True, page_server=pages_from)
 
     run.record_dump(run.criu.dump(run.dump_options(leave_stopped=True, notify=run.notify(post_dump))))
     ps = holder["ps"]

@@ -48,6 +48,8 @@ __all__ = ["Migration", "MODES", "Progress"]
 MODES = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
 NEEDS_LAZY = frozenset({"lazy", "page-server-on-source", "hybrid"})
 NEEDS_MEM_TRACK = frozenset({"pre-copy", "hybrid"})
+#: What ``criu lazy-pages`` reads when it starts (the rest only when the restore hands it the tasks).
+LAZY_DAEMON_IMAGES = ("inventory.img", "pstree.img")
 _NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
 
 
@@ -387,7 +389,10 @@ class MigrationRun:
         self.report.logs[f"source {label}"] = str(result.log_path)
 
     def send_images(self, name: str, files: Sequence[tuple[str, Path, list[tuple[int, int]] | None]],
-                    detail: str = "") -> int:
+                    detail: str = "", lazy_daemon: PageServerAddress | None = None) -> int:
+        """Stream ``files`` to the agent's directory ``name``. With ``lazy_daemon`` (the address the
+        destination's lazy-pages daemon reads pages from), the images that daemon needs go first
+        and the agent starts it while the others follow."""
         assert self.client is not None
         total = sum(sum(n for _, n in r) if r is not None else p.stat().st_size for _, p, r in files)
         done = 0
@@ -398,8 +403,20 @@ class MigrationRun:
             done += n
             self.emit("image transfer", "bytes", done=done, total=total)
 
+        on_file = None
+        if lazy_daemon is not None:
+            files = sorted(files, key=lambda f: (f[0] not in LAZY_DAEMON_IMAGES, f[0]))
+            waiting = set(LAZY_DAEMON_IMAGES)
+            client = self.client
+
+            def on_file(sent: str) -> None:
+                waiting.discard(sent)
+                if not waiting:
+                    waiting.add("")  # only once
+                    client.start_lazy_pages(name, lazy_daemon, tls=bool(self.criu_tls_options()))
+
         with self.phase("image transfer", detail or f"{len(files)} files, {total} bytes"):
-            self.client.send_images(name, files, on_bytes=on_bytes)
+            self.client.send_images(name, files, on_bytes=on_bytes, on_file=on_file)
         return total
 
     def restore_and_commit(self, *, lazy: bool, page_server: PageServerAddress | None, name: str = "images") -> None:

@@ -123,6 +123,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
              "ranges": ((list, _Opt), False)},
     "files-done": {"dir": (_STR, True), "count": (_INT, True), "bytes": (_INT, True)},
     "files-ok": {"count": (_INT, True), "bytes": (_INT, True)},
+    "lazy-pages": {"dir": (_STR, True), "page_server": (_ADDRESS, True), "tls": (_BOOL, False)},
     "restore": {"dir": (_STR, True), "lazy": (_BOOL, True),
                 "page_server": ((_ADDRESS, _Opt), True), "flags": (dict, True), "tls": (_BOOL, False)},
     "restored": {"pid": (_INT, True), "resumed_ago": (_NUM, True), "restore_seconds": (_NUM, True),
@@ -142,6 +143,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
 
 #: Who may send which message (the receiver refuses the rest).
 FROM_CLIENT = frozenset({"auth", "hello", "ping", "prepare-dir", "page-server", "file", "files-done", "files-ok",
+                         "lazy-pages",
                          "restore", "commit",
                          "abort", "lazy-wait", "logs", "bye"})
 FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "pong", "dir-ready", "page-server", "file", "files-done",
@@ -813,15 +815,19 @@ def receive_file(channel: Channel, msg: Mapping[str, Any], dir_fd: int, limits: 
 
 def send_files(channel: Channel, dir_name: str, paths: Iterable[tuple[str, str | os.PathLike[str],
                list[tuple[int, int]] | None]], *, pattern: re.Pattern[str] = IMAGE_NAME,
-               on_bytes: Callable[[int], None] | None = None) -> tuple[int, int]:
+               on_bytes: Callable[[int], None] | None = None,
+               on_file: Callable[[str], None] | None = None) -> tuple[int, int]:
     """Send ``(name, path, ranges)`` files then ``files-done``; wait for ``files-ok``.
 
-    Returns (files, payload bytes)."""
+    ``on_file(name)`` runs after each file was sent (it may send a control message). Returns
+    (files, payload bytes)."""
     count = total = 0
     for name, path, ranges in paths:
         total += send_file(channel, dir_name, path, name=name, ranges=ranges, pattern=pattern,
                            on_bytes=on_bytes)
         count += 1
+        if on_file is not None:
+            on_file(name)
     channel.send({"type": "files-done", "dir": dir_name, "count": count, "bytes": total})
     reply = channel.recv("files-ok")
     if reply["count"] != count or reply["bytes"] != total:
