@@ -115,7 +115,8 @@ class AgentConfig:
                                 "features": {"lazy_pages": False, "mem_track": False}, "checks_cached": False,
                                 "checks_seconds": 0.0}
         try:
-            host = checks.probe(self.criu())
+            self._criu = Criu(self.criu_binary)  # per session: CRIU's version is asked again
+            host = checks.probe(self._criu)
             info.update(criu=host.criu, criu_check=True, checks_cached=host.cached, checks_seconds=host.seconds,
                         features={"lazy_pages": host.lazy_pages, "mem_track": host.mem_track})
         except CriuError as exc:

@@ -1,7 +1,9 @@
 """The pre-freeze checks of one host's CRIU: version, ``criu check`` and the features a flow needs.
 
-Both sides run :func:`probe` before anything is frozen. The version is asked from CRIU on every
-call (one cheap libcriu request). The slow part, a full ``criu check`` and CRIU's feature check
+Both sides run :func:`probe` before anything is frozen. The version is asked from CRIU once per
+:class:`~pycriu.Criu` object (one cheap libcriu request; a migration makes its own object unless
+given one, the agent one per session), and stays known to that object, so that the operations
+that follow (a restore in the downtime) do not ask again. The slow part, a full ``criu check`` and CRIU's feature check
 (each a ``criu swrk`` that probes the kernel, 20 to 50 ms), runs concurrently, and a *successful*
 result is kept:
 
@@ -113,7 +115,11 @@ def probe(criu: Criu) -> HostCheck:
     """Check that CRIU works here and what it supports; raises the :class:`~pycriu.CriuError` of
     the failing check (version too old, ``criu check`` failed, feature check failed)."""
     t0 = time.monotonic()
-    version = str(criu.require_version())
+    # Criu asks the version once per object before its first operation: asking it here through
+    # the same path leaves it known, so a restore in the downtime does not ask again
+    criu._require_supported()  # noqa: SLF001 - same package; CriuVersionError when too old
+    assert criu._version is not None  # noqa: SLF001
+    version = str(criu._version)  # noqa: SLF001
     key = _key(criu, version)
     with _LOCK:
         known = _MEMO.get(key)
