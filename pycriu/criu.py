@@ -207,8 +207,14 @@ class Criu:
     def _require_supported(self) -> None:
         """Once per object: refuse a CRIU older than pycriu needs, before it is asked anything else
         (an old CRIU fails later in confusing ways, for example on newer kernels' vDSO)."""
+        self.supported_version()
+
+    def supported_version(self) -> CriuVersion:
+        """CRIU's version, asked once per object; :class:`CriuVersionError` when older than pycriu
+        needs (4.2)."""
         if self._version is None:
             self._version = self.require_version()
+        return self._version
 
     def require_version(self, minimum: tuple[int, ...] = MIN_CRIU_VERSION) -> CriuVersion:
         """Return the version, or raise :class:`CriuVersionError` when it is below ``minimum``."""

@@ -117,9 +117,7 @@ def probe(criu: Criu) -> HostCheck:
     t0 = time.monotonic()
     # Criu asks the version once per object before its first operation: asking it here through
     # the same path leaves it known, so a restore in the downtime does not ask again
-    criu._require_supported()  # noqa: SLF001 - same package; CriuVersionError when too old
-    assert criu._version is not None  # noqa: SLF001
-    version = str(criu._version)  # noqa: SLF001
+    version = str(criu.supported_version())  # CriuVersionError when too old
     key = _key(criu, version)
     with _LOCK:
         known = _MEMO.get(key)
