@@ -321,3 +321,25 @@ def assert_moved(w: Workload, report: MigrationReport) -> None:
     assert str(report).startswith(f"Migration of pid {source}")
     for path in report.logs.values():
         assert Path(path).is_file(), path
+
+
+def assert_disk_figures(report: MigrationReport, mode: str, mib: int) -> None:
+    """What each flow must have written to disk, per the report (which sums the real files of
+    both sides' directories): page images on both sides only for classic, none on the source for
+    page-server, only CRIU's few non-lazy pages for the lazy flows (all on the source's disk for
+    page-server-on-source)."""
+    from pycriu.migration.images import PAGE_SIZE
+
+    memory = mib << 20
+    src, dst = report.disk["source"]["page_images"], report.disk["destination"]["page_images"]
+    non_lazy = report.pages["in_image_files"] * PAGE_SIZE
+    if mode == "classic":
+        assert src == dst >= memory, (src, dst)
+    elif mode == "page-server":
+        assert src == 0 and dst >= memory, (src, dst)
+    elif mode == "lazy":
+        assert src == dst == non_lazy < memory / 4, (src, dst, non_lazy)
+    elif mode == "page-server-on-source":
+        assert src >= memory and dst == non_lazy < memory / 4, (src, dst, non_lazy)
+    else:
+        raise AssertionError(f"no disk expectations for mode {mode!r}")

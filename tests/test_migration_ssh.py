@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import SshServer, assert_moved, leak_checked_tmp
+from migration_support import SshServer, assert_disk_figures, assert_moved, leak_checked_tmp
 
 from pycriu import Migration, TransportError
 from pycriu.workload import Workload
@@ -38,7 +38,8 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     server.close()
 
 
-@pytest.mark.parametrize("mode", ["classic", pytest.param("lazy", marks=needs_lazy_pages)])
+@pytest.mark.parametrize("mode", ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),
+                                  pytest.param("page-server-on-source", marks=needs_lazy_pages)])
 def test_migrate_over_ssh(workload: Callable[..., Workload], private_tmp: Path, sshd: SshServer, mode: str) -> None:
     w = workload(mib=16)
     report = Migration(w.pid, to=sshd.url, mode=mode, ssh_options=sshd.options, identity_file=sshd.identity,
@@ -46,6 +47,7 @@ def test_migrate_over_ssh(workload: Callable[..., Workload], private_tmp: Path, 
     assert report.transport == "ssh"
     assert report.destination == sshd.url
     assert_moved(w, report)
+    assert_disk_figures(report, mode, 16)
 
 
 def test_an_unknown_host_key_is_refused_before_anything_is_frozen(workload: Callable[..., Workload],

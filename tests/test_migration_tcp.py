@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import AGENT, TcpAgent, assert_moved, leak_checked_tmp, make_certs
+from migration_support import AGENT, TcpAgent, assert_disk_figures, assert_moved, leak_checked_tmp, make_certs
 
 from pycriu import AuthenticationError, InvalidOptionError, Migration, TLSConfig, TransportError
 from pycriu.workload import Workload
@@ -57,13 +57,15 @@ def _never_frozen(w: Workload, log_dir: Path, agent: TcpAgent) -> None:
     w.wait_beats(3)
 
 
-@pytest.mark.parametrize("mode", ["classic", pytest.param("lazy", marks=needs_lazy_pages)])
+@pytest.mark.parametrize("mode", ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),
+                                  pytest.param("page-server-on-source", marks=needs_lazy_pages)])
 def test_migrate_over_tcp_with_a_shared_secret(workload: Callable[..., Workload], private_tmp: Path,
                                                secret_agent: TcpAgent, mode: str) -> None:
     w = workload(mib=16)
     report = Migration(w.pid, to=secret_agent.url, mode=mode, secret=SECRET, log_dir=private_tmp.parent / "logs").run()
     assert report.transport == "tcp+secret"
     assert_moved(w, report)
+    assert_disk_figures(report, mode, 16)
 
 
 def test_a_wrong_secret_is_refused_before_anything_is_frozen(workload: Callable[..., Workload], private_tmp: Path,
@@ -114,7 +116,7 @@ def test_plain_tcp_without_authentication_is_refused_by_both_sides(tmp_path: Pat
     assert b"refusing to listen without authentication" in proc.stderr
 
 
-@pytest.mark.parametrize("mode", ["page-server", pytest.param("lazy", marks=needs_lazy_pages),
+@pytest.mark.parametrize("mode", ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),
                                   pytest.param("page-server-on-source", marks=needs_lazy_pages)])
 def test_migrate_over_tls_with_mutual_authentication(workload: Callable[..., Workload], private_tmp: Path,
                                                      tls_agent: TcpAgent, certs: dict[str, Path], mode: str) -> None:
@@ -123,9 +125,11 @@ def test_migrate_over_tls_with_mutual_authentication(workload: Callable[..., Wor
     report = Migration(w.pid, to=tls_agent.url, mode=mode, tls=tls, log_dir=private_tmp.parent / "logs").run()
     assert report.transport == "tcp+tls"
     assert_moved(w, report)
-    # CRIU's own page connection ran inside TLS too, with the same certificates
-    logs = "".join(Path(p).read_text(errors="replace") for k, p in report.logs.items() if "agent" not in k)
-    assert "TLS handshake completed" in logs
+    assert_disk_figures(report, mode, 16)
+    if mode != "classic":  # classic has no CRIU page connection: its images cross the TLS channel
+        # CRIU's own page connection ran inside TLS too, with the same certificates
+        logs = "".join(Path(p).read_text(errors="replace") for k, p in report.logs.items() if "agent" not in k)
+        assert "TLS handshake completed" in logs
 
 
 def test_tls_refuses_a_client_certificate_from_another_ca(workload: Callable[..., Workload], private_tmp: Path,
