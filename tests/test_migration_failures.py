@@ -1,6 +1,7 @@
 """Nothing is lost: whatever breaks before the destination took over (agent killed, link cut,
 restore failing, timeout, Ctrl-C), the source runs again with its memory intact, the destination
-keeps no copy, and the report says so. When a lazy flow's page link breaks after the destination
+keeps no copy, and the report says so. Whatever breaks once the commit was sent, the source never
+resumes: at no time do two copies run. When a lazy flow's page link breaks after the destination
 resumed, the destination's copy is killed (its missing pages would read as zeros) and the source,
 which CRIU kept stopped, resumes from the checkpoint."""
 
@@ -19,6 +20,8 @@ from migration_support import Relay, TcpAgent, agent_pids, leak_checked_tmp, wai
 
 from pycriu import Migration, MigrationError, PageServerAddress
 from pycriu.migration import Progress
+from pycriu.migration.client import AgentClient
+from pycriu.migration.errors import TransportError
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
@@ -232,3 +235,144 @@ def test_page_link_broken_after_resume_kills_the_destination_and_resumes_the_sou
     assert wait_gone(report.destination_pid), "the incomplete destination copy still runs"
     w.pid = report.pid  # back to the source
     _source_intact(w, report.source_state)
+
+
+# --- the commit: exactly one copy runs ---------------------------------------------------------
+
+
+def _running_copies(w: Workload) -> list[int]:
+    """Processes of any copy of the workload (found by its state path) that run: neither stopped
+    (T/t: CRIU's leave_stopped, ptrace) nor zombies."""
+    needle = str(w.state_path).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        args = cmd.split(b"\0")
+        if needle in args and b"pycriu.workload" in args and not args[0].endswith(b"unshare") \
+                and state not in ("T", "t", "Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def _wait_files_closed(pid: int, timeout: float = 10.0) -> bool:
+    """Wait until every thread of ``pid`` exited (a zombie leader alone does not mean that its
+    files, shared with threads still exiting, are closed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if tasks == [str(pid)] and state in ("Z", "X"):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("mode", ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),
+                                  pytest.param("page-server-on-source", marks=needs_lazy_pages)])
+def test_agent_killed_after_restore_before_commit_leaves_one_copy(
+        workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The agent dies after it restored the tree and before the commit: its tree was never
+    resumed (stopped), the source kills it (same host) and resumes its own."""
+    w = workload(mib=16)
+    original = AgentClient.commit
+
+    def commit(self: AgentClient) -> dict[str, object]:
+        pids = agent_pids()
+        assert pids, "no agent process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for pid in pids:  # every thread gone and the pipe closed, not merely the leader a zombie
+            assert _wait_files_closed(pid)
+        return original(self)
+
+    monkeypatch.setattr(AgentClient, "commit", commit)
+    with pytest.raises(MigrationError) as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs").run()
+    report = info.value.report
+    assert report is not None
+    assert report.destination_pid is not None
+    w.adopt(report.destination_pid)  # cleaned up whatever happens
+    w.pid = report.pid
+    assert report.outcome == "rolled-back", report
+    assert report.destination_state == "killed", report
+    assert wait_gone(report.destination_pid)
+    assert _running_copies(w) == [report.pid]
+    _source_intact(w, report.source_state)
+
+
+@pytest.mark.parametrize("mode", ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),
+                                  pytest.param("page-server-on-source", marks=needs_lazy_pages)])
+def test_interrupt_right_after_the_commit_ack_leaves_the_destination(
+        workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Ctrl-C right after the agent acknowledged the commit: the destination owns the process,
+    the source is killed, not resumed."""
+    w = workload(mib=16)
+    original = AgentClient.commit
+
+    def commit(self: AgentClient) -> dict[str, object]:
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AgentClient, "commit", commit)
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs").run()
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.destination_pid is not None
+    source = w.pid
+    w.adopt(report.destination_pid)
+    assert report.outcome == "migrated", report
+    assert report.source_state == "gone"
+    assert report.destination_state == "running"
+    assert wait_gone(source)
+    assert _running_copies(w) == [report.destination_pid]
+    w.wait_beats(3)
+    assert w.checksum(report.destination_pid) == w.expected_checksum
+
+
+def test_commit_sent_then_link_cut_leaves_the_source_stopped(
+        workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit reaches the agent (which resumes its copy) but its acknowledgement is lost with
+    the link: the source cannot know, so it stays stopped (never two running copies) and the
+    report says ``unknown`` and what to do."""
+    agent = TcpAgent(private_tmp.parent / "agent-root", "--secret-file", _secret_file(private_tmp))
+    relay = Relay(("127.0.0.1", agent.port))
+    w = workload(mib=16)
+
+    def commit(self: AgentClient) -> dict[str, object]:
+        self.channel.send({"type": "commit"})
+        self.commit_sent = True
+        deadline = time.monotonic() + 10
+        while not _running_copies(w) and time.monotonic() < deadline:  # the agent resumed its copy
+            time.sleep(0.01)
+        relay.cut()
+        raise TransportError("connection to the agent broke: (test) the acknowledgement was lost")
+
+    monkeypatch.setattr(AgentClient, "commit", commit)
+    try:
+        with pytest.raises(MigrationError, match="unknown") as info:
+            Migration(w.pid, to=f"tcp://127.0.0.1:{relay.port}", mode="classic", secret=SECRET,
+                      log_dir=private_tmp.parent / "logs").run()
+        report = info.value.report
+        assert report.destination_pid is not None
+        source = w.pid
+        w.adopt(report.destination_pid)
+        assert report.outcome == "unknown", report
+        assert report.source_state == "stopped"
+        assert any("not acknowledged" in n and "kill -CONT" in n for n in report.notes), report.notes
+        time.sleep(0.5)
+        assert _running_copies(w) == [report.destination_pid]
+        assert w.alive(source)  # stopped, left to the operator
+        w.wait_beats(3)
+        assert w.checksum(report.destination_pid) == w.expected_checksum
+    finally:
+        relay.close()
+        agent.close()

@@ -15,6 +15,9 @@ Modes:
 
 What the agent guarantees, whatever happens to the connection:
 
+* a restored tree is held stopped (CRIU's ``leave_stopped``) and resumed (``SIGCONT`` to every
+  process) only when the source commits, just before the agent acknowledges: an agent that dies
+  before the commit leaves a stopped tree, never a second running copy;
 * a restored tree that the source has not committed is killed (the source resumes its own);
 * a lazily restored tree whose lazy-pages daemon fails is killed at once (its missing pages
   would otherwise read as zeros), and the failure is reported;
@@ -50,7 +53,7 @@ from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, Re
 from . import checks
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .images import dir_usage
-from .procs import kill_tree
+from .procs import kill_tree, resume_tree
 from .protocol import (
     LOG_NAME,
     PROTOCOL_VERSION,
@@ -433,7 +436,7 @@ class AgentSession:
         try:
             result = criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
                                                  log_level=self.config.log_level, lazy_pages=True if lazy else None,
-                                                 notify=notify, **flags))
+                                                 leave_stopped=True, notify=notify, **flags))
         except CriuError as exc:
             self._stop_lazy()
             self.state = "failed"
@@ -518,14 +521,20 @@ class AgentSession:
         self._lazy_done.set()
 
     def _commit(self, msg: dict[str, Any]) -> None:
+        """The source gives the process up: resume the restored tree (CRIU left every task
+        stopped) and acknowledge, with how long ago the tree was resumed."""
         assert self.restored_pid is not None
         with self._lock:
             if self.killed is not None:
                 raise AgentError("the restored tree was already killed (lazy-pages daemon failed)",
                                  code="lazy-pages-failed")
             self.committed = True
+            t_resume = time.monotonic()
+            resume_tree(self.restored_pid)
         self.state = "committed"
-        self.channel.send({"type": "committed", "pid": self.restored_pid})
+        log.info("%s: committed: restored tree %d resumed", self.name, self.restored_pid)
+        self.channel.send({"type": "committed", "pid": self.restored_pid,
+                           "resumed_ago": finite(time.monotonic() - t_resume)})
 
     def _abort(self, msg: dict[str, Any]) -> bool:
         log.warning("%s: source aborted: %s", self.name, msg["reason"][:200])

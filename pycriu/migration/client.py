@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..options import PageServerAddress
-from .errors import ProtocolError
+from .errors import AgentError, ProtocolError, TransportError
 from .protocol import LOG_NAME, PROTOCOL_VERSION, Limits, receive_file, send_files
 from .transport import Connection
 
@@ -77,9 +77,27 @@ class AgentClient:
         return self.channel.recv("restored", timeout=self.timeout)
 
     def commit(self) -> dict[str, Any]:
+        """Hand the process over: the agent resumes its restored tree and acknowledges.
+
+        ``commit_sent`` becomes True once the message may have reached the agent: after the send
+        returned, or when something other than a broken connection interrupted it (the frame may
+        then be complete). A send that failed on the connection delivered no whole frame."""
+        try:
+            self.channel.send({"type": "commit"})
+        except (TransportError, ProtocolError):  # not sent, or not as a whole frame
+            raise
+        except BaseException:
+            self.commit_sent = True
+            raise
         self.commit_sent = True
-        self.channel.send({"type": "commit"})
-        reply = self.channel.recv("committed")
+        try:
+            reply = self.channel.recv("committed")
+        except AgentError as exc:
+            if exc.code != "internal":
+                # refused (tree already killed, or not allowed now): the agent did not resume its
+                # copy and kills it as the session ends, so the source may resume its own
+                self.commit_sent = False
+            raise
         self.committed = True
         return reply
 

@@ -19,12 +19,16 @@ hybrid                   pre-dumps -> destination page server,        destinatio
                          then the rest lazily from the frozen source  pages only)
 =======================  ==========================================  ============================
 
-The rollback point is CRIU's ``post-dump`` notification: the classic, page-server, pre-copy and
-page-server-on-source flows restore on the destination *inside* it and answer success only after
-the destination committed, so any failure before that resumes the source. The lazy flows must
-answer ``post-dump`` at once (CRIU serves the pages only afterwards); they dump with
-``leave_stopped`` so that the source stays stopped, not killed, until the destination reports
-that every page arrived; the source is then killed, or resumed if the destination failed.
+The rollback point is the ``commit`` message. Every flow dumps with ``leave_stopped``, and the
+destination restores with its tree held stopped until the commit (the agent resumes it then), so
+that at no time do two copies run. The classic, page-server, pre-copy and page-server-on-source
+flows restore on the destination *inside* CRIU's ``post-dump`` notification: a failure before the
+commit is sent answers post-dump with failure (CRIU resumes the source) and has the agent kill its
+copy; once the commit is sent post-dump answers success whatever happens (the source stays
+stopped), and the source is killed when the agent acknowledged the commit, or left stopped when
+the acknowledgement never came (outcome ``unknown``). The lazy flows must answer ``post-dump`` at
+once (CRIU serves the pages only afterwards); the source stays stopped until the destination
+reports that every page arrived; it is then killed, or resumed if the destination failed.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def classic(run: MigrationRun) -> None:
     stats = run.dump_stats()
     written = stats.pages_written if stats else _pagemap_counts(run)[0]
     _account(run, image_pages=written, server_pages=0, lazy_pages=0)
+    run.settle_source()
 
 
 def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any) -> None:
@@ -104,6 +109,7 @@ def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any)
                                                    **dump_kw)))
     stats = run.dump_stats()
     _account(run, image_pages=0, server_pages=stats.pages_written if stats else 0, lazy_pages=0)
+    run.settle_source()
 
 
 # --- the lazy flows -------------------------------------------------------------------------------
@@ -142,7 +148,8 @@ def _abort_lazy(run: MigrationRun, dumper: _DumpThread, port: int, reason: str) 
     """Before the destination took over: stop the agent's side, make CRIU's page server give up
     if nobody connected, and wait for the dump to end (the source is then resumed)."""
     assert run.client is not None
-    run.client.abort(reason)
+    if run.client.abort(reason) is None:
+        run.drop_destination()  # its lazy-pages daemon then lets go of CRIU's page server
     if dumper.is_alive() and not procs.has_connection(port):
         procs.poison_lazy_server(run.source_address, port)
     dumper.join(60)
@@ -206,6 +213,18 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
                          "destination, then `kill -KILL` or `kill -CONT` the source tree")
 
 
+def _after_lazy_commit(run: MigrationRun, wait_source: Callable[[float], bool],
+                       source_failed: Callable[[], bool]) -> None:
+    """A lazy flow failed once the commit was sent: if it was acknowledged, the destination owns
+    the process: finish the page transfer (which kills the source) before the failure goes on;
+    otherwise let CRIU serve whoever asks until the transfer ends, the source staying stopped."""
+    assert run.client is not None
+    if run.client.committed:
+        _finish_lazy(run, wait_source, source_failed)
+    elif not wait_source(run.m.lazy_timeout):
+        run.note("CRIU was still serving pages when the migration gave up")
+
+
 def lazy(run: MigrationRun, **dump_kw: Any) -> None:
     """Post-copy: the frozen source's CRIU serves the pages from memory to the destination's
     lazy-pages daemon after the destination resumed."""
@@ -226,12 +245,21 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
     dumper = _DumpThread(run, opts)
     dumper.start()
     run.cleanups.append(lambda: dumper.join(5))
+
+    def wait_source(timeout: float) -> bool:
+        dumper.join(timeout)
+        return not dumper.is_alive()
+
     try:
         _wait_posted(posted, dumper)
         if not procs.wait_listening(port, run.m.timeout, alive=dumper.is_alive):
             raise TransportError("CRIU's lazy page server did not start listening", log_path=opts.log_path)
         run.restore_and_commit(lazy=True, page_server=pages_from)
     except BaseException as exc:
+        if run.client.commit_sent:
+            # never abort nor resume now: the destination may run on pages this source serves
+            _after_lazy_commit(run, wait_source, lambda: dumper.error is not None)
+            raise
         if not posted.is_set() and dumper.is_alive():
             # interrupted while the dump thread is before or inside post-dump: make post-dump fail
             # (CRIU then resumes the tree) and wait for it, so that nobody else uses the channel
@@ -240,10 +268,6 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
         if posted.is_set():
             _abort_lazy(run, dumper, port, f"source failed: {exc!r}")
         raise
-
-    def wait_source(timeout: float) -> bool:
-        dumper.join(timeout)
-        return not dumper.is_alive()
 
     present, lazy_only, _ = _pagemap_counts(run)  # after the resume: not in the downtime
     sizes.update(present=present, lazy=lazy_only)
@@ -317,6 +341,11 @@ def page_server_on_source(run: MigrationRun) -> None:
             holder["failed"] = True
         return True
 
+    if run.deferred is not None:  # post-dump failed after the commit was sent
+        try:
+            _after_lazy_commit(run, wait_source, lambda: bool(holder.get("failed")))
+        finally:
+            run.raise_deferred()
     _finish_lazy(run, wait_source, lambda: bool(holder.get("failed")))
     _account(run, image_pages=sizes.get("present", 0), server_pages=0, lazy_pages=sizes.get("lazy", 0))
 

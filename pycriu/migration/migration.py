@@ -8,9 +8,10 @@
 
 :meth:`Migration.run` checks both hosts before anything is frozen, runs one of the flows of
 :mod:`pycriu.migration.flows`, and returns a :class:`MigrationReport`. On failure it raises
-:class:`MigrationError` whose ``report`` says where the process runs now: until the destination
-has restored the tree and the source has committed, every failure resumes the source with its
-memory intact.
+:class:`MigrationError` whose ``report`` says where the process runs now: until the commit was
+sent to the destination (whose restored tree waits stopped for it), every failure resumes the
+source with its memory intact; once it was sent, the source is never resumed (killed on the
+agent's acknowledgement, left stopped if none came).
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ class MigrationRun:
         self.t_resume: float | None = None
         self.dumped = False
         self.touched = False  # a pre-dump ran (the tree was briefly frozen and resumed)
-        self.source_resumes_on_failure = True  # false once the source was committed to dying
+        self.source_resumes_on_failure = True  # false once a lazy flow decided the source's fate itself
         self.leave_stopped = False
+        self.deferred: BaseException | None = None  # raised in post-dump after the commit was sent
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
         self.cancel = threading.Event()  # set when the main thread gives up (Ctrl-C) during a lazy dump
@@ -357,12 +359,19 @@ class MigrationRun:
         kw.setdefault("log_file", "dump.log")
         if kw.get("page_server") is not None or kw.get("lazy_pages"):
             kw.update(self.criu_tls_options())
+        # Every flow keeps the source stopped, not killed, when post-dump answers success: it is
+        # killed only once the destination acknowledged the commit.
+        kw.setdefault("leave_stopped", True)
+        self.leave_stopped = bool(kw["leave_stopped"])
         flags: dict[str, Any] = dict(self.m.flags)
         return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **flags, **kw)
 
     def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:
         """A dump notify callback: marks the freeze and runs ``post_dump`` at CRIU's post-dump
-        point (an exception there makes CRIU resume the tree and is re-raised by the dump)."""
+        point. Before the commit was sent, an exception there makes CRIU resume the tree and is
+        re-raised by the dump. Once the commit was sent the source must never resume: post-dump
+        answers success whatever happens (the tree stays stopped, ``leave_stopped``) and the
+        exception is kept in :attr:`deferred` for :meth:`settle_source`."""
 
         def callback(action: str, pid: int) -> bool:
             if action == "pre-dump":
@@ -371,9 +380,15 @@ class MigrationRun:
             elif action == "post-dump":
                 self.phase_end("freeze+dump")
                 self.dumped = True
-                self.check_cancelled()
-                if post_dump is not None:
-                    post_dump()
+                try:
+                    self.check_cancelled()
+                    if post_dump is not None:
+                        post_dump()
+                except BaseException as exc:
+                    if self.client is not None and self.client.commit_sent:
+                        self.deferred = exc
+                        return True
+                    raise
             return True
 
         return callback
@@ -428,8 +443,7 @@ class MigrationRun:
                                         tls=bool(page_server is not None and self.criu_tls_options()))
         t_reply = time.monotonic()
         self.report.destination_pid = reply["pid"]
-        self.report.destination_state = "restored (not committed)"
-        self.t_resume = t_reply - float(reply["resumed_ago"]) - self.client.rtt / 2
+        self.report.destination_state = "stopped (not committed)"  # the agent resumes it at the commit
         if reply["stats"] is not None:
             self.report.criu_stats["restore"] = reply["stats"]
         if reply["page_server_wait"]:
@@ -438,14 +452,69 @@ class MigrationRun:
         if reply["lazy_daemon_seconds"] is not None:
             self.note(f"starting the lazy-pages daemon took {reply['lazy_daemon_seconds'] * 1000:.0f} ms of the "
                       "restore phase")
-        self.client.commit()
+        ack = self.client.commit()
+        t_ack = time.monotonic()
         self.report.destination_state = "running"
+        if ack.get("resumed_ago") is not None:
+            self.t_resume = t_ack - float(ack["resumed_ago"]) - self.client.rtt / 2
+            how = ("source pre-dump notification (freeze) to the agent's SIGCONT of the restored tree at the "
+                   "commit, on the source's clock: the agent's delay after the SIGCONT and half the round trip "
+                   f"({self.client.rtt * 1000:.2f} ms) are subtracted from the arrival of its commit acknowledgement")
+        else:  # an agent that resumes at the restore
+            self.t_resume = t_reply - float(reply["resumed_ago"]) - self.client.rtt / 2
+            how = ("source pre-dump notification (freeze) to destination post-resume notification, on the source's "
+                   f"clock: the agent's delay after the resume and half the round trip ({self.client.rtt * 1000:.2f} "
+                   "ms) are subtracted from the arrival of its reply")
         if self.t_freeze is not None:
             self.report.downtime = round(max(0.0, self.t_resume - self.t_freeze), 6)
-            self.report.downtime_method = (
-                "source pre-dump notification (freeze) to destination post-resume notification, on the source's "
-                f"clock: the agent's delay after the resume and half the round trip ({self.client.rtt * 1000:.2f} ms) "
-                "are subtracted from the arrival of its reply")
+            self.report.downtime_method = how
+
+    def settle_source(self) -> None:
+        """After a dump that committed inside post-dump (the source was left stopped): kill the
+        source once the destination acknowledged the commit, then raise what post-dump deferred."""
+        assert self.client is not None
+        if self.client.committed:
+            self.kill_source()
+        self.raise_deferred()
+
+    def raise_deferred(self) -> None:
+        exc, self.deferred = self.deferred, None
+        if exc is not None:
+            raise exc
+
+    def kill_source(self) -> None:
+        """The destination owns the process: the stopped source tree goes."""
+        if procs.kill_tree(self.pid) is not None and not procs.wait_gone(self.pid):
+            self.note(f"the source tree (pid {self.pid}) was sent SIGKILL but had not exited after 5 s")
+
+    def drop_destination(self) -> None:
+        """The agent cannot be told to abort after it restored (the link is lost): its tree was
+        never resumed. On this host (``local``) the source kills it itself; elsewhere it stays
+        stopped until the agent kills it, and the report says so."""
+        pid = self.report.destination_pid
+        if pid is None or self.report.destination_state.startswith(("killed", "gone")):
+            return
+        if self.m.destination.kind != "local":
+            self.report.destination_state = "stopped (not committed)"
+            self.note(f"the agent could not be told to abort: its restored tree (pid {pid} on the destination) "
+                      "was never resumed and stays stopped until the agent kills it (when it notices the lost "
+                      f"link, or after its --commit-timeout); if the agent died, run `kill -KILL {pid}` there")
+            return
+        state = procs.tree_state(pid)
+        if state == "gone":
+            self.report.destination_state = "gone"
+        elif state == "stopped" and _comm(pid) is not None and _comm(pid) == _comm(self.pid):
+            # (not the command line: it is read from the process's memory, which a lazily
+            # restored tree may not have yet)
+            procs.kill_tree(pid)
+            procs.wait_gone(pid)
+            self.report.destination_state = "killed"
+            self.note(f"the agent could not be told to abort: the source killed the destination's stopped, "
+                      f"uncommitted tree (pid {pid}, same host) itself")
+        else:
+            self.report.destination_state = "unknown (the agent was unreachable)"
+            self.note(f"the agent could not be told to abort and pid {pid} no longer looks like the restored tree: "
+                      "left alone")
 
     def dump_stats(self) -> DumpStats | None:
         return self.dump_result.stats if self.dump_result is not None else None
@@ -457,22 +526,44 @@ class MigrationRun:
         if self.t_freeze is None and not self.touched:
             self.report.outcome = "refused"
             return
-        if self.client is not None and not self.client.committed:
-            # the destination must not keep an uncommitted copy
-            reply = self.client.abort(f"source failed: {self.report.error}")
+        client = self.client
+        if client is not None and client.commit_sent:
+            # the destination may own the process: the source never resumes from here on
+            self._after_commit_failure(client.committed)
+            return
+        if client is not None:
+            # before the commit: roll back; the destination must not keep its (stopped) copy
+            reply = client.abort(f"source failed: {self.report.error}")
             if reply is not None:
                 if reply["killed"]:
                     self.report.destination_state = "killed"
-                elif self.report.destination_state == "none":
-                    self.report.destination_state = "none"
+            elif self.report.destination_pid is not None:
+                self.drop_destination()
             elif self.report.destination_state != "none":
                 self.report.destination_state = "unknown (the agent kills an uncommitted tree when the link drops)"
-            if self.client.commit_sent:
-                self.note("the commit was sent but not acknowledged: if the agent received it, the destination "
-                          f"keeps running (pid {self.report.destination_pid}) while the source resumed")
         if self.leave_stopped and procs.tree_state(self.pid) == "stopped" and self.source_resumes_on_failure:
             procs.resume_tree(self.pid)
             self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
+
+    def _after_commit_failure(self, committed: bool) -> None:
+        if not self.source_resumes_on_failure:
+            return  # a lazy flow already decided (failed-after-resume, or unknown)
+        self.source_resumes_on_failure = False
+        pid = self.report.destination_pid
+        if committed:
+            if procs.tree_state(self.pid) != "gone":
+                self.kill_source()
+            self.report.destination_state = "running"
+            self.report.outcome = "migrated"
+            self.note(f"the failure came after the destination acknowledged the commit: it owns the process "
+                      f"(pid {pid}) and the source was killed")
+            return
+        self.report.outcome = "unknown"
+        self.report.destination_state = "unknown (commit sent, not acknowledged)"
+        self.note(f"the commit was sent but not acknowledged: the source is left STOPPED (pid {self.pid}) so that "
+                  f"exactly one copy can run. Check the destination's pid {pid}: if it runs, the commit arrived: "
+                  f"`kill -KILL` the source tree; if it is stopped or gone, the commit did not arrive: kill what "
+                  f"is left of it and `kill -CONT` the source tree (every process of it). Resume only ONE copy")
 
     def _final_error(self, exc: BaseException) -> BaseException:
         report = self.report
@@ -503,7 +594,8 @@ class MigrationRun:
         report = self.report
         report.source_state = procs.tree_state(self.pid)
         if report.outcome == "unknown" and error is not None:
-            if report.source_state == "running" and (report.destination_state in ("none", "killed")
+            if report.source_state == "running" and (report.destination_state in ("none", "killed", "gone",
+                                                                                  "stopped (not committed)")
                                                      or report.destination_state.startswith("unknown")):
                 report.outcome = "rolled-back"
         if report.outcome == "refused" and report.source_state != "gone":
@@ -580,6 +672,14 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _comm(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _describe(exc: BaseException) -> str:

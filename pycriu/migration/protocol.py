@@ -130,7 +130,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
                  "lazy_daemon_seconds": ((int, float, _Opt), True), "stats": ((dict, _Opt), True),
                  "page_server_wait": (_NUM, True)},
     "commit": {},
-    "committed": {"pid": (_INT, True)},
+    "committed": {"pid": (_INT, True), "resumed_ago": (_NUM, False)},
     "abort": {"reason": (_STR, True)},
     "aborted": {"killed": ((int, _Opt), True)},
     "lazy-wait": {"timeout": (_NUM, True)},
