@@ -126,6 +126,27 @@ def test_sizes_are_limited(private_tmp: Path) -> None:
         conn.close(timeout=10)
 
 
+def test_the_file_limit_holds_across_batches(private_tmp: Path) -> None:
+    """The session's file allowance shrinks with every batch: a peer cannot reset it by ending a
+    batch (files-done) and starting another."""
+    conn = connect(Destination("local"), timeout=30,
+                   agent_command=(__import__("sys").executable, "-m", "pycriu.migration.agent", "--stdio",
+                                  "--max-files", "3"))
+    try:
+        conn.channel.send(_hello())
+        conn.channel.recv("hello")
+        for batch in range(2):
+            count = 2 if batch == 0 else 1
+            for i in range(count):
+                conn.channel.send({"type": "file", "dir": "images", "name": f"core-{batch}{i}.img", "size": 0})
+            conn.channel.send({"type": "files-done", "dir": "images", "count": count, "bytes": 0})
+            conn.channel.recv("files-ok")
+        conn.channel.send({"type": "file", "dir": "images", "name": "core-99.img", "size": 0})
+        _refused(conn, "limit of")
+    finally:
+        conn.close(timeout=10)
+
+
 def test_more_data_than_announced_is_refused(agent: Connection) -> None:
     agent.channel.send({"type": "file", "dir": "images", "name": "core-1.img", "size": 4})
     agent.channel.send_data(b"12345")

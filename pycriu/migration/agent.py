@@ -370,10 +370,11 @@ class AgentSession:
     def _files_done(self, msg: dict[str, Any]) -> None:
         count, total = self.limits.received_files, self.limits.received_bytes
         self.channel.send({"type": "files-ok", "count": count, "bytes": total})
-        # counters are per batch
+        # counters are per batch; the session's allowance shrinks by what the batch used
         self.limits.received_files = 0
         self.limits.received_bytes = 0
         self.limits.max_total_bytes -= total
+        self.limits.max_files -= count
 
     def _restore(self, msg: dict[str, Any]) -> None:
         name = check_dir_name(msg["dir"])
@@ -735,7 +736,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
         parser.add_argument("--criu", metavar="PATH", help="criu binary")
     parser.add_argument("--commit-timeout", type=float, default=120.0, metavar="S",
                         help="kill a restored tree the source has not committed after S seconds")
-    parser.add_argument("--max-file-size", type=int, default=64 << 30, metavar="BYTES")
+    parser.add_argument("--max-file-size", type=int, default=64 << 30, metavar="BYTES",
+                        help="largest image file accepted")
+    parser.add_argument("--max-files", type=int, default=100_000, metavar="N",
+                        help="most image files accepted in one session")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -762,7 +766,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = AgentConfig(root=root, secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),
                          commit_timeout=args.commit_timeout,
-                         max_file_size=args.max_file_size)
+                         max_file_size=args.max_file_size, max_files=args.max_files)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.stdio:
