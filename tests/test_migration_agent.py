@@ -247,6 +247,22 @@ def test_lazy_pages_before_the_images_it_reads_is_refused(agent: Connection) -> 
     _refused(agent, "before inventory.img and pstree.img")
 
 
+@pytest.mark.parametrize("message", ["lazy-pages", "restore"])
+def test_the_source_page_server_must_be_on_the_source(agent: Connection, message: str) -> None:
+    """A peer cannot make the agent's root lazy-pages daemon connect anywhere: the page server to
+    read from must be at the source's own address (this peer is on loopback)."""
+    _send_daemon_images(agent)
+    elsewhere = {"address": "192.0.2.1", "port": 27}  # TEST-NET-1: refused before any connection
+    if message == "lazy-pages":
+        agent.channel.send({"type": "lazy-pages", "dir": "images", "page_server": elsewhere})
+        agent.channel.send({"type": "ping", "t": 1})
+    else:
+        agent.channel.send({"type": "files-done", "dir": "images", "count": 2, "bytes": 2})
+        agent.channel.recv("files-ok")
+        agent.channel.send({"type": "restore", "dir": "images", "lazy": True, "page_server": elsewhere, "flags": {}})
+    _refused(agent, "is not the source")
+
+
 def test_an_early_lazy_pages_daemon_that_fails_is_reported_by_the_restore(agent: Connection) -> None:
     _send_daemon_images(agent)  # not real images: criu lazy-pages fails on them
     ps = {"address": "127.0.0.1", "port": 1}

@@ -28,6 +28,7 @@ What the agent guarantees, whatever happens to the connection:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import platform
@@ -85,6 +86,8 @@ class AgentConfig:
     secret: bytes | None = None
     tls: TLSConfig | None = None
     data_address: str | None = None
+    #: Addresses besides the peer's own where a source's page server may be (multi-homed sources).
+    page_server_addresses: tuple[str, ...] = ()
     criu_binary: str | None = None
     commit_timeout: float = 120.0
     idle_timeout: float = 600.0
@@ -363,6 +366,23 @@ class AgentSession:
                              code="unsupported")
         return {"tls": True, "tls_cacert": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
 
+    def _check_page_server_address(self, address: str) -> None:
+        """The source's page server must be on the source: the peer's own address (any loopback
+        address for a peer on this host), or one the agent was told to accept. Otherwise a peer
+        could make this root daemon connect anywhere."""
+        allowed = set(self.config.page_server_addresses)
+        if self.peer_address is not None:
+            allowed.add(self.peer_address)
+        try:
+            loopback = ipaddress.ip_address(address).is_loopback
+            peer_loopback = self.peer_address is not None and ipaddress.ip_address(self.peer_address).is_loopback
+        except ValueError:
+            loopback = peer_loopback = False
+        if address not in allowed and not (loopback and peer_loopback):
+            raise ProtocolError(f"the source's page server address {address!r} is not the source "
+                                f"({self.peer_address}); start the agent with --page-server-from {address} "
+                                "to accept it")
+
     def _file(self, msg: dict[str, Any]) -> None:
         name = check_dir_name(msg["dir"])
         receive_file(self.channel, msg, self._subdir(name), self.limits, timeout=self.config.idle_timeout)
@@ -389,6 +409,8 @@ class AgentSession:
             raise TransportError("the source went away before the restore started")
         lazy = msg["lazy"]
         source_ps = msg["page_server"]
+        if source_ps is not None:
+            self._check_page_server_address(source_ps["address"])
         if lazy and not self.config.local_info()["features"]["lazy_pages"]:
             raise AgentError("lazy pages are not supported on this host", code="unsupported")
         if source_ps is not None and not lazy:
@@ -490,6 +512,7 @@ class AgentSession:
         if not (images / "inventory.img").exists() or not (images / "pstree.img").exists():
             raise ProtocolError("lazy-pages requested before inventory.img and pstree.img were sent")
         ps = msg["page_server"]
+        self._check_page_server_address(ps["address"])
         address = PageServerAddress(ps["address"], ps["port"])
         self._tls_kwargs(msg)  # refuse TLS without a certificate now
         early = _EarlyLazy(name, address, bool(msg.get("tls")))
@@ -740,6 +763,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
                         help="largest image file accepted")
     parser.add_argument("--max-files", type=int, default=100_000, metavar="N",
                         help="most image files accepted in one session")
+    parser.add_argument("--page-server-from", action="append", default=[], metavar="IP",
+                        help="also accept a source page server at IP (default: only the source's own address)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -766,7 +791,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = AgentConfig(root=root, secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),
                          commit_timeout=args.commit_timeout,
-                         max_file_size=args.max_file_size, max_files=args.max_files)
+                         max_file_size=args.max_file_size, max_files=args.max_files,
+                         page_server_addresses=tuple(args.page_server_from))
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.stdio:
