@@ -160,3 +160,44 @@ def address_towards(host: str) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return "127.0.0.1"
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants, in bytes (what a dump writes, roughly)."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+#: Where the source keeps images in memory when it can (a tmpfs).
+MEMORY_SCRATCH = "/dev/shm"
+
+
+def memory_scratch_dir(needed: int, candidate: str | None = None) -> str | None:
+    """``candidate`` if it is a tmpfs with at least twice ``needed`` bytes free, else ``None``.
+
+    Images that only live until they are sent are best kept in memory: nothing reaches a disk, and
+    the dump does not wait on disk writes while the tree is frozen. Twice the size leaves the
+    process itself and other tmpfs users room.
+    """
+    candidate = candidate or MEMORY_SCRATCH
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    fstype = None
+    for line in mounts:  # the last mount on a path is the one in effect
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == candidate:
+            fstype = fields[2]
+    if fstype != "tmpfs":
+        return None
+    st = os.statvfs(candidate)
+    return candidate if st.f_bavail * st.f_frsize >= 2 * needed + (64 << 20) else None
