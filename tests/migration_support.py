@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pycriu import MigrationReport
-from pycriu.migration import Progress, procs
+from pycriu.migration import Progress
 from pycriu.workload import Workload
 
 AGENT = [sys.executable, "-m", "pycriu.migration.agent"]
@@ -68,9 +68,6 @@ def leak_checked_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    # Scratch images stay in tmp (not a tmpfs, so never chosen as memory scratch), where they are
-    # inspected and leak-checked; test_migration_flows covers the tmpfs choice on its own mount.
-    monkeypatch.setattr(procs, "MEMORY_SCRATCH", str(tmp))
     yield tmp
     leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(("pycriu-agent-", "pycriu-migrate-"))]
     deadline = time.monotonic() + 10

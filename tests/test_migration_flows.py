@@ -4,7 +4,6 @@ is gone, and the report's byte and disk figures are what really lay in the two d
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from conftest import needs_lazy_pages, needs_root
 from migration_support import Snapshot, assert_moved, leak_checked_tmp
 
 from pycriu import Migration, MigrationReport
-from pycriu.migration import Progress, procs
 from pycriu.migration.images import PAGE_SIZE
 from pycriu.workload import Workload
 
@@ -113,37 +111,3 @@ def test_a_tree_with_children_and_threads_moves_whole(workload: Callable[..., Wo
     assert_moved(w, report)
     st = w.wait_beats(5)
     assert st["echoes"] > echoes  # the children answer at the destination too
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 256 MiB tmpfs of this test's own."""
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_the_source_keeps_its_images_in_memory_when_a_tmpfs_has_room(
-        workload: Callable[..., Workload], private_tmp: Path, small_tmpfs: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(procs, "MEMORY_SCRATCH", str(small_tmpfs))
-    # Room for twice the tree: chosen. The images were there during the restore, and are gone after.
-    w = workload(mib=16)
-    seen: list[str] = []
-
-    def look(event: Progress) -> None:
-        if event.phase == "restore" and event.event == "start":
-            seen.extend(p.name for p in small_tmpfs.glob("pycriu-migrate-*/images/pages-*.img"))
-
-    report = Migration(w.pid, to="local", mode="classic", progress=look, log_dir=private_tmp.parent / "logs").run()
-    assert_moved(w, report)
-    assert seen, "the source's page images were not in the tmpfs"
-    assert any("kept in memory" in n for n in report.notes)
-    assert not list(small_tmpfs.iterdir()), "the scratch directory was left in the tmpfs"
-    # Not enough room for twice the tree: the temporary directory (a disk here) is used instead.
-    assert procs.memory_scratch_dir(200 << 20) is None
-    assert procs.memory_scratch_dir(16 << 20) == str(small_tmpfs)

@@ -85,8 +85,7 @@ class Migration:
             ``pycriu agent --stdio``; for ``local``, this Python's ``-m pycriu.migration.agent``).
         log_dir: where the CRIU logs of both sides are kept (default: a new
             ``pycriu-migration-*`` directory in the temporary directory; the report names it).
-        scratch_dir: where the source writes its images (default: ``/dev/shm`` when it is a tmpfs
-            with room for twice the tree's memory, else the temporary directory).
+        scratch_dir: where the source writes its images (default: the temporary directory).
         policy: :class:`PreCopyPolicy` for ``pre-copy``/``hybrid``.
         timeout: seconds to wait for any one reply of the agent (restore included).
         lazy_timeout: seconds the lazy page transfer may take in the lazy flows.
@@ -268,13 +267,7 @@ class MigrationRun:
         self.report.log_dir = str(self.log_dir)
         self.src_logs = self.log_dir / "source"
         self.src_logs.mkdir()
-        scratch_parent: str | Path | None = self.m.scratch_dir
-        if scratch_parent is None:
-            scratch_parent = procs.memory_scratch_dir(procs.tree_rss(self.pid))
-            if scratch_parent is not None:
-                self.note(f"the source's images are kept in memory ({scratch_parent}, tmpfs) until sent: "
-                          "no disk write inside the freeze")
-        self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=scratch_parent))
+        self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=self.m.scratch_dir))
         self.images = self.scratch / "images"
         self.images.mkdir()
 
