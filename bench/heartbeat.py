@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pycriu.workload import PidNamespaceTree
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "workload.c"
 BUILD_DIR = HERE / ".build"
@@ -155,38 +157,20 @@ class HeartbeatWorkload:
         self.hb_path.unlink(missing_ok=True)
         argv = [str(binary), "--hb", str(self.hb_path), "--mib", str(mib), "--rate", repr(rate),
                 "--interval-us", str(interval_us), "--ring", str(ring)]
-        self._unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "setsid", *argv],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            # Its own working directory: CRIU's parasite mounts a private /proc on
-            # "proc.crtools" relative to the dumped task's cwd when the task is in its own PID
-            # namespace, so two dumps at once of tasks sharing a cwd (say "/") collide with
-            # "Can't create a directory (-17)" (criu/pie/parasite.c). Seen on this shared machine.
-            cwd=self.hb_path.parent)
-        self.pid = 0
-        self._pids: list[int] = []
+        # Its own working directory: CRIU's parasite mounts a private /proc on "proc.crtools"
+        # relative to the dumped task's cwd when the task is in its own PID namespace, so two dumps
+        # at once of tasks sharing a cwd (say "/") collide with "Can't create a directory (-17)".
+        self._tree = PidNamespaceTree(argv, cwd=self.hb_path.parent)
         try:
-            self.pid = self._find_child(timeout=10)
-            self._pids.append(self.pid)
             self.wait_beats(warmup_beats, timeout=30 + mib / 50)
         except BaseException:
             self.close()
             raise
 
-    def _find_child(self, timeout: float) -> int:
-        path = Path(f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                children = path.read_text().split()
-            except OSError:
-                children = []
-            if children:
-                return int(children[0])
-            if self._unshare.poll() is not None:
-                raise RuntimeError(f"workload exited at once (status {self._unshare.returncode})")
-            time.sleep(0.005)
-        raise TimeoutError("workload did not start")
+    @property
+    def pid(self) -> int:
+        """The root of the workload now (the source, or the copy last adopted)."""
+        return self._tree.pid
 
     def beats(self) -> Beats:
         return read_beats(self.hb_path)
@@ -209,8 +193,8 @@ class HeartbeatWorkload:
             s = self.seq()
             if s >= start + count:
                 return s
-            if len(self._pids) <= 1 and self._unshare.poll() is not None:
-                raise RuntimeError(f"workload exited (status {self._unshare.returncode})")
+            if self._tree.exited:
+                raise RuntimeError(f"workload exited (status {self._tree.unshare.returncode})")
             time.sleep(0.005)
         raise TimeoutError(f"heartbeat stuck at {self.seq()} (wanted {start + count})")
 
@@ -228,43 +212,15 @@ class HeartbeatWorkload:
         raise TimeoutError("workload did not answer the verification request")
 
     def adopt(self, pid: int) -> None:
-        self.pid = pid
-        self._pids.append(pid)
+        """Own the copy restored at ``pid`` too (killed by :meth:`close`)."""
+        self._tree.adopt(pid)
 
     def close(self) -> None:
         """Kill every copy of the workload (source and restored) and reap what is ours to reap."""
-        for pid in self._pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    # not our child: wait until it is gone (its reaper is someone else)
-                    if not _alive(pid):
-                        break
-                    time.sleep(0.005)
-                    continue
-                if done:
-                    break
-                time.sleep(0.005)
-        if self._unshare.poll() is None:
-            self._unshare.kill()
-        self._unshare.wait()
+        self._tree.close()
 
     def __enter__(self) -> HeartbeatWorkload:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -143,6 +143,90 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
+class PidNamespaceTree:
+    """Owner of a command started as the init of its own PID namespace and session
+    (``unshare --pid --fork setsid ARGV``), and of every copy of it restored later.
+
+    A restore on the same machine then never collides on pids, and the tree leads its session
+    inside its namespace, as CRIU requires. ``pid`` is the tree's root in this namespace; after a
+    migration or restore, :meth:`adopt` the new root so :meth:`close` kills and reaps it too.
+    """
+
+    def __init__(self, argv: list[str], *, cwd: str | os.PathLike[str], env: dict[str, str] | None = None,
+                 start_timeout: float = 10.0) -> None:
+        self.unshare = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "setsid", *argv],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, cwd=cwd,
+        )
+        self.pid = 0
+        self.pids: list[int] = []
+        try:
+            self.adopt(self._find_child(start_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def _find_child(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        path = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
+        while time.monotonic() < deadline:
+            try:
+                children = path.read_text().split()
+            except OSError:
+                children = []
+            if children:
+                return int(children[0])
+            if self.unshare.poll() is not None:
+                raise RuntimeError(f"workload exited at once (status {self.unshare.returncode})")
+            time.sleep(0.005)
+        raise TimeoutError("workload did not start")
+
+    @property
+    def exited(self) -> bool:
+        """The original tree is gone and no copy was adopted."""
+        return len(self.pids) <= 1 and self.unshare.poll() is not None
+
+    def adopt(self, pid: int) -> None:
+        """Take ownership of a copy of the tree rooted at ``pid`` (it becomes :attr:`pid`)."""
+        self.pid = pid
+        if pid not in self.pids:
+            self.pids.append(pid)
+
+    def close(self) -> None:
+        """Kill every copy (source and restored) and reap the ones that are our children; wait
+        for the others to be gone (their reaper is someone else)."""
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    if not alive(pid):
+                        break
+                    time.sleep(0.005)
+                    continue
+                if done:
+                    break
+                time.sleep(0.005)
+        if self.unshare.poll() is None:
+            self.unshare.kill()
+        self.unshare.wait()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 class Workload:
     """Owner of one sample workload in its own PID namespace.
 
@@ -165,35 +249,21 @@ class Workload:
         self.workdir = self.state_path.parent / f"{self.state_path.name}.cwd"
         self.workdir.mkdir(exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        self._unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "setsid", *argv],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=env, cwd=self.workdir,
-        )
-        self.pid = 0
-        self._pids: set[int] = set()
+        self._tree = PidNamespaceTree(argv, cwd=self.workdir, env=env)
         try:
-            self.pid = self._find_child(timeout=10)
-            self._pids.add(self.pid)
             self.wait_beats(1, timeout=max(30.0, mib / 20))
         except BaseException:
             self.close()
             raise
 
-    def _find_child(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        path = Path(f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children")
-        while time.monotonic() < deadline:
-            try:
-                children = path.read_text().split()
-            except OSError:
-                children = []
-            if children:
-                return int(children[0])
-            if self._unshare.poll() is not None:
-                raise RuntimeError(f"workload exited at once (status {self._unshare.returncode})")
-            time.sleep(0.01)
-        raise TimeoutError("workload did not start")
+    @property
+    def pid(self) -> int:
+        """The root of the tree now (the source, or the copy last adopted)."""
+        return self._tree.pid
+
+    @pid.setter
+    def pid(self, value: int) -> None:
+        self._tree.pid = value
 
     @property
     def state(self) -> dict[str, Any]:
@@ -228,37 +298,15 @@ class Workload:
 
     def adopt(self, pid: int) -> None:
         """Take ownership of the tree restored at ``pid`` (killed and reaped by :meth:`close`)."""
-        self.pid = pid
-        self._pids.add(pid)
+        self._tree.adopt(pid)
 
     def alive(self, pid: int | None = None) -> bool:
         """Whether ``pid`` (default: the current root) runs and is not a zombie."""
-        try:
-            stat = Path(f"/proc/{pid or self.pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return alive(pid or self.pid)
 
     def close(self) -> None:
-        """Kill every tree this workload ever was (source and restored copies) and reap the ones
-        that are our children (all of them when this process is a child subreaper)."""
-        for pid in self._pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                time.sleep(0.01)
-        if self._unshare.poll() is None:
-            self._unshare.kill()
-        self._unshare.wait()
+        """Kill every tree this workload ever was (source and restored copies) and reap them."""
+        self._tree.close()
 
     def __enter__(self) -> Workload:
         return self
