@@ -20,14 +20,34 @@ def _state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def tree_state(pid: int) -> str:
-    """``running``, ``stopped`` (SIGSTOP/traced) or ``gone`` (no such process, or a zombie)."""
-    s = _state(pid)
-    if s is None or s in ("Z", "X", "x"):
-        return "gone"
-    if s in ("T", "t"):
-        return "stopped"
-    return "running"
+def _stop_pending(pid: int) -> bool:
+    """A SIGSTOP is queued for ``pid`` but not yet acted on."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    bit = 1 << (signal.SIGSTOP - 1)
+    return any(line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit
+               for line in status.splitlines())
+
+
+def tree_state(pid: int, settle: float = 1.0) -> str:
+    """``running``, ``stopped`` (SIGSTOP/traced) or ``gone`` (no such process, or a zombie).
+
+    A tree CRIU leaves stopped gets its SIGSTOP as CRIU detaches, so for a moment it still reads
+    as running with the signal pending: that is waited out (up to ``settle`` seconds) and
+    reported as stopped.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        s = _state(pid)
+        if s is None or s in ("Z", "X", "x"):
+            return "gone"
+        if s in ("T", "t"):
+            return "stopped"
+        if not _stop_pending(pid) or time.monotonic() >= deadline:
+            return "running"
+        time.sleep(0.001)
 
 
 def descendants(pid: int) -> list[int]:
