@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import _config, _raw
 from .errors import (
@@ -28,8 +28,8 @@ from .errors import (
     InvalidOptionError,
     KernelUnsupportedError,
     NoSuchProcessError,
-    first_error_in_text,
     hint_for,
+    stderr_message,
 )
 from .options import DumpOptions, LazyPagesOptions, PageServerOptions, PreDumpOptions, RestoreOptions, _CriuOptions
 from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats, read_stats
@@ -147,7 +147,7 @@ class Criu:
             ours.close()
             _reap(proc)
             if exc.criu_message is None:
-                exc.criu_message = _stderr_message(stderr)
+                exc.criu_message = stderr_message(stderr)
                 exc.hint = exc.hint or hint_for(exc)
             raise
         finally:
@@ -399,13 +399,6 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _stderr_message(stderr: IO[bytes]) -> str | None:
-    """What a finished worker said on stderr: its first CRIU error line, else its last line."""
-    text = os.pread(stderr.fileno(), 1 << 16, 0).decode(errors="replace")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and line.isprintable()]
-    return first_error_in_text(text) or (lines[-1] if lines else None)
 
 
 def _require_root(operation: str) -> None:

@@ -24,7 +24,14 @@ from types import TracebackType
 from typing import IO, ClassVar, Self
 
 from .enums import LogLevel
-from .errors import CriuError, InvalidOptionError, LazyPagesError, PageServerError, first_error_line
+from .errors import (
+    CriuError,
+    InvalidOptionError,
+    LazyPagesError,
+    PageServerError,
+    first_error_line,
+    stderr_message,
+)
 from .options import LazyPagesOptions, PageServerAddress, PageServerOptions
 
 __all__ = ["PageServer", "LazyPages"]
@@ -110,9 +117,7 @@ class _NativeDaemon:
     def _failure(self, message: str) -> CriuError:
         criu_message = first_error_line(self.log_path)
         if criu_message is None and self._stderr is not None:
-            self._stderr.seek(0)
-            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
-            criu_message = lines[-1] if lines else None
+            criu_message = stderr_message(self._stderr)
         return self._error(message, operation=self._command, criu_message=criu_message,
                            log_path=self.log_path)
 

@@ -14,7 +14,7 @@ import errno as _errno
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "CriuError",
@@ -34,6 +34,7 @@ __all__ = [
     "LazyPagesError",
     "first_error_line",
     "first_error_in_text",
+    "stderr_message",
     "hint_for",
 ]
 
@@ -178,6 +179,15 @@ def first_error_in_text(text: str) -> str | None:
         if m and not any(n in m.group("msg") for n in _NOISE):
             return f"{m.group('msg').strip()} ({m.group('where')})"
     return None
+
+
+def stderr_message(stderr: IO[bytes]) -> str | None:
+    """What a finished ``criu`` process said on stderr (a file it wrote): its first CRIU error
+    line, else its last printable line; ``None`` if it said nothing. CRIU reports there what fails
+    before its log is open."""
+    text = os.pread(stderr.fileno(), 1 << 16, 0).decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.isprintable()]
+    return first_error_in_text(text) or (lines[-1] if lines else None)
 
 
 # (pattern in CRIU's message, hint) for the common causes, first match wins.
