@@ -161,6 +161,15 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: also accepts the top-level ``--criu`` and ``--json``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--criu", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pycriu`` command, with the migration commands when present."""
     parser = argparse.ArgumentParser(prog="pycriu", description="Checkpoint, restore and live-migrate "
@@ -168,17 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pycriu {__version__}")
     parser.add_argument("--criu", metavar="PATH", help="criu binary (default: $PYCRIU_CRIU or PATH)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    # The same two options after the subcommand too (pycriu dump --json ...).
-    shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--criu", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = sub.add_parser
-
-    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return add(name, parents=[shared], **kwargs)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
+    # Every subcommand's parser (the migration ones too) is a _SubcommandParser, which takes the
+    # same two options after the subcommand (pycriu dump --json ...).
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_SubcommandParser)
 
     p = sub.add_parser("doctor", help="check that this machine can checkpoint/restore/migrate")
     p.set_defaults(func=cmd_doctor)
