@@ -288,15 +288,22 @@ def _lazy(cli: _Cli, ctx: TrialContext) -> FlowResult:
     cli.phase("dump")
     copy(ctx.src_dir, ())
     cli.phase("copy")
+    return _lazy_restore(cli, ctx, t0, lazy_port, dump)
+
+
+def _lazy_restore(cli: _Cli, ctx: TrialContext, t0: int, port: int, source: Daemon) -> FlowResult:
+    """The destination half of both lazy flows: ``criu lazy-pages`` reading from the source's page
+    server at ``port``, ``criu restore --lazy-pages``, then wait until the daemon has every page
+    and the serving ``source`` process (the lazy dump, or the lazy page server) has exited."""
     lp = cli.start(cli.criu("lazy-pages", ctx.dst_dir, "--page-server", "--address", ctx.link.src_addr,
-                            "--port", str(lazy_port), dst=True), "criu lazy-pages", ctx.dst_dir / "lazy-pages.log")
+                            "--port", str(port), dst=True), "criu lazy-pages", ctx.dst_dir / "lazy-pages.log")
     cli.phase("lazy-pages start")
     pid = _restore(cli, ctx, ctx.dst_dir, "--lazy-pages")
     t_restored = time.time_ns()
     cli.phase("restore")
     lp.wait(600)
     t_lazy = lp.exited_ns
-    dump.wait(600)
+    source.wait(600)
     t1 = time.time_ns()
     cli.phase("lazy pages")
     d, r = _stats(ctx.src_dir, ctx.dst_dir)
@@ -322,20 +329,7 @@ def _page_server_on_source(cli: _Cli, ctx: TrialContext) -> FlowResult:
     cli.phase("page server start")
     copy(ctx.src_dir, ())
     cli.phase("copy")
-    lp = cli.start(cli.criu("lazy-pages", ctx.dst_dir, "--page-server", "--address", ctx.link.src_addr,
-                            "--port", str(port), dst=True), "criu lazy-pages", ctx.dst_dir / "lazy-pages.log")
-    cli.phase("lazy-pages start")
-    pid = _restore(cli, ctx, ctx.dst_dir, "--lazy-pages")
-    t_restored = time.time_ns()
-    cli.phase("restore")
-    lp.wait(600)
-    t_lazy = lp.exited_ns
-    ps.wait(600)
-    t1 = time.time_ns()
-    cli.phase("lazy pages")
-    d, r = _stats(ctx.src_dir, ctx.dst_dir)
-    return FlowResult(pid, t0, t1, restored_ns=t_restored, lazy_done_ns=t_lazy, dump_stats=d, restore_stats=r,
-                      disk=_disk(ctx), phases=cli.phases)
+    return _lazy_restore(cli, ctx, t0, port, ps)
 
 
 def _pre_dumps(cli: _Cli, ctx: TrialContext, count: int = 2) -> Path:
