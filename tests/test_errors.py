@@ -8,10 +8,13 @@ a hint; it is also an instance of the matching built-in exception where one exis
 from __future__ import annotations
 
 import errno
+import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,10 +37,23 @@ def dead_pid() -> int:
 
 @pytest.fixture
 def not_a_session_leader() -> Iterator[subprocess.Popen[bytes]]:
-    """A plain ``sleep`` in the test's own session: its session leader is outside the tree, so
-    CRIU refuses to dump it on its own."""
-    proc = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    """A ``sleep`` whose session leader is a shell of its own (in our PID namespace, whatever
+    session the test runner has), so CRIU refuses to dump the sleep on its own."""
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert leader.stdout is not None
+    leader.sleep_pid = int(leader.stdout.readline())  # type: ignore[attr-defined]
+    yield leader
+    os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
+
+
+@pytest.fixture
+def leader_outside_pid_namespace() -> Iterator[subprocess.Popen[bytes]]:
+    """A ``sleep`` as the init of a new PID namespace but still in the test's session: its session
+    leader is outside its PID namespace, which CRIU reports in a different message."""
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "60"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     yield proc
     proc.kill()
     proc.wait()
@@ -154,20 +170,21 @@ def test_pre_dump_without_memory_tracking_is_refused_before_criu_runs(
 @needs_root
 def test_dump_failure_carries_criu_message_log_and_hint(
         criu: pycriu.Criu, images_dir: Path, not_a_session_leader: subprocess.Popen[bytes]) -> None:
-    pid = not_a_session_leader.pid
+    pid = not_a_session_leader.sleep_pid  # type: ignore[attr-defined]
     with pytest.raises(pycriu.DumpError) as info:
         criu.dump(pycriu.DumpOptions(pid=pid, images_dir=images_dir))
     err = info.value
 
     assert err.operation == "dump"
     assert err.errno == errno.EBADE
-    assert err.criu_message is not None and "not a session leader" in err.criu_message
+    assert err.criu_message is not None and f"root process {pid} is not a session leader" in err.criu_message
     assert err.log_path == str(images_dir / "dump.log")
     assert Path(err.log_path).exists()
     # criu_message is the log's first real error (file:line moved to the end).
     assert err.criu_message.split(" (criu/")[0] in Path(err.log_path).read_text()
     assert err.hint is not None and "shell_job" in err.hint
     # CRIU resumed the tree: the process still runs.
+    os.kill(pid, 0)
     assert not_a_session_leader.poll() is None
 
     text = str(err)
@@ -175,6 +192,27 @@ def test_dump_failure_carries_criu_message_log_and_hint(
     assert f"criu: {err.criu_message}" in text
     assert f"log: {err.log_path}" in text
     assert f"hint: {err.hint}" in text
+
+
+@needs_root
+def test_session_leader_outside_the_pid_namespace_is_reported_with_the_same_hint(
+        criu: pycriu.Criu, images_dir: Path, leader_outside_pid_namespace: subprocess.Popen[bytes]) -> None:
+    """A CI runner or container may put the whole session outside the workload's PID namespace:
+    CRIU words that differently, and the hint still says what to do."""
+    unshare = leader_outside_pid_namespace.pid
+    children = Path(f"/proc/{unshare}/task/{unshare}/children")
+    deadline = time.monotonic() + 10
+    while not (pid_text := children.read_text().split()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = int(pid_text[0])
+    with pytest.raises(pycriu.DumpError) as info:
+        criu.dump(pycriu.DumpOptions(pid=pid, images_dir=images_dir))
+    err = info.value
+    assert err.errno == errno.EBADE
+    assert err.criu_message is not None
+    assert f"A session leader of {pid}(1) is outside of its pid namespace" in err.criu_message
+    assert err.hint is not None and "shell_job" in err.hint
+    os.kill(pid, 0)
 
 
 @needs_root
