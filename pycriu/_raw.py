@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors
+from . import _threads, errors
 from ._libcriu import ffi, lib
 
 NotifyHandler = Callable[[str, int], "bool | None"]
@@ -117,10 +117,6 @@ class _CallbackState:
 
 
 _tls = threading.local()
-
-#: Signals held back while libcriu talks to CRIU (delivered as soon as CRIU has answered).
-_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-
 
 def _current() -> _CallbackState | None:
     return getattr(_tls, "state", None)
@@ -254,7 +250,7 @@ class RawOpts:
         _tls.state = state
         # SIGINT/SIGTERM wait until CRIU has answered: an interrupted recvmsg makes libcriu drop
         # the request half-way, losing the restored tree or the dump's outcome.
-        masked = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, _threads.SIGNALS)
         interrupted: BaseException | None = None
         try:
             if operation == "dump":

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._threads import Worker
 from ..criu import Criu
 
 __all__ = ["HostCheck", "probe", "forget", "CACHE_FILE"]
@@ -136,7 +137,7 @@ def probe(criu: Criu) -> HostCheck:
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             failure.append(exc)
 
-    thread = threading.Thread(target=full_check, name="pycriu-criu-check", daemon=True)
+    thread = Worker(full_check, name="pycriu-criu-check")
     thread.start()
     try:
         features = criu.features(refresh=True)

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .._threads import Worker
 from ..options import DumpOptions, PageServerAddress, PageServerOptions, PreDumpOptions
 from ..results import DumpResult
 from . import procs
@@ -115,19 +116,17 @@ def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any)
 # --- the lazy flows -------------------------------------------------------------------------------
 
 
-class _DumpThread(threading.Thread):
+class _DumpThread(Worker):
     """``criu.dump`` in a thread: a lazy dump returns only when every page was served."""
 
     def __init__(self, run: MigrationRun, opts: DumpOptions) -> None:
-        super().__init__(name=f"pycriu-lazy-dump-{run.pid}", daemon=True)
-        self.run_ = run
-        self.opts = opts
+        super().__init__(self._dump, run, opts, name=f"pycriu-lazy-dump-{run.pid}")
         self.result: DumpResult | None = None
         self.error: BaseException | None = None
 
-    def run(self) -> None:
+    def _dump(self, run: MigrationRun, opts: DumpOptions) -> None:
         try:
-            self.result = self.run_.criu.dump(self.opts)
+            self.result = run.criu.dump(opts)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
 
@@ -306,7 +305,7 @@ def page_server_on_source(run: MigrationRun) -> None:
         # CRIU's page server starts over the local images while the other images travel, and
         # the destination's lazy-pages daemon starts as soon as the images it reads arrived
         run.phase_start("page server start")
-        starter = threading.Thread(target=start_page_server, name="pycriu-page-server-start", daemon=True)
+        starter = Worker(start_page_server, name="pycriu-page-server-start")
         starter.start()
         try:
             maps = {pm.pages_name: pm for pm in pagemaps(run.images)}

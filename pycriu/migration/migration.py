@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .._threads import Worker
 from ..criu import Criu
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
@@ -657,8 +658,7 @@ class _Background:
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
-                                        name=f"pycriu-{getattr(fn, '__name__', 'task')}")
+        self._thread = Worker(self._run, fn, args, name=f"pycriu-{getattr(fn, '__name__', 'task')}")
         self._thread.start()
 
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:

@@ -1,0 +1,32 @@
+"""Worker threads that leave the termination signals to the main thread.
+
+Python runs signal handlers in the main thread only, but the kernel hands a process-directed
+signal to any thread that does not block it. A SIGTERM handed to a worker merely sets a flag that
+the main thread notices when it next runs Python code: a main thread blocked in ``accept()`` or
+``read()`` would never notice it (an agent that ignores ``kill``). Every pycriu thread therefore
+blocks these signals for its whole life, so that the kernel delivers them to the main thread and
+interrupts whatever it waits for.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["SIGNALS", "Worker"]
+
+#: The signals that stop a pycriu process (and that libcriu calls defer, see ``_raw``).
+SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+
+
+class Worker(threading.Thread):
+    """A daemon thread running ``target(*args)`` with :data:`SIGNALS` blocked."""
+
+    def __init__(self, target: Callable[..., Any], *args: Any, name: str) -> None:
+        super().__init__(target=target, args=args, name=name, daemon=True)
+
+    def run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        super().run()
