@@ -15,7 +15,6 @@ from pycriu._threads import SIGNALS, Worker
 from pycriu.workload import Workload
 
 
-
 @needs_root
 def test_the_gil_is_released_while_criu_works(criu: pycriu.Criu, workload: Callable[..., Workload],
                                               images_dir: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from migration_support import leak_checked_tmp
 
 import pycriu
 from pycriu.migration import AgentError, TransportError, checks
+from pycriu.migration.guard import Guard
 from pycriu.migration.protocol import KIND_CONTROL, KIND_DATA, PROTOCOL_VERSION, Channel
 from pycriu.migration.transport import Connection, Destination, connect
 
@@ -297,3 +300,29 @@ def test_a_successful_check_is_cached_for_the_boot(tmp_path: Path, monkeypatch: 
     checks.CACHE_FILE.write_text(data)
     monkeypatch.setattr(checks, "_MEMO", {})
     assert not checks.probe(pycriu.Criu()).cached
+
+
+def test_the_guard_spares_a_committed_tree_and_kills_a_held_one(tmp_path: Path) -> None:
+    """The guard (:mod:`pycriu.migration.guard`) kills the tree it holds when its pipe closes
+    without a ``release``; a released (committed) tree outlives it."""
+    kept = subprocess.Popen(["sleep", "60"])
+    doomed = subprocess.Popen(["sleep", "60"])
+    try:
+        guard = Guard(tmp_path / "kept.log")
+        guard.hold(kept.pid)
+        guard.release()
+        guard.close()
+        assert kept.poll() is None
+        assert not (tmp_path / "kept.log").exists()
+
+        guard = Guard(tmp_path / "doomed.log")
+        guard.hold(doomed.pid)
+        os.kill(guard.pid, 0)
+        guard._proc.stdin.close()  # type: ignore[union-attr]  # as when the agent dies  # noqa: SLF001
+        assert doomed.wait(10) == -signal.SIGKILL
+        guard.close()
+        assert f"killed its restored tree {doomed.pid}" in (tmp_path / "doomed.log").read_text()
+    finally:
+        for proc in (kept, doomed):
+            proc.kill()
+            proc.wait()

@@ -281,7 +281,8 @@ def _wait_files_closed(pid: int, timeout: float = 10.0) -> bool:
 def test_agent_killed_after_restore_before_commit_leaves_one_copy(
         workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """The agent dies after it restored the tree and before the commit: its tree was never
-    resumed (stopped), the source kills it (same host) and resumes its own."""
+    resumed (stopped); the agent's guard kills it (or the source does: same host), and the source
+    resumes its own."""
     w = workload(mib=16)
     original = AgentClient.commit
 
@@ -303,10 +304,43 @@ def test_agent_killed_after_restore_before_commit_leaves_one_copy(
     w.adopt(report.destination_pid)  # cleaned up whatever happens
     w.pid = report.pid
     assert report.outcome == "rolled-back", report
-    assert report.destination_state == "killed", report
+    assert report.destination_state in ("killed", "gone"), report
     assert wait_gone(report.destination_pid)
     assert _running_copies(w) == [report.pid]
     _source_intact(w, report.source_state)
+
+
+def test_a_remote_agent_killed_before_the_commit_takes_its_restored_tree_with_it(
+        workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over ``tcp://`` the source cannot touch the destination's processes: when the agent dies
+    (SIGKILL, no clean-up) between the restore and the commit, its guard kills the stopped tree
+    it restored, so no unowned copy is left on the destination."""
+    agent = TcpAgent(private_tmp.parent / "agent-root", "--secret-file", _secret_file(private_tmp))
+    w = workload(mib=16)
+    original = AgentClient.commit
+
+    def commit(self: AgentClient) -> dict[str, object]:
+        os.kill(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait()
+        return original(self)
+
+    monkeypatch.setattr(AgentClient, "commit", commit)
+    try:
+        with pytest.raises(MigrationError) as info:
+            Migration(w.pid, to=agent.url, mode="classic", secret=SECRET, log_dir=private_tmp.parent / "logs").run()
+        report = info.value.report
+        assert report is not None and report.destination_pid is not None
+        w.adopt(report.destination_pid)  # cleaned up whatever happens
+        w.pid = report.pid
+        assert report.outcome == "rolled-back", (report.error, report.notes)
+        assert wait_gone(report.destination_pid), "the guard did not kill the uncommitted tree"
+        assert _running_copies(w) == [report.pid]
+        _source_intact(w, report.source_state)
+        logs = list(agent.root.glob("s-*/work/guard.log"))
+        assert len(logs) == 1
+        assert f"killed its restored tree {report.destination_pid}" in logs[0].read_text()
+    finally:
+        agent.close()
 
 
 @pytest.mark.parametrize("mode", ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),

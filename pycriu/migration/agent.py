@@ -16,8 +16,9 @@ Modes:
 What the agent guarantees, whatever happens to the connection:
 
 * a restored tree is held stopped (CRIU's ``leave_stopped``) and resumed (``SIGCONT`` to every
-  process) only when the source commits, just before the agent acknowledges: an agent that dies
-  before the commit leaves a stopped tree, never a second running copy;
+  process) only when the source commits, just before the agent acknowledges: never a second
+  running copy. An agent that dies before the commit takes its tree with it: the session's guard
+  (:mod:`pycriu.migration.guard`, a process of its own) kills it when the agent's pipe closes;
 * a restored tree that the source has not committed is killed (the source resumes its own);
 * a lazily restored tree whose lazy-pages daemon fails is killed at once (its missing pages
   would otherwise read as zeros), and the failure is reported;
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .._threads import Worker
 from ..criu import Criu
 from ..daemons import LazyPages, PageServer
 from ..enums import LogLevel
@@ -53,6 +55,7 @@ from ..errors import CriuError, InvalidOptionError
 from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
 from . import checks
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
+from .guard import Guard
 from .images import dir_usage
 from .procs import kill_tree, resume_tree
 from .protocol import (
@@ -112,7 +115,7 @@ class AgentConfig:
         with self._probe_lock:
             if self._probe is None:
                 self._local = None
-                self._probe = threading.Thread(target=self._probe_now, name="pycriu-agent-checks", daemon=True)
+                self._probe = Worker(self._probe_now, name="pycriu-agent-checks")
                 self._probe.start()
 
     def _probe_now(self) -> None:
@@ -139,7 +142,7 @@ class AgentConfig:
             thread = self._probe
             if thread is None and (fresh or self._local is None):
                 self._local = None
-                thread = self._probe = threading.Thread(target=self._probe_now, daemon=True)
+                thread = self._probe = Worker(self._probe_now, name="pycriu-agent-checks")
                 thread.start()
         if thread is not None:
             thread.join()
@@ -187,6 +190,7 @@ class AgentSession:
         self.committed = False
         self.killed: int | None = None
         self.failed = False
+        self.guard: Guard | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -239,6 +243,9 @@ class AgentSession:
             os.close(fd)
         self._dir_fds.clear()
         self._dir_fd = None
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         self.channel.close()
         if self.dir is not None and self.dir.exists():
             if self.failed:
@@ -295,6 +302,7 @@ class AgentSession:
         self.dir.mkdir(mode=0o700)
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         (self.dir / "work").mkdir(mode=0o700)
+        self.guard = Guard(self.dir / "work" / "guard.log")
         self._subdir("images")
         self.state = "ready"
         log.info("%s: session for a %s migration from %s", self.name, msg.get("mode", "?"), self.peer_address)
@@ -468,6 +476,8 @@ class AgentSession:
         now = time.monotonic()
         with self._lock:
             self.restored_pid = result.pid
+            if self.guard is not None:
+                self.guard.hold(result.pid)
             lazy_failed = self._lazy_status not in (None, 0)
         if lazy_failed:  # the daemon died while the restore finished: the tree has holes
             self.killed = kill_tree(result.pid)
@@ -497,7 +507,7 @@ class AgentSession:
                 self.lazy = None
             raise AgentError(f"the lazy-pages daemon failed to start: {exc.message} ({exc.criu_message})",
                              code="lazy-pages-failed") from None
-        threading.Thread(target=self._watch_lazy, args=(lazy,), daemon=True, name=f"{self.name}-lazy").start()
+        Worker(self._watch_lazy, lazy, name=f"{self.name}-lazy").start()
 
     def _lazy_pages(self, msg: dict[str, Any]) -> None:
         """Start the lazy-pages daemon now, in the background, while the other images arrive:
@@ -525,7 +535,7 @@ class AgentSession:
             except BaseException as exc:  # noqa: BLE001 - reported by the restore
                 early.error = AgentError(f"the lazy-pages daemon failed to start: {exc!r}", code="lazy-pages-failed")
 
-        early.thread = threading.Thread(target=start, daemon=True, name=f"{self.name}-lazy-start")
+        early.thread = Worker(start, name=f"{self.name}-lazy-start")
         self._lazy_early = early
         early.thread.start()
 
@@ -553,6 +563,8 @@ class AgentSession:
                 raise AgentError("the restored tree was already killed (lazy-pages daemon failed)",
                                  code="lazy-pages-failed")
             self.committed = True
+            if self.guard is not None:
+                self.guard.release()  # before the resume: the guard never kills a running tree
             t_resume = time.monotonic()
             resume_tree(self.restored_pid)
         self.state = "committed"

@@ -81,7 +81,11 @@ class AgentClient:
 
         ``commit_sent`` becomes True once the message may have reached the agent: after the send
         returned, or when something other than a broken connection interrupted it (the frame may
-        then be complete). A send that failed on the connection delivered no whole frame."""
+        then be complete). A send that failed on the connection delivered no whole frame. A
+        connection the agent has already closed (it exited or was killed) is not sent to at all:
+        the write would still succeed, and the source would have to stay stopped, not knowing."""
+        if self.channel.peer_gone():
+            raise TransportError("the agent closed the connection before the commit (it exited or was killed)")
         try:
             self.channel.send({"type": "commit"})
         except (TransportError, ProtocolError):  # not sent, or not as a whole frame

@@ -490,16 +490,16 @@ class MigrationRun:
 
     def drop_destination(self) -> None:
         """The agent cannot be told to abort after it restored (the link is lost): its tree was
-        never resumed. On this host (``local``) the source kills it itself; elsewhere it stays
-        stopped until the agent kills it, and the report says so."""
+        never resumed. The agent kills it (its guard, if the agent died); on this host
+        (``local``) the source also kills it itself if it is still there."""
         pid = self.report.destination_pid
         if pid is None or self.report.destination_state.startswith(("killed", "gone")):
             return
         if self.m.destination.kind != "local":
             self.report.destination_state = "stopped (not committed)"
             self.note(f"the agent could not be told to abort: its restored tree (pid {pid} on the destination) "
-                      "was never resumed and stays stopped until the agent kills it (when it notices the lost "
-                      f"link, or after its --commit-timeout); if the agent died, run `kill -KILL {pid}` there")
+                      "was never resumed; the agent kills it when it notices the lost link (or after its "
+                      "--commit-timeout), and its guard does if the agent died")
             return
         state = procs.tree_state(pid)
         if state == "gone":

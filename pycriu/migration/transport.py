@@ -162,12 +162,13 @@ class SocketStream:
         return self.sock.fileno(), self.sock.fileno()
 
     def peer_gone(self) -> bool:
-        if isinstance(self.sock, ssl.SSLSocket):
-            return False  # cannot peek below TLS records
         ready, _, _ = select.select([self.sock], [], [], 0)
         if not ready:
             return False
         try:
+            if isinstance(self.sock, ssl.SSLSocket):  # peek below the TLS records, at the TCP stream
+                with socket.socket(fileno=os.dup(self.sock.fileno())) as raw:
+                    return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False

@@ -1,0 +1,133 @@
+"""The agent's dead-man switch: a restored tree that was never committed dies with its agent.
+
+The agent restores a tree stopped and resumes it only on the source's commit. If the agent itself
+dies in between (SIGKILL, OOM, a crash), nobody would ever resume or kill that stopped tree. So each
+agent session starts a guard: a tiny process in its own session (a signal to the agent's process
+group does not reach it) that reads the agent's orders on a pipe:
+
+``hold PID``
+    the tree rooted at PID is restored but not committed;
+``release``
+    it was committed (or the agent killed it itself): forget it.
+
+When the pipe closes (the agent exited, whatever the reason) while a tree is held, the guard kills
+it. The agent writes ``release`` before it resumes a committed tree, so the guard never kills a
+running tree: an agent dying inside that window leaves it stopped, the source too (it never got
+the acknowledgement), and the report of the source says so.
+
+Started as ``python -I -S guard.py LOG`` (by path, no ``pycriu`` import: a few milliseconds); it
+writes to LOG (in the session's kept ``work`` directory) only when it kills a tree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import IO
+
+__all__ = ["Guard", "serve"]
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from ``/proc/PID/task/TID/children``."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            tasks = os.listdir(f"/proc/{pids[i]}/task")
+        except OSError:
+            tasks = []
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pids[i]}/task/{tid}/children") as f:
+                    pids.extend(int(c) for c in f.read().split() if int(c) not in pids)
+            except OSError:
+                pass
+        i += 1
+    return pids
+
+
+def _kill(pidfd: int, pid: int) -> None:
+    """SIGKILL the held tree, if ``pidfd`` still names a live process (no pid reuse)."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)  # nothing forks away meanwhile
+    except OSError:
+        return
+    for p in reversed(_tree(pid)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def serve(orders: IO[str], log_path: str) -> int:
+    """Follow the agent's orders until the pipe closes; kill what is still held then."""
+    held: tuple[int, int] | None = None
+    for line in orders:
+        word, _, arg = line.strip().partition(" ")
+        if word == "hold":
+            if held is not None:
+                os.close(held[0])
+            pid = int(arg)
+            held = (os.pidfd_open(pid), pid)
+        elif word == "release" and held is not None:
+            os.close(held[0])
+            held = None
+    if held is not None:
+        _kill(*held)
+        try:
+            with open(log_path, "a") as log:
+                log.write(f"pycriu guard: the agent exited before the commit: killed its restored tree {held[1]}\n")
+        except OSError:
+            pass
+    return 0
+
+
+class Guard:
+    """The agent side: owns the guard process and the pipe that is its lifeline."""
+
+    def __init__(self, log_path: str | os.PathLike[str]) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", __file__, os.fspath(log_path)], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, text=True, close_fds=True)
+
+    def _order(self, line: str) -> None:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the guard died: it only ever was a safety net
+            pass
+
+    def hold(self, pid: int) -> None:
+        """``pid``'s tree is restored, not committed: kill it if this process dies."""
+        self._order(f"hold {pid}")
+
+    def release(self) -> None:
+        """The held tree is committed (or already killed): never touch it."""
+        self._order("release")
+
+    def close(self) -> None:
+        """Release and stop the guard (the session ended normally)."""
+        self.release()
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the agent, not for us
+    sys.exit(serve(sys.stdin, sys.argv[1]))
