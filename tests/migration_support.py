@@ -22,6 +22,7 @@ import pytest
 
 from pycriu import MigrationReport
 from pycriu.migration import Progress
+from pycriu.migration.images import memory_dir
 from pycriu.workload import Workload
 
 AGENT = [sys.executable, "-m", "pycriu.migration.agent"]
@@ -68,8 +69,19 @@ def leak_checked_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    shm = memory_dir()
+    prefixes = ("pycriu-agent-", "pycriu-migrate-")
+    in_shm = {p.name for p in shm.iterdir() if p.name.startswith(prefixes)} if shm else set()
     yield tmp
-    leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(("pycriu-agent-", "pycriu-migrate-"))]
+    leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(prefixes)]
+    if shm is not None:  # the lazy flows' images live in tmpfs (RAM): never left behind either
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            new = [p.name for p in shm.iterdir() if p.name.startswith(prefixes) and p.name not in in_shm]
+            if not new:
+                break
+            time.sleep(0.05)
+        leftovers += [f"{shm}/{name}" for name in new]
     deadline = time.monotonic() + 10
     while (agent_pids() or criu_pids()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -88,16 +100,25 @@ class Snapshot:
     destination_allocated: dict[str, int] = field(default_factory=dict)
     events: list[Progress] = field(default_factory=list)
 
+    in_memory: set[str] = field(default_factory=set)  # "source"/"destination": images were in tmpfs
+
     def __call__(self, event: Progress) -> None:
         if event.event != "bytes":
             self.events.append(event)
         if event.phase == "restore" and event.event == "start":
-            for p in self.tmp.glob("pycriu-migrate-*/images/*"):
-                self.source[p.name] = p.stat().st_size
-            for p in self.tmp.glob("pycriu-agent-*/s-*/images/*"):
-                st = p.stat()
-                self.destination[p.name] = st.st_size
-                self.destination_allocated[p.name] = min(st.st_size, st.st_blocks * 512)
+            shm = [memory_dir()] if memory_dir() is not None else []
+            for root in [self.tmp, *shm]:
+                for p in root.glob("pycriu-migrate-*/images/*"):
+                    self.source[p.name] = p.stat().st_size
+                    if root != self.tmp:
+                        self.in_memory.add("source")
+                # the agent's session images: under its root, or in tmpfs for the lazy flows
+                for p in [*root.glob("pycriu-agent-*/s-*/images/*"), *root.glob("pycriu-agent-s-*/*")]:
+                    st = p.stat()
+                    self.destination[p.name] = st.st_size
+                    self.destination_allocated[p.name] = min(st.st_size, st.st_blocks * 512)
+                    if root != self.tmp:
+                        self.in_memory.add("destination")
 
     @staticmethod
     def pages(files: dict[str, int]) -> int:
@@ -326,20 +347,23 @@ def assert_moved(w: Workload, report: MigrationReport) -> None:
 def assert_disk_figures(report: MigrationReport, mode: str, mib: int) -> None:
     """What each flow must have written to disk, per the report (which sums the real files of
     both sides' directories): page images on both sides only for classic, none on the source for
-    page-server, only CRIU's few non-lazy pages for the lazy flows (all on the source's disk for
-    page-server-on-source)."""
+    page-server, none for lazy (CRIU's few non-lazy pages stay in tmpfs on both sides), all on the
+    source's disk for page-server-on-source (and the non-lazy ones in the destination's tmpfs)."""
     from pycriu.migration.images import PAGE_SIZE
 
     memory = mib << 20
     src, dst = report.disk["source"]["page_images"], report.disk["destination"]["page_images"]
+    src_ram, dst_ram = report.memory["source"]["page_images"], report.memory["destination"]["page_images"]
     non_lazy = report.pages["in_image_files"] * PAGE_SIZE
     if mode == "classic":
-        assert src == dst >= memory, (src, dst)
+        assert src == dst >= memory and src_ram == dst_ram == 0, (src, dst, src_ram, dst_ram)
     elif mode == "page-server":
-        assert src == 0 and dst >= memory, (src, dst)
+        assert src == 0 and dst >= memory and src_ram == dst_ram == 0, (src, dst, src_ram, dst_ram)
     elif mode == "lazy":
-        assert src == dst == non_lazy < memory / 4, (src, dst, non_lazy)
+        # no page on any disk: CRIU's few non-lazy pages stay in tmpfs on both sides
+        assert src == dst == 0 and 0 < src_ram == dst_ram == non_lazy < memory / 4, (src, dst, src_ram, dst_ram)
     elif mode == "page-server-on-source":
-        assert src >= memory and dst == non_lazy < memory / 4, (src, dst, non_lazy)
+        assert src >= memory and dst == src_ram == 0 and 0 < dst_ram == non_lazy < memory / 4, (
+            src, dst, src_ram, dst_ram, non_lazy)
     else:
         raise AssertionError(f"no disk expectations for mode {mode!r}")

@@ -4,6 +4,7 @@ is gone, and the report's byte and disk figures are what really lay in the two d
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workloa
     assert Snapshot.pages(snap.destination) == pages * PAGE_SIZE == report.disk["destination"]["page_images"]
     assert report.bytes["images"] >= sum(snap.source.values())
     assert report.bytes["page_server"] == 0
+    assert snap.in_memory == set()
     assert snap.phases()[:4] == ["checks", "freeze+dump", "image transfer", "restore"]
 
 
@@ -68,12 +70,28 @@ def test_lazy_writes_no_lazy_page_anywhere(workload: Callable[..., Workload], pr
     assert lazy * PAGE_SIZE >= MIB << 20
     assert report.bytes["page_server"] == lazy * PAGE_SIZE
     # CRIU writes only the pages that cannot be restored lazily (stack, vDSO, file-backed
-    # mappings) into pages-*.img; the workload's memory itself never touches a disk
+    # mappings) into pages-*.img, and both sides keep those in tmpfs: no page touches a disk
     non_lazy = report.pages["in_image_files"] * PAGE_SIZE
-    assert Snapshot.pages(snap.source) == non_lazy == report.disk["source"]["page_images"]
-    assert Snapshot.pages(snap.destination) == non_lazy == report.disk["destination"]["page_images"]
-    assert non_lazy < (MIB << 20) / 4
+    assert snap.in_memory == {"source", "destination"}
+    assert Snapshot.pages(snap.source) == non_lazy == report.memory["source"]["page_images"]
+    assert Snapshot.pages(snap.destination) == non_lazy == report.memory["destination"]["page_images"]
+    assert report.disk["source"]["page_images"] == report.disk["destination"]["page_images"] == 0
+    assert 0 < non_lazy < (MIB << 20) / 4
     assert report.phase("lazy page completion") is not None
+
+
+@needs_lazy_pages
+def test_lazy_images_go_to_disk_when_asked(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    """``scratch_dir`` (source) and the agent's ``--images-on-disk`` put the non-lazy pages on a
+    disk instead of tmpfs, and the report counts them there."""
+    w = workload(mib=MIB)
+    agent = (sys.executable, "-m", "pycriu.migration.agent", "--stdio", "--images-on-disk")
+    report, snap = _migrate(w, "lazy", private_tmp, scratch_dir=private_tmp, agent_command=agent)
+    assert_moved(w, report)
+    non_lazy = report.pages["in_image_files"] * PAGE_SIZE
+    assert snap.in_memory == set()
+    assert 0 < report.disk["source"]["page_images"] == report.disk["destination"]["page_images"] == non_lazy
+    assert report.memory["source"]["page_images"] == report.memory["destination"]["page_images"] == 0
 
 
 @needs_lazy_pages
@@ -86,9 +104,11 @@ def test_page_server_on_source_serves_pages_from_the_source_disk(workload: Calla
     non_lazy = report.pages["in_image_files"]
     # the source's dump holds every page ...
     assert Snapshot.pages(snap.source) == (lazy + non_lazy) * PAGE_SIZE == report.disk["source"]["page_images"]
-    # ... the destination only the non-lazy ones (a sparse copy), the rest came lazily
+    # ... the destination only the non-lazy ones (a sparse copy, in tmpfs), the rest came lazily
     assert sum(v for k, v in snap.destination_allocated.items() if k.startswith("pages-")) == non_lazy * PAGE_SIZE
-    assert report.disk["destination"]["page_images"] == non_lazy * PAGE_SIZE
+    assert snap.in_memory == {"destination"}
+    assert report.memory["destination"]["page_images"] == non_lazy * PAGE_SIZE
+    assert report.disk["destination"]["page_images"] == 0
     assert report.bytes["page_server"] == lazy * PAGE_SIZE >= MIB << 20
     assert "page server start" in snap.phases()
     assert "source page-server" in report.logs

@@ -56,7 +56,7 @@ from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, Re
 from . import checks
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .guard import Guard
-from .images import dir_usage
+from .images import dir_usage, memory_dir
 from .procs import kill_tree, resume_tree
 from .protocol import (
     LOG_NAME,
@@ -77,15 +77,21 @@ __all__ = ["AgentConfig", "AgentSession", "serve_stdio", "serve_tcp", "main", "a
 log = logging.getLogger("pycriu.agent")
 
 #: CRIU options the source may ask the restore to use (booleans only, nothing path-like).
+#: Flows whose images on the destination hold only CRIU's non-lazy pages (kept in memory).
+IMAGES_IN_MEMORY = frozenset({"lazy", "page-server-on-source"})
+
 RESTORE_FLAGS = frozenset({"tcp_established", "tcp_close", "shell_job", "ext_unix_sk", "file_locks",
                            "link_remap", "evasive_devices", "skip_file_rwx_check", "weak_sysctls"})
 
 
 @dataclass
 class AgentConfig:
-    """How an agent runs. ``root`` holds one private directory per session."""
+    """How an agent runs. ``root`` holds one private directory per session; with
+    ``memory_images``, the lazy flows' images (no page but CRIU's few non-lazy ones) go to a
+    memory filesystem (``/dev/shm``, when it is one with room) so that no page touches a disk."""
 
     root: Path
+    memory_images: bool = True
     secret: bytes | None = None
     tls: TLSConfig | None = None
     data_address: str | None = None
@@ -177,6 +183,7 @@ class AgentSession:
         self.dir: Path | None = None
         self._dir_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
+        self._memory_dir: Path | None = None  # the images directory, when it is in memory
         self.limits = Limits(max_file_size=config.max_file_size, max_total_bytes=config.max_session_bytes,
                              max_files=config.max_files)
         self.state = "new"
@@ -247,6 +254,8 @@ class AgentSession:
             self.guard.close()
             self.guard = None
         self.channel.close()
+        if self._memory_dir is not None:
+            shutil.rmtree(self._memory_dir, ignore_errors=True)
         if self.dir is not None and self.dir.exists():
             if self.failed:
                 for sub in self.dir.iterdir():
@@ -303,6 +312,12 @@ class AgentSession:
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         (self.dir / "work").mkdir(mode=0o700)
         self.guard = Guard(self.dir / "work" / "guard.log")
+        memory = memory_dir() if self.config.memory_images and msg.get("mode") in IMAGES_IN_MEMORY else None
+        if memory is not None:
+            self._memory_dir = Path(tempfile.mkdtemp(prefix=f"pycriu-agent-{self.name}-", dir=memory))
+            self.guard.remove_at_exit(self._memory_dir)  # RAM: never left behind, even if this agent dies
+            self._dir_fds["images"] = os.open(self._memory_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                              | os.O_CLOEXEC)
         self._subdir("images")
         self.state = "ready"
         log.info("%s: session for a %s migration from %s", self.name, msg.get("mode", "?"), self.peer_address)
@@ -327,6 +342,8 @@ class AgentSession:
     def _path(self, name: str) -> Path:
         assert self.dir is not None
         self._subdir(name)
+        if name == "images" and self._memory_dir is not None:
+            return self._memory_dir
         return self.dir / name
 
     def _link_parent(self, name: str, parent: str | None) -> None:
@@ -462,6 +479,8 @@ class AgentSession:
 
         def notify(action: str, pid: int) -> None:
             times[action] = time.monotonic()
+            if pid > 0 and self.guard is not None:  # setup-namespaces: the first to name the tree
+                self.guard.hold(pid)
 
         t_restore = time.monotonic()
         try:
@@ -615,8 +634,9 @@ class AgentSession:
 
     def _bye(self, msg: dict[str, Any]) -> bool:
         assert self.dir is not None
-        images = dir_usage(self.dir)
-        self.channel.send({"type": "bye", "disk": images.to_dict()})
+        usage = dir_usage(self.dir)
+        memory = dir_usage(self._memory_dir) if self._memory_dir is not None else None
+        self.channel.send({"type": "bye", "disk": usage.to_dict(), "memory": memory.to_dict() if memory else None})
         if self.state in ("failed", "aborted"):
             self.failed = True
         return False
@@ -767,6 +787,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
     parser.add_argument("--data-address", metavar="IP", help="address CRIU's page servers listen on "
                                                              "(default: the address the source reached)")
     parser.add_argument("--once", action="store_true", help="with --listen: exit after one session")
+    parser.add_argument("--images-on-disk", action="store_true",
+                        help="keep the lazy flows' images under --root too (default: in /dev/shm, a tmpfs, so "
+                             "that no page touches a disk)")
     if criu_option:
         parser.add_argument("--criu", metavar="PATH", help="criu binary")
     parser.add_argument("--commit-timeout", type=float, default=120.0, metavar="S",
@@ -800,7 +823,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
     own_root = args.root is None
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
-    config = AgentConfig(root=root, secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
+    config = AgentConfig(root=root, memory_images=not args.images_on_disk,
+                         secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),
                          commit_timeout=args.commit_timeout,
                          max_file_size=args.max_file_size, max_files=args.max_files,

@@ -8,10 +8,13 @@ group does not reach it) that reads the agent's orders on a pipe:
 ``hold PID``
     the tree rooted at PID is restored but not committed;
 ``release``
-    it was committed (or the agent killed it itself): forget it.
+    it was committed (or the agent killed it itself): forget it;
+``remove DIR``
+    DIR (the session's images in ``/dev/shm``, which no reboot-less clean-up would free) is
+    removed when the pipe closes.
 
 When the pipe closes (the agent exited, whatever the reason) while a tree is held, the guard kills
-it. The agent writes ``release`` before it resumes a committed tree, so the guard never kills a
+it; then it removes the directories it was given (the agent normally did already). The agent writes ``release`` before it resumes a committed tree, so the guard never kills a
 running tree: an agent dying inside that window leaves it stopped, the source too (it never got
 the acknowledgement), and the report of the source says so.
 
@@ -22,6 +25,7 @@ writes to LOG (in the session's kept ``work`` directory) only when it kills a tr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,9 +69,12 @@ def _kill(pidfd: int, pid: int) -> None:
 def serve(orders: IO[str], log_path: str) -> int:
     """Follow the agent's orders until the pipe closes; kill what is still held then."""
     held: tuple[int, int] | None = None
+    remove: list[str] = []
     for line in orders:
-        word, _, arg = line.strip().partition(" ")
-        if word == "hold":
+        word, _, arg = line.rstrip("\n").partition(" ")
+        if word == "remove":
+            remove.append(arg)
+        elif word == "hold":
             if held is not None:
                 os.close(held[0])
             pid = int(arg)
@@ -82,6 +89,8 @@ def serve(orders: IO[str], log_path: str) -> int:
                 log.write(f"pycriu guard: the agent exited before the commit: killed its restored tree {held[1]}\n")
         except OSError:
             pass
+    for path in remove:
+        shutil.rmtree(path, ignore_errors=True)
     return 0
 
 
@@ -104,6 +113,10 @@ class Guard:
     def hold(self, pid: int) -> None:
         """``pid``'s tree is restored, not committed: kill it if this process dies."""
         self._order(f"hold {pid}")
+
+    def remove_at_exit(self, path: str | os.PathLike[str]) -> None:
+        """Remove ``path`` when this process exits, whatever the reason."""
+        self._order(f"remove {os.fspath(path)}")
 
     def release(self) -> None:
         """The held tree is committed (or already killed): never touch it."""

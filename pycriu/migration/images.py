@@ -13,7 +13,7 @@ from .. import _protobuf
 from .protocol import IMAGE_NAME
 
 __all__ = ["ImageFile", "list_images", "dir_usage", "Pagemap", "read_pagemap", "pagemaps", "PAGE_SIZE",
-           "non_lazy_ranges"]
+           "non_lazy_ranges", "filesystem_of", "memory_dir", "MEMORY_FILESYSTEMS"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _IMG_COMMON_MAGIC = 0x54564319
@@ -47,6 +47,45 @@ def list_images(directory: str | os.PathLike[str]) -> list[ImageFile]:
     return out
 
 
+#: Filesystems whose files live in RAM: images there are never written to a disk.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+#: Where the lazy flows keep the few non-lazy pages CRIU still writes as images, when it is a
+#: memory filesystem with at least this much room.
+_SHM = Path("/dev/shm")
+_SHM_MIN_FREE = 256 << 20
+
+
+def filesystem_of(path: str | os.PathLike[str]) -> str:
+    """The type of the filesystem ``path`` is on (from ``/proc/self/mountinfo``), or ``""``."""
+    target = os.path.realpath(path)
+    best, fstype = -1, ""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        mount = fields[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best:  # the last of equal mounts is the one on top
+            best, fstype = len(mount), fields[fields.index("-") + 1]
+    return fstype
+
+
+def memory_dir() -> Path | None:
+    """``/dev/shm`` if it is a memory filesystem with room to spare, else ``None``.
+
+    The lazy flows keep their images there (only the non-lazy pages: stack, vDSO, file-backed
+    private pages), so that no page of the process touches a disk on either side."""
+    try:
+        st = os.statvfs(_SHM)
+    except OSError:
+        return None
+    if filesystem_of(_SHM) not in MEMORY_FILESYSTEMS or st.f_bavail * st.f_frsize < _SHM_MIN_FREE:
+        return None
+    return _SHM if os.access(_SHM, os.W_OK | os.X_OK) else None
+
+
 @dataclass(frozen=True)
 class DirUsage:
     """Bytes in a directory tree: page images, other images, everything else (logs, stats).
@@ -58,6 +97,12 @@ class DirUsage:
     other_images: int = 0
     other: int = 0
     page_images_apparent: int = 0
+    filesystem: str = ""
+
+    @property
+    def in_memory(self) -> bool:
+        """The files live in RAM (tmpfs): nothing of them was written to a disk."""
+        return self.filesystem in MEMORY_FILESYSTEMS
 
     @property
     def total(self) -> int:
@@ -66,6 +111,12 @@ class DirUsage:
     def to_dict(self) -> dict[str, int]:
         return {"page_images": self.page_images, "other_images": self.other_images, "other": self.other,
                 "total": self.total, "page_images_apparent": self.page_images_apparent}
+
+    def split(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(written to disk, held in memory): the figures go to one side, zeros to the other."""
+        zero = {"page_images": 0, "other_images": 0, "other": 0}
+        figures = {"page_images": self.page_images, "other_images": self.other_images, "other": self.other}
+        return (zero, figures) if self.in_memory else (figures, zero)
 
 
 def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
@@ -91,7 +142,7 @@ def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
                 images += st.st_size
             else:
                 other += st.st_size
-    return DirUsage(pages, images, other, apparent)
+    return DirUsage(pages, images, other, apparent, filesystem_of(directory))
 
 
 # --- pagemap metadata ---------------------------------------------------------------------------

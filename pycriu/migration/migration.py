@@ -39,7 +39,7 @@ from . import checks, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .errors import AgentError, MigrationError
-from .images import dir_usage
+from .images import dir_usage, memory_dir
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
 from .transport import Connection, Destination, TLSConfig, connect
@@ -50,6 +50,8 @@ __all__ = ["Migration", "MODES", "Progress"]
 MODES = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
 NEEDS_LAZY = frozenset({"lazy", "page-server-on-source", "hybrid"})
 NEEDS_MEM_TRACK = frozenset({"pre-copy", "hybrid"})
+#: Flows whose source images hold no page CRIU serves lazily: kept in memory (tmpfs), not on disk.
+SOURCE_IMAGES_IN_MEMORY = frozenset({"lazy", "hybrid"})
 #: What ``criu lazy-pages`` reads when it starts (the rest only when the restore hands it the tasks).
 LAZY_DAEMON_IMAGES = ("inventory.img", "pstree.img")
 _NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
@@ -247,6 +249,7 @@ class MigrationRun:
             with self.phase("checks"):
                 mode = self._checks()
             self.report.mode = mode
+            self._prepare_scratch(mode)
             self.emit("mode", "info", message=f"{mode}: {self.report.mode_reason}")
             flows.FLOWS[mode](self)
             self.report.outcome = "migrated"
@@ -268,7 +271,18 @@ class MigrationRun:
         self.report.log_dir = str(self.log_dir)
         self.src_logs = self.log_dir / "source"
         self.src_logs.mkdir()
-        self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=self.m.scratch_dir))
+
+    def _prepare_scratch(self, mode: str) -> None:
+        """The source's images directory: ``scratch_dir`` if given; for the lazy flows, whose
+        images hold only CRIU's few non-lazy pages, a memory filesystem when there is one (so
+        that no page touches a disk); else the temporary directory."""
+        where = self.m.scratch_dir
+        if where is None and mode in SOURCE_IMAGES_IN_MEMORY:
+            where = memory_dir()
+            if where is None:
+                self.note("no memory filesystem with room at /dev/shm: the source's non-lazy pages are written "
+                          "to the temporary directory's disk")
+        self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=where))
         self.images = self.scratch / "images"
         self.images.mkdir()
 
@@ -601,10 +615,10 @@ class MigrationRun:
                 report.outcome = "rolled-back"
         if report.outcome == "refused" and report.source_state != "gone":
             report.source_state = "running (never frozen)" if report.source_state == "running" else report.source_state
-        src = dir_usage(self.scratch)
+        on_disk, in_memory = dir_usage(self.scratch).split()
         logs = dir_usage(self.log_dir / "source") if self.log_dir else None
-        report.disk["source"] = {"page_images": src.page_images, "other_images": src.other_images,
-                                 "other": (logs.total if logs else 0)}
+        report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
+        report.memory["source"] = in_memory
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
         if self.src_logs is not None:
@@ -632,9 +646,9 @@ class MigrationRun:
                 stats = conn.channel.stats
                 self.report.bytes = {"control": stats.control, "images": stats.data_sent,
                                      "page_server": self.page_bytes, "logs_fetched": stats.data_received}
-                disk = bye.get("disk") or {}
-                self.report.disk["destination"] = {k: int(disk.get(k, 0)) for k in
-                                                   ("page_images", "other_images", "other")}
+                for key, figures in (("disk", self.report.disk), ("memory", self.report.memory)):
+                    got = bye.get(key) or {}
+                    figures["destination"] = {k: int(got.get(k, 0)) for k in ("page_images", "other_images", "other")}
         except (MigrationError, OSError) as exc:
             self.note(f"could not collect the destination's logs and figures: {_describe(exc)}")
             stats = conn.channel.stats

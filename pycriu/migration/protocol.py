@@ -137,7 +137,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "lazy-done": {"ok": (_BOOL, True), "status": ((int, _Opt), True), "error": ((str, _Opt), True),
                   "killed": ((int, _Opt), True), "seconds": (_NUM, True), "pages": ((int, _Opt), True)},
     "logs": {},
-    "bye": {"disk": ((dict, _Opt), False)},
+    "bye": {"disk": ((dict, _Opt), False), "memory": ((dict, _Opt), False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
 }
 

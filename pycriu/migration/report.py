@@ -49,6 +49,8 @@ class MigrationReport:
         pages: page counts (``total``, ``in_image_files``, ``via_page_server``, ``lazy``).
         disk: bytes written to disk on ``source`` and ``destination`` (``page_images``,
             ``other_images``, ``other`` = logs and statistics).
+        memory: the same figures for images kept in a memory filesystem (tmpfs) instead, which
+            never reach a disk (the lazy flows' few non-lazy pages).
         criu_stats: CRIU's ``dump``, ``restore`` and ``pre_dumps`` statistics.
         logs: CRIU and agent log paths on this host (destination logs are fetched back).
     """
@@ -71,6 +73,7 @@ class MigrationReport:
     bytes: dict[str, int] = field(default_factory=dict)
     pages: dict[str, int] = field(default_factory=dict)
     disk: dict[str, dict[str, int]] = field(default_factory=dict)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
     criu_stats: dict[str, Any] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     log_dir: str | None = None
@@ -136,12 +139,13 @@ class MigrationReport:
                 lines.append(f"    {k:<24} {_size(v):>12}")
         if self.pages:
             lines.append("  pages:           " + ", ".join(f"{k} {v}" for k, v in self.pages.items()))
-        for side in ("source", "destination"):
-            d = self.disk.get(side)
-            if d:
-                lines.append(f"  disk, {side}:".ljust(21) + f"page images {_size(d.get('page_images', 0))}, "
-                             f"other images {_size(d.get('other_images', 0))}, "
-                             f"logs/stats {_size(d.get('other', 0))}")
+        for where, figures in (("disk", self.disk), ("tmpfs", self.memory)):
+            for side in ("source", "destination"):
+                d = figures.get(side)
+                if d and (where == "disk" or any(d.values())):
+                    lines.append(f"  {where}, {side}:".ljust(21) + f"page images {_size(d.get('page_images', 0))}, "
+                                 f"other images {_size(d.get('other_images', 0))}, "
+                                 f"logs/stats {_size(d.get('other', 0))}")
         if self.logs:
             lines.append("  logs:")
             for label, path in self.logs.items():
