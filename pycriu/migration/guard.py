@@ -10,13 +10,14 @@ group does not reach it) that reads the agent's orders on a pipe:
 ``release``
     it was committed (or the agent killed it itself): forget it;
 ``remove DIR``
-    DIR (the session's images in ``/dev/shm``, which no reboot-less clean-up would free) is
-    removed when the pipe closes.
+    remove DIR when the pipe closes (the session's images in ``/dev/shm``: RAM that nothing else
+    would free before a reboot).
 
 When the pipe closes (the agent exited, whatever the reason) while a tree is held, the guard kills
-it; then it removes the directories it was given (the agent normally did already). The agent writes ``release`` before it resumes a committed tree, so the guard never kills a
-running tree: an agent dying inside that window leaves it stopped, the source too (it never got
-the acknowledgement), and the report of the source says so.
+it; then it removes the directories it was given (the agent normally did already). The agent
+writes ``release`` before it resumes a committed tree, so the guard never kills a running tree:
+an agent dying inside that window leaves it stopped, the source too (it never got the
+acknowledgement), and the report of the source says so.
 
 Started as ``python -I -S guard.py LOG`` (by path, no ``pycriu`` import: a few milliseconds); it
 writes to LOG (in the session's kept ``work`` directory) only when it kills a tree.
