@@ -80,47 +80,114 @@ def disk_usage(directory: Path) -> tuple[int, int]:
     return total, pages
 
 
-_STAMP = re.compile(r"^\((\d+\.\d+)\)")
+_STAMP = re.compile(r"^\((\d+\.\d+)\) ?(.*)")
+
+# Where a dump log places CRIU's notifications (cr_dump_tasks() and cr_dump_finish(), CRIU 4.2.1).
+# "Running pre-dump scripts" and "Running post-dump scripts" are debug lines (-v4 only) and an RPC
+# notification logs nothing, so at -v3 each is placed by its neighbours: pre-dump is sent right
+# after the "Dumping processes" banner (microseconds later), and post-dump is answered right before
+# CRIU logs "Starting lazy pages server" (a lazy dump) or "Unfreezing tasks" (any other).
+_PRE_DUMP = "Dumping processes (pid:"
+_POST_DUMP = "Running post-dump scripts"
+_POST_DUMP_ANSWERED = ("Starting lazy pages server", "Unfreezing tasks")
+_FREEZE = "Seized task"
+#: How far pycriu's clock may put post-dump outside the log lines around it before the figure is refused.
+_CLOCK_SLACK_S = 0.002
 
 
-def _stamps(log: Path, *markers: str) -> dict[str, float]:
-    """Timestamps (s since that CRIU started) of the first log line containing each marker."""
-    found: dict[str, float] = {}
+def _timed_lines(log: Path) -> list[tuple[float, str]]:
+    """The timestamped lines of a CRIU log: (seconds since that CRIU started, text); [] if unreadable."""
+    lines: list[tuple[float, str]] = []
     try:
         with open(log, errors="replace") as f:
             for line in f:
                 m = _STAMP.match(line)
-                if not m:
-                    continue
-                for marker in markers:
-                    if marker not in found and marker in line:
-                        found[marker] = float(m.group(1))
+                if m:
+                    lines.append((float(m.group(1)), m.group(2)))
     except OSError:
         pass
-    return found
+    return lines
 
 
-def criu_log_times(dump_log: Path | None, restore_log: Path | None) -> dict[str, float]:
-    """CRIU's own time inside the downtime, from the timestamps of its logs (``-v3`` and up).
+def _first(lines: list[tuple[float, str]], *markers: str) -> int | None:
+    """Index of the first line containing any of ``markers``."""
+    return next((i for i, (_, text) in enumerate(lines) if any(m in text for m in markers)), None)
 
-    ``criu_dump_frozen_log_s``: from the first task seized (the freeze) to the end of CRIU's dump
-    work: the first of "Starting lazy pages server" (a lazy dump serving pages), "Unfreezing
-    tasks" (post-dump answered: the tree is killed) or "Dumping finished". CRIU's ``stats-dump``
-    cannot serve here: a lazy dump's is garbage in CRIU 4.2.1 (frozen time, zero page counts).
+
+def dump_frozen(lines: list[tuple[float, str]], post_dump_after_s: float | None = None) -> dict[str, float | str]:
+    """CRIU's own work in a dump while the tree is frozen, from the dump log's ``lines``.
+
+    From the freeze (the first "Seized task") to the moment CRIU sent its post-dump notification,
+    leaving out the time it then waited for the answer: pycriu's classic, page-server and
+    page-server-on-source flows move the images and restore on the destination inside post-dump,
+    so "Unfreezing tasks" comes only after all that. Where post-dump is:
+
+    * ``post_dump_after_s`` None (the CLI: no action script, post-dump returns at once): at -v4 the
+      "Running post-dump scripts" line, else the first line after its answer ("Starting lazy pages
+      server" or "Unfreezing tasks", a few microseconds later);
+    * ``post_dump_after_s`` given (pycriu: seconds from its pre-dump to its post-dump
+      notification, on pycriu's clock): that long after pre-dump's place in the log. It must fall
+      between the last line logged before the answer and the first after it (the two clocks
+      agree), else the figure is refused and ``criu_log_error`` says why.
+
+    Returns ``criu_dump_frozen_log_s`` and, with ``post_dump_after_s``, ``criu_post_dump_wait_s``
+    (how long CRIU waited for its post-dump answer), or ``criu_log_error``. For instance:
+
+    >>> log = [(0.010, "Dumping processes (pid: 7 comm: w)"), (0.011, "Seized task 7, state 1"),
+    ...        (0.030, "Writing image inventory (version 1)"), (0.130, "Unfreezing tasks into 3")]
+    >>> dump_frozen(log)  # the CLI: nothing waits in post-dump
+    {'criu_dump_frozen_log_s': 0.119}
+    >>> dump_frozen(log, 0.0205)  # pycriu: post-dump 20.5 ms after pre-dump, then 99.5 ms of waiting
+    {'criu_dump_frozen_log_s': 0.0195, 'criu_post_dump_wait_s': 0.0995}
+    >>> sorted(dump_frozen(log, 0.15))  # a "post-dump" after CRIU went on: the clocks disagree
+    ['criu_log_error']
+    """
+    freeze = _first(lines, _FREEZE)
+    answered = _first(lines, *_POST_DUMP_ANSWERED)
+    if freeze is None or answered is None or answered <= freeze:
+        return {}
+    t_freeze, t_answered = lines[freeze][0], lines[answered][0]
+    if post_dump_after_s is None:
+        sent = _first(lines, _POST_DUMP)
+        t_post = lines[sent][0] if sent is not None and sent < answered else t_answered
+        return {"criu_dump_frozen_log_s": round(t_post - t_freeze, 6)}
+    pre = _first(lines, _PRE_DUMP)
+    if pre is None or pre > freeze:
+        return {"criu_log_error": "no pre-dump point before the freeze in the dump log"}
+    t_post = lines[pre][0] + post_dump_after_s
+    t_before = lines[answered - 1][0]  # the last line CRIU logged before it sent post-dump
+    if t_post > t_answered + _CLOCK_SLACK_S:
+        return {"criu_log_error": f"post-dump {(t_post - t_answered) * 1e3:.1f} ms after CRIU's "
+                                  f"{lines[answered][1][:26]!r}: pycriu's freeze+dump phase does not end at post-dump"}
+    if t_post < t_before - _CLOCK_SLACK_S:
+        return {"criu_log_error": f"post-dump {(t_before - t_post) * 1e3:.1f} ms before CRIU's last line before it "
+                                  f"({lines[answered - 1][1][:40]!r})"}
+    t_post = min(max(t_post, t_before), t_answered)
+    return {"criu_dump_frozen_log_s": round(t_post - t_freeze, 6),
+            "criu_post_dump_wait_s": round(t_answered - t_post, 6)}
+
+
+def criu_log_times(dump_log: Path | None, restore_log: Path | None,
+                   post_dump_after_s: float | None = None) -> dict[str, float | str]:
+    """CRIU's own time inside the downtime, from the timestamps of its logs (``-v3`` and up); the
+    same definition for pycriu and the CLI.
+
+    ``criu_dump_frozen_log_s``: the dump from the freeze to its post-dump notification, without
+    any wait for the answer (see :func:`dump_frozen`; ``post_dump_after_s`` is pycriu's
+    pre-dump-to-post-dump time). CRIU's ``stats-dump`` cannot serve here: its frozen time runs
+    until the tasks are unfrozen (post-dump answer included), and a lazy dump's is garbage in CRIU
+    4.2.1 (frozen time, zero page counts).
     ``criu_restore_log_s``: the whole ``criu restore`` up to "Restore finished" (its start-up,
     30 to 45 ms here, is CRIU's own work too and not in ``stats-restore``).
     """
-    out: dict[str, float] = {}
+    out: dict[str, float | str] = {}
     if dump_log is not None:
-        ends = ("Starting lazy pages server", "Unfreezing tasks", "Dumping finished successfully")
-        d = _stamps(dump_log, "Seized task", *ends)
-        found = [d[e] for e in ends if e in d]
-        if "Seized task" in d and found:
-            out["criu_dump_frozen_log_s"] = min(found) - d["Seized task"]
+        out.update(dump_frozen(_timed_lines(dump_log), post_dump_after_s))
     if restore_log is not None:
-        r = _stamps(restore_log, "Restore finished successfully")
-        if "Restore finished successfully" in r:
-            out["criu_restore_log_s"] = r["Restore finished successfully"]
+        restore = _timed_lines(restore_log)
+        done = _first(restore, "Restore finished successfully")
+        if done is not None:
+            out["criu_restore_log_s"] = restore[done][0]
     return out
 
 

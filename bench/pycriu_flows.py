@@ -7,8 +7,8 @@ with a shared secret, like a service the destination host runs; each trial is on
 
 What the harness takes from pycriu's report: the restored pid, CRIU's statistics, the disk
 figures (pycriu removes its directories at the end and reports what they held), the phases, the
-CRIU logs (for CRIU's own time), and pycriu's own downtime estimate (``reported_downtime_s``, for
-comparison only: the downtime in the table is the heartbeat's).
+CRIU logs and the ``freeze+dump`` phase (for CRIU's own time), and pycriu's own downtime estimate
+(``reported_downtime_s``, for comparison only: the downtime in the table is the heartbeat's).
 """
 
 from __future__ import annotations
@@ -115,12 +115,16 @@ def run(mode: str, ctx: TrialContext) -> FlowResult:
                              "pycriu_bytes": dict(report.bytes), "pycriu_pages": dict(report.pages),
                              "pycriu_notes": list(report.notes)}
     logs = {k: Path(v) for k, v in report.logs.items()}
-    times = criu_log_times(None, logs.get("destination restore"))
-    freeze_dump = report.phase("freeze+dump")
-    if freeze_dump is not None:
-        # CRIU's own dump work: from its pre-dump notification (the freeze) to post-dump
-        times["criu_dump_frozen_log_s"] = freeze_dump
-    extra.update(times)
+    # CRIU's own time, as for the CLI: the dump log from the freeze to post-dump, then the restore
+    # log. CRIU waits in post-dump while pycriu sends the images (and, but in the lazy flows,
+    # restores), so "Unfreezing tasks" comes after all that, and no -v3 line marks post-dump:
+    # pycriu's freeze+dump phase (pre-dump to post-dump notification) places it in the log.
+    freeze_dump = [ph.seconds for ph in report.phases if ph.name == "freeze+dump"]
+    dump_log = logs.get("source dump")
+    if not freeze_dump:
+        dump_log = None  # without pycriu's post-dump time, "Unfreezing tasks" would count the wait
+    extra.update(criu_log_times(dump_log, logs.get("destination restore"),
+                                post_dump_after_s=freeze_dump[-1] if freeze_dump else None))
     phases: dict[str, float] = {}
     for p in report.phases:
         phases[p.name] = phases.get(p.name, 0.0) + p.seconds

@@ -188,7 +188,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "back to its normal interval (for non-lazy flows: the downtime). Times in ms unless marked s; "
         "ratio = pycriu / CLI (below 1: pycriu is faster). Net = bytes over the link; disk = image bytes "
         "written on source/destination. CRIU's own = CRIU's time inside the downtime, from its logs: "
-        "freeze to end of dump (lazy: to serving pages) plus the whole `criu restore`. Orchestration = "
+        "the dump from the freeze to its post-dump notification (not the wait for the answer, in which pycriu "
+        "moves the images and restores) plus the whole `criu restore`. Orchestration = "
         "(downtime - CRIU's own) / downtime: the share of the downtime spent outside CRIU.")
     lines.append("")
     lines.append(
