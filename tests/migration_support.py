@@ -137,6 +137,7 @@ class Relay:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.forwarded = 0
+        self.first = b""  # the first bytes the connecting side sent (what a wire tap would see)
         self.connected = threading.Event()
         self._socks: list[socket.socket] = []
         self._cut = threading.Event()
@@ -162,6 +163,8 @@ class Relay:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
                     return
+                if not count and not self.first:
+                    self.first = data[:16]
                 dst.sendall(data)
                 if count:
                     self.forwarded += len(data)
@@ -342,6 +345,20 @@ def assert_moved(w: Workload, report: MigrationReport) -> None:
     assert str(report).startswith(f"Migration of pid {source}")
     for path in report.logs.values():
         assert Path(path).is_file(), path
+
+
+#: The CRIU logs of each flow's page connection (client side, server side).
+PAGE_CONNECTION_LOGS = {"page-server": ("source dump", "destination page-server-images"),
+                        "lazy": ("source dump", "destination lazy-pages"),
+                        "page-server-on-source": ("source page-server", "destination lazy-pages")}
+
+
+def assert_page_tls(report: MigrationReport, mode: str, encrypted: bool) -> None:
+    """Both ends of the flow's CRIU page connection did (or did not) complete a TLS handshake,
+    per CRIU's own logs."""
+    for label in PAGE_CONNECTION_LOGS.get(mode, ()):
+        text = Path(report.logs[label]).read_text()
+        assert ("TLS handshake completed" in text) == encrypted, (label, encrypted)
 
 
 def assert_disk_figures(report: MigrationReport, mode: str, mib: int) -> None:

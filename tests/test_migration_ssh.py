@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import SshServer, assert_disk_figures, assert_moved, leak_checked_tmp
+from migration_support import SshServer, assert_disk_figures, assert_moved, assert_page_tls, leak_checked_tmp
 
 from pycriu import Migration, TransportError
 from pycriu.workload import Workload
@@ -48,6 +48,8 @@ def test_migrate_over_ssh(workload: Callable[..., Workload], private_tmp: Path, 
     assert report.destination == sshd.url
     assert_moved(w, report)
     assert_disk_figures(report, mode, 16)
+    # OpenSSH carries the control channel; CRIU's page connections get this migration's own TLS
+    assert_page_tls(report, mode, encrypted=True)
 
 
 def test_an_unknown_host_key_is_refused_before_anything_is_frozen(workload: Callable[..., Workload],

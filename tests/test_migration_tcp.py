@@ -13,9 +13,18 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import AGENT, TcpAgent, assert_disk_figures, assert_moved, leak_checked_tmp, make_certs
+from migration_support import (
+    AGENT,
+    Relay,
+    TcpAgent,
+    assert_disk_figures,
+    assert_moved,
+    assert_page_tls,
+    leak_checked_tmp,
+    make_certs,
+)
 
-from pycriu import AuthenticationError, InvalidOptionError, Migration, TLSConfig, TransportError
+from pycriu import AuthenticationError, InvalidOptionError, Migration, PageServerAddress, TLSConfig, TransportError
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
@@ -66,6 +75,33 @@ def test_migrate_over_tcp_with_a_shared_secret(workload: Callable[..., Workload]
     assert report.transport == "tcp+secret"
     assert_moved(w, report)
     assert_disk_figures(report, mode, 16)
+    # the secret protects the control channel; CRIU's page connections get this migration's own TLS
+    assert_page_tls(report, mode, encrypted=True)
+
+
+@needs_lazy_pages
+@pytest.mark.parametrize("criu_tls", [None, False])
+def test_a_wire_tap_sees_tls_on_the_page_connection_unless_turned_off(
+        workload: Callable[..., Workload], private_tmp: Path, secret_agent: TcpAgent, criu_tls: bool | None) -> None:
+    """The lazy page connection, through a relay that records what crosses it: a TLS handshake
+    record (0x16 0x03) by default over ``tcp://``; CRIU's own plaintext with ``criu_tls=False``."""
+    w = workload(mib=16)
+    relays: list[Relay] = []
+
+    def tap(address: PageServerAddress) -> PageServerAddress:
+        relays.append(Relay((address.address, address.port)))
+        return PageServerAddress("127.0.0.1", relays[-1].port)
+
+    try:
+        report = Migration(w.pid, to=secret_agent.url, mode="lazy", secret=SECRET, relay=tap, criu_tls=criu_tls,
+                           log_dir=private_tmp.parent / "logs").run()
+        assert_moved(w, report)
+        assert len(relays) == 1 and relays[0].forwarded >= 16 << 20
+        assert (relays[0].first[:2] == b"\x16\x03") == (criu_tls is None)
+        assert_page_tls(report, "lazy", encrypted=criu_tls is None)
+    finally:
+        for relay in relays:
+            relay.close()
 
 
 def test_a_wrong_secret_is_refused_before_anything_is_frozen(workload: Callable[..., Workload], private_tmp: Path,

@@ -53,7 +53,7 @@ from ..daemons import LazyPages, PageServer
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError
 from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
-from . import checks
+from . import checks, pagetls
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .guard import Guard
 from .images import dir_usage, memory_dir
@@ -198,6 +198,7 @@ class AgentSession:
         self.killed: int | None = None
         self.failed = False
         self.guard: Guard | None = None
+        self.page_tls: pagetls.PageTLS | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -319,9 +320,21 @@ class AgentSession:
             self._dir_fds["images"] = os.open(self._memory_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                               | os.O_CLOEXEC)
         self._subdir("images")
+        if msg.get("page_tls"):  # this session's key for CRIU's page connections (pagetls.py)
+            tls_dir = self.dir / "tls"
+            tls_dir.mkdir(mode=0o700)
+            reply["tls_csr"] = pagetls.new_request(tls_dir)
         self.state = "ready"
         log.info("%s: session for a %s migration from %s", self.name, msg.get("mode", "?"), self.peer_address)
         self.channel.send(reply)
+
+    def _page_tls(self, msg: dict[str, Any]) -> None:
+        """The certificate the source issued for this session's key, and its one-migration CA."""
+        assert self.dir is not None
+        if self.page_tls is not None or not (self.dir / "tls" / "key.pem").exists():
+            raise ProtocolError("page-tls without a certificate request, or twice")
+        self.page_tls = pagetls.install(self.dir / "tls", msg["cert"], msg["ca"])
+        self.channel.send({"type": "page-tls-ok"})
 
     def _ping(self, msg: dict[str, Any]) -> None:
         self.channel.send({"type": "pong", "t": msg["t"]})
@@ -385,6 +398,8 @@ class AgentSession:
         """CRIU's own TLS for a page connection, with this agent's certificate, when asked."""
         if not msg.get("tls"):
             return {}
+        if self.page_tls is not None:
+            return self.page_tls.criu_options()
         tls = self.config.tls
         if tls is None:
             raise AgentError("TLS for CRIU's page connections was requested but this agent has no certificate",
@@ -642,7 +657,7 @@ class AgentSession:
         return False
 
     _HANDLERS: dict[str, Any] = {
-        "hello": _hello, "ping": _ping, "lazy-pages": _lazy_pages,
+        "hello": _hello, "page-tls": _page_tls, "ping": _ping, "lazy-pages": _lazy_pages,
         "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
         "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
@@ -650,7 +665,8 @@ class AgentSession:
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
-        "ready": frozenset({"ping", "prepare-dir", "page-server", "file", "files-done", "lazy-pages", "restore",
+        "ready": frozenset({"page-tls",
+                            "ping", "prepare-dir", "page-server", "file", "files-done", "lazy-pages", "restore",
                             "abort", "logs", "bye"}),
         "restored": frozenset({"ping", "commit", "abort"}),
         "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),

@@ -56,7 +56,8 @@ def register(subparsers: Any) -> None:
     auth.add_argument("--tls-key", metavar="PEM", help="its private key")
     auth.add_argument("--tls-ca", metavar="PEM", help="CA that signed the agent's certificate")
     auth.add_argument("--no-criu-tls", action="store_true",
-                      help="with TLS, leave CRIU's own page connections unencrypted")
+                      help="send the pages over CRIU's own connections in the clear (default: TLS for ssh:// and "
+                           "tcp://, with --tls-* certificates or one-migration ones)")
     ssh = p.add_argument_group("ssh://")
     ssh.add_argument("-i", "--identity", metavar="FILE", help="SSH private key")
     ssh.add_argument("--ssh-option", action="append", default=[], metavar="OPT",

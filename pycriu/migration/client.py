@@ -30,11 +30,18 @@ class AgentClient:
         self.aborted = False
         self._abort_reply: dict[str, Any] | None = None
 
-    def hello(self, local: Mapping[str, Any], mode: str) -> dict[str, Any]:
-        self.channel.send({"type": "hello", "protocol": PROTOCOL_VERSION, "mode": mode,
+    def hello(self, local: Mapping[str, Any], mode: str, *, page_tls: bool = False) -> dict[str, Any]:
+        """Open the session; with ``page_tls`` the agent answers with a certificate request for
+        CRIU's page connections (``tls_csr``)."""
+        self.channel.send({"type": "hello", "protocol": PROTOCOL_VERSION, "mode": mode, "page_tls": page_tls,
                            **{k: local[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}})
         self.info = self.channel.recv("hello", timeout=max(self.timeout, 60.0))
         return self.info
+
+    def page_tls(self, cert_pem: str, ca_pem: str) -> None:
+        """Hand the agent its certificate for CRIU's page connections, and this migration's CA."""
+        self.channel.send({"type": "page-tls", "cert": cert_pem, "ca": ca_pem})
+        self.channel.recv("page-tls-ok")
 
     def ping(self, rounds: int = 3) -> float:
         """Measure the round-trip time to the agent (the best of ``rounds``)."""

@@ -35,7 +35,7 @@ from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
 from ..options import DumpOptions, PageServerAddress
 from ..results import DumpResult, DumpStats
-from . import checks, procs
+from . import checks, pagetls, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .errors import AgentError, MigrationError
@@ -101,9 +101,11 @@ class Migration:
         flags: CRIU booleans for both dump and restore, from
             ``pycriu.migration.agent.RESTORE_FLAGS`` (``tcp_established``, ``shell_job``, ...).
         criu_tls: encrypt and authenticate CRIU's own page connections (page server, lazy
-            pages) with the ``tls`` certificates too (default: whenever ``tls`` is given). CRIU
-            checks each peer certificate against the CA and against the *address* of the
-            connection, so the certificates must name the hosts' data addresses.
+            pages) with TLS. Default: on for ``ssh://`` and ``tcp://``, off for ``local`` (the
+            pages never leave this host). With ``tls``, CRIU uses those certificates (and checks
+            that they name the hosts' data addresses); otherwise each migration makes its own
+            throw-away CA and certificates (:mod:`pycriu.migration.pagetls`). ``False`` sends
+            the pages in the clear (a trusted, private link).
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -156,9 +158,9 @@ class Migration:
             if key not in RESTORE_FLAGS or not isinstance(value, bool):
                 raise InvalidOptionError(f"flag {key!r} is not supported: use booleans among {sorted(RESTORE_FLAGS)}")
         self.flags = flags
-        if criu_tls and tls is None:
-            raise InvalidOptionError("criu_tls needs tls=TLSConfig(...) (CRIU uses the same certificates)")
-        self.criu_tls = tls is not None if criu_tls is None else bool(criu_tls)
+        if criu_tls is not None and not isinstance(criu_tls, bool):
+            raise InvalidOptionError("criu_tls must be True, False or None (the default: on unless to='local')")
+        self.criu_tls = self.destination.kind != "local" if criu_tls is None else criu_tls
 
     def __repr__(self) -> str:
         return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
@@ -183,6 +185,8 @@ class MigrationRun:
         self.client: AgentClient | None = None
         self.scratch: Path | None = None
         self.images: Path | None = None
+        self.page_tls: pagetls.PageTLS | None = None
+        self.tls_dir: Path | None = None
         self.log_dir: Path | None = None
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
@@ -300,6 +304,8 @@ class MigrationRun:
         # A mode that needs a feature waits for this host's answer first (from the cache, a few
         # ms), so that a source lacking it is refused before any agent is started.
         probe = _Background(checks.probe, self.criu)
+        own_tls = m.criu_tls and m.tls is None  # this migration's own certificates for CRIU's pages
+        authority = _Background(self._page_tls_authority) if own_tls else None
         if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
             self._require_source_features(probe.result())
         try:
@@ -320,7 +326,14 @@ class MigrationRun:
         self._require_source_features(host)
         self.report.transport = self.conn.transport
         self.client = AgentClient(self.conn, timeout=m.timeout)
-        remote = self.client.hello(self.local, requested)
+        remote = self.client.hello(self.local, requested, page_tls=authority is not None)
+        if authority is not None:
+            ca: pagetls.Authority = authority.result()
+            if not remote.get("tls_csr"):
+                raise AgentError("the agent did not send a certificate request for CRIU's page connections "
+                                 "(an older agent?); pass criu_tls=False to send the pages in the clear",
+                                 code="incompatible")
+            self.client.page_tls(ca.sign(remote["tls_csr"]), ca.ca_pem)
         self.report.versions["destination"] = {k: remote[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}
         if not remote.get("criu_check"):
             raise AgentError(f"CRIU does not work on the destination: {remote.get('criu_error')}", code="incompatible")
@@ -333,6 +346,14 @@ class MigrationRun:
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
         self.report.mode_reason = reason
         return mode
+
+    def _page_tls_authority(self) -> pagetls.Authority:
+        """This migration's CA, and the source's own certificate from it (in a 0700 directory
+        removed at the end, in tmpfs when there is one)."""
+        self.tls_dir = Path(tempfile.mkdtemp(prefix="pycriu-migrate-tls-", dir=memory_dir()))
+        ca = pagetls.Authority()
+        self.page_tls = ca.issue_local(self.tls_dir)
+        return ca
 
     def _require_source_features(self, host: checks.HostCheck) -> None:
         requested = self.m.mode
@@ -362,7 +383,10 @@ class MigrationRun:
         return self.m.relay(address) if self.m.relay is not None else address
 
     def criu_tls_options(self) -> dict[str, Any]:
-        """CRIU's TLS options for this side's page connections (empty without ``criu_tls``)."""
+        """CRIU's TLS options for this side's page connections (empty without ``criu_tls``):
+        the user's certificates, or this migration's own (:mod:`.pagetls`)."""
+        if self.page_tls is not None:
+            return self.page_tls.criu_options()
         tls = self.m.tls
         if not self.m.criu_tls or tls is None:
             return {}
@@ -621,6 +645,8 @@ class MigrationRun:
         report.memory["source"] = in_memory
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.tls_dir is not None:
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
         if self.src_logs is not None:
             for p in sorted(self.src_logs.glob("*.log")):
                 report.logs.setdefault(f"source {p.stem}", str(p))

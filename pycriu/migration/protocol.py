@@ -112,7 +112,11 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "auth-ok": {"mac": (_STR, True)},
     "hello": {**_VERSIONS, "mode": (_STR, False), "criu_check": (_BOOL, False),
               "criu_error": ((str, _Opt), False), "session": (_STR, False),
-              "data_address": (_STR, False), "peer_address": ((str, _Opt), False)},
+              "data_address": (_STR, False), "peer_address": ((str, _Opt), False),
+              # page TLS (pagetls.py): the source asks, the agent answers with a certificate request
+              "page_tls": (_BOOL, False), "tls_csr": ((str, _Opt), False)},
+    "page-tls": {"cert": (_STR, True), "ca": (_STR, True)},
+    "page-tls-ok": {},
     "ping": {"t": (_NUM, True)},
     "pong": {"t": (_NUM, True)},
     "prepare-dir": {"dir": (_STR, True), "parent": ((str, _Opt), True)},
@@ -142,11 +146,13 @@ MESSAGES: dict[str, dict[str, Any]] = {
 }
 
 #: Who may send which message (the receiver refuses the rest).
-FROM_CLIENT = frozenset({"auth", "hello", "ping", "prepare-dir", "page-server", "file", "files-done", "files-ok",
+FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping",
+                         "prepare-dir", "page-server", "file", "files-done", "files-ok",
                          "lazy-pages",
                          "restore", "commit",
                          "abort", "lazy-wait", "logs", "bye"})
-FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "pong", "dir-ready", "page-server", "file", "files-done",
+FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "page-tls-ok",
+                        "pong", "dir-ready", "page-server", "file", "files-done",
                         "files-ok", "restored", "committed", "aborted", "lazy-done", "bye", "error"})
 
 
