@@ -96,7 +96,11 @@ def test_a_wire_tap_sees_tls_on_the_page_connection_unless_turned_off(
         report = Migration(w.pid, to=secret_agent.url, mode="lazy", secret=SECRET, relay=tap, criu_tls=criu_tls,
                            log_dir=private_tmp.parent / "logs").run()
         assert_moved(w, report)
-        assert len(relays) == 1 and relays[0].forwarded >= 16 << 20
+        assert len(relays) == 1
+        # the report's page bytes (CRIU's lazy pages x page size) against what crossed the wire:
+        # CRIU's request headers and TLS records add 0.03 % and 0.2 % here; 1 % is allowed
+        sent = report.bytes["page_server"]
+        assert 16 << 20 <= sent <= relays[0].forwarded <= sent * 1.01 + (64 << 10), (sent, relays[0].forwarded)
         assert (relays[0].first[:2] == b"\x16\x03") == (criu_tls is None)
         assert_page_tls(report, "lazy", encrypted=criu_tls is None)
     finally:
