@@ -138,6 +138,7 @@ class Relay:
         self.port = self.server.getsockname()[1]
         self.forwarded = 0
         self.first = b""  # the first bytes the connecting side sent (what a wire tap would see)
+        self.returned = 0  # bytes from the connecting side to the target
         self.connected = threading.Event()
         self._socks: list[socket.socket] = []
         self._cut = threading.Event()
@@ -163,8 +164,9 @@ class Relay:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
                     return
-                if not count and not self.first:
-                    self.first = data[:16]
+                if not count:
+                    self.first = self.first or data[:16]
+                    self.returned += len(data)
                 dst.sendall(data)
                 if count:
                     self.forwarded += len(data)

@@ -79,12 +79,15 @@ def test_migrate_over_tcp_with_a_shared_secret(workload: Callable[..., Workload]
     assert_page_tls(report, mode, encrypted=True)
 
 
-@needs_lazy_pages
-@pytest.mark.parametrize("criu_tls", [None, False])
+@pytest.mark.parametrize(("mode", "criu_tls"), [pytest.param("lazy", None, marks=needs_lazy_pages),
+                                               pytest.param("lazy", False, marks=needs_lazy_pages),
+                                               ("page-server", None), ("page-server", False)])
 def test_a_wire_tap_sees_tls_on_the_page_connection_unless_turned_off(
-        workload: Callable[..., Workload], private_tmp: Path, secret_agent: TcpAgent, criu_tls: bool | None) -> None:
-    """The lazy page connection, through a relay that records what crosses it: a TLS handshake
-    record (0x16 0x03) by default over ``tcp://``; CRIU's own plaintext with ``criu_tls=False``."""
+        workload: Callable[..., Workload], private_tmp: Path, secret_agent: TcpAgent, mode: str,
+        criu_tls: bool | None) -> None:
+    """CRIU's page connection, through a relay that records what crosses it: it opens with a TLS
+    handshake record (0x16 0x03) by default over ``tcp://``, with CRIU's own plaintext with
+    ``criu_tls=False``; and the pages the report counts are the bytes that crossed it."""
     w = workload(mib=16)
     relays: list[Relay] = []
 
@@ -93,16 +96,19 @@ def test_a_wire_tap_sees_tls_on_the_page_connection_unless_turned_off(
         return PageServerAddress("127.0.0.1", relays[-1].port)
 
     try:
-        report = Migration(w.pid, to=secret_agent.url, mode="lazy", secret=SECRET, relay=tap, criu_tls=criu_tls,
+        report = Migration(w.pid, to=secret_agent.url, mode=mode, secret=SECRET, relay=tap, criu_tls=criu_tls,
                            log_dir=private_tmp.parent / "logs").run()
         assert_moved(w, report)
         assert len(relays) == 1
-        # the report's page bytes (CRIU's lazy pages x page size) against what crossed the wire:
-        # CRIU's request headers and TLS records add 0.03 % and 0.2 % here; 1 % is allowed
+        # pages flow to the connecting side in the lazy flow (the destination asks the source),
+        # from it in the page-server flow (the source's dump sends them)
+        wire = relays[0].forwarded if mode == "lazy" else relays[0].returned
+        # the report's page bytes (pages x page size) against what crossed the wire: CRIU's
+        # headers and TLS records add 0.03 % and 0.2 % here; 1 % is allowed
         sent = report.bytes["page_server"]
-        assert 16 << 20 <= sent <= relays[0].forwarded <= sent * 1.01 + (64 << 10), (sent, relays[0].forwarded)
+        assert 16 << 20 <= sent <= wire <= sent * 1.01 + (64 << 10), (sent, wire)
         assert (relays[0].first[:2] == b"\x16\x03") == (criu_tls is None)
-        assert_page_tls(report, "lazy", encrypted=criu_tls is None)
+        assert_page_tls(report, mode, encrypted=criu_tls is None)
     finally:
         for relay in relays:
             relay.close()
