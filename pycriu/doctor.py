@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import _raw
+from . import _raw, kdat
 from .criu import MIN_CRIU_VERSION, Criu
 from .errors import CriuError
 
@@ -162,6 +162,14 @@ def diagnose(binary: str | None = None) -> Diagnosis:
                 d.add("features", "fail", exc.message, exc.hint)
         else:
             d.add("criu check", "fail", "skipped: needs root", "run pycriu doctor as root")
+
+    if criu is not None:
+        cache = kdat.status(criu.binary)
+        d.add("criu kdat cache", "ok" if cache != "cold" else "info",
+              {"native": "/run is a tmpfs: CRIU keeps its kernel-probe cache (/run/criu.kdat) itself",
+               "warm": "pycriu keeps CRIU's kernel-probe cache warm (/run/criu.kdat, bind-mounted from /dev/shm)",
+               "cold": "every CRIU process probes the kernel first (/run is not a tmpfs: CRIU keeps no cache)"}[cache],
+              "a migration's checks set it up (pycriu.kdat.ensure): 20-30 ms less in each restore")
 
     pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
     pipe_ok = pipe_max >= PIPE_MAX_NEEDED

@@ -14,8 +14,9 @@ result is kept:
 The result is reused only while everything it depends on is unchanged: the boot
 (``/proc/sys/kernel/random/boot_id``), the kernel release, the CRIU binary (path, device, inode,
 size, modification time) and the version CRIU reports now. This is the same bargain as CRIU's own
-kernel-probe cache (``/run/criu.kdat``), which CRIU keeps only when ``/run`` is a tmpfs. A failed
-check is never cached. Delete the file (or call :func:`forget`) to probe again.
+kernel-probe cache (``/run/criu.kdat``), which CRIU keeps only when ``/run`` is a tmpfs, and which
+:func:`probe` sets up where CRIU cannot (:mod:`pycriu.kdat`). A failed check is never cached.
+Delete the file (or call :func:`forget`) to probe again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import kdat
 from .._threads import Worker
 from ..criu import Criu
 
@@ -119,6 +121,7 @@ def probe(criu: Criu) -> HostCheck:
     # Criu asks the version once per object before its first operation: asking it here through
     # the same path leaves it known, so a restore in the downtime does not ask again
     version = str(criu.supported_version())  # CriuVersionError when too old
+    kdat.ensure(criu.binary)  # CRIU's kernel-probe cache, for the CRIU processes in the downtime
     key = _key(criu, version)
     with _LOCK:
         known = _MEMO.get(key)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _protobuf
+from .._fs import MEMORY_FILESYSTEMS, filesystem_of
 from .protocol import IMAGE_NAME
 
 __all__ = ["ImageFile", "list_images", "dir_usage", "Pagemap", "read_pagemap", "pagemaps", "PAGE_SIZE",
@@ -47,29 +48,10 @@ def list_images(directory: str | os.PathLike[str]) -> list[ImageFile]:
     return out
 
 
-#: Filesystems whose files live in RAM: images there are never written to a disk.
-MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 #: Where the lazy flows keep the few non-lazy pages CRIU still writes as images, when it is a
 #: memory filesystem with at least this much room.
 _SHM = Path("/dev/shm")
 _SHM_MIN_FREE = 256 << 20
-
-
-def filesystem_of(path: str | os.PathLike[str]) -> str:
-    """The type of the filesystem ``path`` is on (from ``/proc/self/mountinfo``), or ``""``."""
-    target = os.path.realpath(path)
-    best, fstype = -1, ""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        fields = line.split()
-        mount = fields[4].replace("\\040", " ")
-        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= best:  # the last of equal mounts is the one on top
-            best, fstype = len(mount), fields[fields.index("-") + 1]
-    return fstype
 
 
 def memory_dir() -> Path | None:

@@ -1,0 +1,77 @@
+"""CRIU's kernel-probe cache (:mod:`pycriu.kdat`): where ``/run`` is not a tmpfs CRIU keeps none,
+and every CRIU process probes the kernel first (20-30 ms, inside a migration's downtime for the
+restore and the lazy-pages daemon). pycriu gives it back, with the lifetime CRIU intends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+import pycriu
+from pycriu import kdat
+from pycriu._fs import filesystem_of
+from pycriu.workload import Workload
+
+pytestmark = [
+    needs_root,
+    pytest.mark.criu,
+    pytest.mark.skipif(filesystem_of("/run") == "tmpfs", reason="/run is a tmpfs: CRIU keeps its own cache"),
+]
+
+
+def _drop() -> None:
+    while subprocess.run(["umount", str(kdat.CACHE)], capture_output=True).returncode == 0:
+        pass
+
+
+@pytest.fixture
+def cold() -> Iterator[None]:
+    """No cache to begin with; the cache is set up again afterwards (as any migration would)."""
+    _drop()
+    yield
+    kdat.ensure(pycriu.Criu().binary)
+
+
+def _dump_log(criu: pycriu.Criu, w: Workload, images: Path) -> str:
+    criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=images, leave_running=True, log_level=pycriu.LogLevel.INFO))
+    return (images / "dump.log").read_text()
+
+
+def test_criu_loads_the_cache_pycriu_keeps(criu: pycriu.Criu, workload: Callable[..., Workload], tmp_path: Path,
+                                           cold: None) -> None:
+    w = workload(mib=8)
+    assert kdat.status(criu.binary) == "cold"
+    (tmp_path / "a").mkdir()
+    assert "Loaded kdat cache" not in _dump_log(criu, w, tmp_path / "a")  # CRIU probed the kernel
+
+    assert kdat.ensure(criu.binary) == "warm"
+    (tmp_path / "b").mkdir()
+    assert f"Loaded kdat cache from {kdat.CACHE}" in _dump_log(criu, w, tmp_path / "b")
+    assert kdat.ensure(criu.binary) == "warm"  # idempotent: nothing to do the second time
+    w.wait_beats(2)
+
+
+def test_a_cache_made_for_another_binary_or_boot_is_made_again(criu: pycriu.Criu, cold: None) -> None:
+    assert kdat.ensure(criu.binary) == "warm"
+    stamp = Path("/dev/shm/pycriu/criu.kdat.json")
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "boot": "another boot"}))
+    assert kdat.status(criu.binary) == "cold"
+    assert kdat.ensure(criu.binary) == "warm"
+    assert json.loads(stamp.read_text())["boot"] != "another boot"
+    # one bind mount, not a stack of them
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if line.split()[4] == str(kdat.CACHE)]
+    assert len(mounts) == 1
+
+
+def test_an_empty_mount_point_left_by_a_reboot_is_discarded_by_criu(criu: pycriu.Criu, cold: None) -> None:
+    """After a reboot the bind mount is gone and its empty mount point remains: CRIU takes it for a
+    stale cache, removes it and probes afresh (what it does with its own cache)."""
+    kdat.CACHE.touch()
+    assert criu.check()
+    assert not kdat.CACHE.exists() or kdat.CACHE.stat().st_size == 0
