@@ -176,6 +176,7 @@ class Runner:
         dst.mkdir()
         wl: heartbeat.HeartbeatWorkload | None = None
         try:
+            os.sync()  # the previous trial's images are on disk, not being written back during this one
             wl = heartbeat.HeartbeatWorkload(self.binary, base / "heartbeat", mib=mib, rate=rate)
             ctx = TrialContext(criu=self.criu.binary, link=link, src_dir=src, dst_dir=dst, port=self._port(),
                                pid=wl.pid, verbosity=self.cfg.verbosity,
@@ -294,7 +295,10 @@ class Runner:
         n = 0
         for rep in range(self.cfg.repeat):
             for link, mode, mib, rate in cells:
-                for impl in self.cfg.impls:  # A B, then A B again on the next repeat
+                # A B, then B A on the next repeat: neither always runs right after the previous
+                # cell (whose page cache may still be written back)
+                order = self.cfg.impls if rep % 2 == 0 else list(reversed(self.cfg.impls))
+                for impl in order:
                     if STOP.is_set():
                         raise KeyboardInterrupt("stopped by a signal")
                     n += 1
