@@ -247,7 +247,9 @@ def _validate_value(name: str, via: _Via, value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True, kw_only=True)
+# a base only: its subclasses generate their own __init__, __repr__ and __eq__ (generating them
+# here too would cost import time for nothing)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class _CriuOptions:
     """Options shared by dump, pre-dump and restore."""
 
@@ -540,7 +542,9 @@ class RestoreOptions(_CriuOptions):
 # --- Native daemons (driven through the criu binary: libcriu cannot start them) -------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+# a base only: its subclasses generate their own __init__, __repr__ and __eq__ (generating them
+# here too would cost import time for nothing)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class _DaemonOptions:
     """What the page server and the lazy-pages daemon share: directories, log, TLS, readiness."""
 

@@ -123,14 +123,18 @@ class Guard:
         """The held tree is committed (or already killed): never touch it."""
         self._order("release")
 
-    def close(self) -> None:
-        """Release and stop the guard (the session ended normally)."""
+    def stop(self) -> None:
+        """Release and let the guard go (the session ended normally); it exits on its own."""
         self.release()
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.close()
         except BrokenPipeError:
             pass
+
+    def close(self) -> None:
+        """:meth:`stop`, and reap the guard."""
+        self.stop()
         try:
             self._proc.wait(5)
         except subprocess.TimeoutExpired:
