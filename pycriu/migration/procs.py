@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -111,28 +112,47 @@ def resume_tree(pid: int) -> None:
             pass
 
 
-def _tcp_sockets() -> list[tuple[str, int, str]]:
-    """(local ip hex, local port, state hex) of this network namespace's TCP sockets."""
-    out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            ip, port = fields[1].rsplit(":", 1)
-            out.append((ip, int(port, 16), fields[3]))
-    return out
+# TCP states (include/net/tcp_states.h) and the sock_diag netlink request for them.
+_TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, _NLM_F_DUMP = 4, 20, 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+
+
+def _tcp_ports(state: int) -> set[int]:
+    """Local ports of this network namespace's TCP sockets in ``state``, from the kernel's
+    sock_diag netlink interface. (Reading ``/proc/net/tcp`` walks the whole connection hash
+    table: 8 ms per read on a 24 GiB machine, too slow to poll inside a downtime.)"""
+    ports: set[int] = set()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            # nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, a zero sockid
+            req = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << state)
+            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+                    + req)
+            done = False
+            while not done:
+                data = nl.recv(65536)
+                off = 0
+                while off + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, off)
+                    if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
+                        done = True
+                        break
+                    # inet_diag_msg: family, state, timer, retrans, then the sockid (sport first, big-endian)
+                    ports.add(struct.unpack_from("!H", data, off + 16 + 4)[0])
+                    off += (length + 3) & ~3
+                if not data:
+                    break
+    return ports
 
 
 def is_listening(port: int) -> bool:
-    return any(p == port and st == "0A" for _, p, st in _tcp_sockets())
+    return port in _tcp_ports(_TCP_LISTEN)
 
 
 def has_connection(port: int) -> bool:
     """Whether a TCP connection is established on local ``port`` (someone was accepted there)."""
-    return any(p == port and st == "01" for _, p, st in _tcp_sockets())
+    return port in _tcp_ports(_TCP_ESTABLISHED)
 
 
 def wait_listening(port: int, timeout: float, alive: object = None) -> bool:
@@ -143,7 +163,7 @@ def wait_listening(port: int, timeout: float, alive: object = None) -> bool:
             return True
         if callable(alive) and not alive():
             return False
-        time.sleep(0.002)
+        time.sleep(0.001)
     return False
 
 
