@@ -305,7 +305,10 @@ class MigrationRun:
         # ms), so that a source lacking it is refused before any agent is started.
         probe = _Background(checks.probe, self.criu)
         own_tls = m.criu_tls and m.tls is None  # this migration's own certificates for CRIU's pages
-        authority = _Background(self._page_tls_authority) if own_tls else None
+        authority = None
+        if own_tls:  # the directory is made here, so that the end of the run removes it on every path
+            self.tls_dir = Path(tempfile.mkdtemp(prefix="pycriu-migrate-tls-", dir=memory_dir()))
+            authority = _Background(self._page_tls_authority, self.tls_dir)
         if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
             self._require_source_features(probe.result())
         try:
@@ -347,12 +350,11 @@ class MigrationRun:
         self.report.mode_reason = reason
         return mode
 
-    def _page_tls_authority(self) -> pagetls.Authority:
-        """This migration's CA, and the source's own certificate from it (in a 0700 directory
+    def _page_tls_authority(self, directory: Path) -> pagetls.Authority:
+        """This migration's CA, and the source's own certificate from it in ``directory`` (0700,
         removed at the end, in tmpfs when there is one)."""
-        self.tls_dir = Path(tempfile.mkdtemp(prefix="pycriu-migrate-tls-", dir=memory_dir()))
         ca = pagetls.Authority()
-        self.page_tls = ca.issue_local(self.tls_dir)
+        self.page_tls = ca.issue_local(directory)
         return ca
 
     def _require_source_features(self, host: checks.HostCheck) -> None:
