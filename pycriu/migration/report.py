@@ -143,7 +143,7 @@ class MigrationReport:
             for side in ("source", "destination"):
                 d = figures.get(side)
                 if d and (where == "disk" or any(d.values())):
-                    lines.append(f"  {where}, {side}:".ljust(21) + f"page images {_size(d.get('page_images', 0))}, "
+                    lines.append(f"  {where}, {side}:".ljust(23) + f"page images {_size(d.get('page_images', 0))}, "
                                  f"other images {_size(d.get('other_images', 0))}, "
                                  f"logs/stats {_size(d.get('other', 0))}")
         if self.logs:
