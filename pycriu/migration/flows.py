@@ -45,6 +45,7 @@ from ..results import DumpResult
 from . import procs
 from .errors import MigrationError, TransportError
 from .images import PAGE_SIZE, list_images, non_lazy_ranges, pagemaps
+from .uncork import Uncork
 
 if TYPE_CHECKING:
     from .migration import MigrationRun
@@ -106,8 +107,11 @@ def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any)
         run.send_images("images", _all_images(run))
         run.restore_and_commit(lazy=False, page_server=None)
 
-    run.record_dump(run.criu.dump(run.dump_options(page_server=run.relay(address), notify=run.notify(post_dump),
-                                                   **dump_kw)))
+    target = run.relay(address)
+    with Uncork(target.port) as uncork:  # CRIU 4.2 would stall 200 ms, frozen, at the end of the dump
+        run.record_dump(run.criu.dump(run.dump_options(page_server=target, notify=run.notify(post_dump), **dump_kw)))
+    if not uncork.done:
+        run.note(f"{uncork.note}: the dump may have waited 200 ms for CRIU's corked socket")
     stats = run.dump_stats()
     _account(run, image_pages=0, server_pages=stats.pages_written if stats else 0, lazy_pages=0)
     run.settle_source()

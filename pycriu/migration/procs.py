@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 __all__ = ["tree_state", "descendants", "kill_tree", "wait_gone", "resume_tree", "is_listening", "has_connection",
-           "wait_listening", "free_port", "poison_lazy_server", "address_towards"]
+           "wait_listening", "free_port", "tcp_sockets", "TCP_ESTABLISHED", "poison_lazy_server", "address_towards"]
 
 
 def _state(pid: int) -> str | None:
@@ -113,16 +113,16 @@ def resume_tree(pid: int) -> None:
 
 
 # TCP states (include/net/tcp_states.h) and the sock_diag netlink request for them.
-_TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
+TCP_ESTABLISHED, _TCP_LISTEN = 1, 10
 _NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, _NLM_F_DUMP = 4, 20, 0x1, 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 
 
-def _tcp_ports(state: int) -> set[int]:
-    """Local ports of this network namespace's TCP sockets in ``state``, from the kernel's
-    sock_diag netlink interface. (Reading ``/proc/net/tcp`` walks the whole connection hash
-    table: 8 ms per read on a 24 GiB machine, too slow to poll inside a downtime.)"""
-    ports: set[int] = set()
+def tcp_sockets(state: int) -> list[tuple[int, int, int]]:
+    """(local port, remote port, inode) of this network namespace's TCP sockets in ``state``,
+    from the kernel's sock_diag netlink interface. (Reading ``/proc/net/tcp`` walks the whole
+    connection hash table: 8 ms per read on a 24 GiB machine, too slow to poll inside a downtime.)"""
+    found: list[tuple[int, int, int]] = []
     for family in (socket.AF_INET, socket.AF_INET6):
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
             # nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, a zero sockid
@@ -138,12 +138,19 @@ def _tcp_ports(state: int) -> set[int]:
                     if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
                         done = True
                         break
-                    # inet_diag_msg: family, state, timer, retrans, then the sockid (sport first, big-endian)
-                    ports.add(struct.unpack_from("!H", data, off + 16 + 4)[0])
+                    # inet_diag_msg: family, state, timer, retrans; the sockid (48 bytes: ports
+                    # big-endian first); expires, rqueue, wqueue, uid, then the inode
+                    sport, dport = struct.unpack_from("!HH", data, off + 16 + 4)
+                    inode = struct.unpack_from("=I", data, off + 16 + 68)[0]
+                    found.append((sport, dport, inode))
                     off += (length + 3) & ~3
                 if not data:
                     break
-    return ports
+    return found
+
+
+def _tcp_ports(state: int) -> set[int]:
+    return {sport for sport, _, _ in tcp_sockets(state)}
 
 
 def is_listening(port: int) -> bool:
@@ -152,7 +159,7 @@ def is_listening(port: int) -> bool:
 
 def has_connection(port: int) -> bool:
     """Whether a TCP connection is established on local ``port`` (someone was accepted there)."""
-    return port in _tcp_ports(_TCP_ESTABLISHED)
+    return port in _tcp_ports(TCP_ESTABLISHED)
 
 
 def wait_listening(port: int, timeout: float, alive: object = None) -> bool:
