@@ -30,41 +30,29 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import IO
+from typing import IO, Any
 
 __all__ = ["Guard", "serve"]
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants, from ``/proc/PID/task/TID/children``."""
-    pids, i = [pid], 0
-    while i < len(pids):
-        try:
-            tasks = os.listdir(f"/proc/{pids[i]}/task")
-        except OSError:
-            tasks = []
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pids[i]}/task/{tid}/children") as f:
-                    pids.extend(int(c) for c in f.read().split() if int(c) not in pids)
-            except OSError:
-                pass
-        i += 1
-    return pids
 
 
 def _kill(pidfd: int, pid: int) -> None:
     """SIGKILL the held tree, if ``pidfd`` still names a live process (no pid reuse)."""
     try:
-        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)  # nothing forks away meanwhile
+        signal.pidfd_send_signal(pidfd, 0)
     except OSError:
         return
-    for p in reversed(_tree(pid)):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
-    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    _procs().kill_tree(pid)
+
+
+def _procs() -> Any:
+    """:mod:`pycriu.migration.procs` (standard library only), also when this file runs as a
+    script by path, without the package."""
+    if __package__:
+        from . import procs
+        return procs
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import procs  # type: ignore[import-not-found,no-redef]  # noqa: I001 - the sibling file itself
+    return procs
 
 
 def serve(orders: IO[str], log_path: str) -> int:
