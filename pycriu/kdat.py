@@ -65,16 +65,58 @@ def _mounted_on_cache() -> bool:
     return any(line.split()[4] == str(CACHE) for line in lines)
 
 
+def _keep_fd(create: bool) -> int | None:
+    """A descriptor of ``/dev/shm/pycriu`` if it is ours: a real directory (no link), owned by
+    root, closed to everyone else. ``/dev/shm`` is world-writable: anyone may have made that name
+    first, and a root process writing through it would write wherever they pointed it."""
+    if create:
+        try:
+            os.mkdir(_KEEP, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        fd = os.open(_KEEP, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != 0 or st.st_mode & 0o077:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(65536)
+
+
+def _write(dir_fd: int, name: str, data: bytes) -> None:
+    """Replace ``name`` in ``dir_fd`` atomically (a new file, renamed over the old one)."""
+    tmp = f".{name}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
 def status(binary: str | None = None) -> str:
     """``native`` (``/run`` is a tmpfs: CRIU keeps its own cache), ``warm`` (pycriu's cache is in
     place, for ``binary`` if given), or ``cold`` (every CRIU process probes the kernel)."""
     if filesystem_of(CACHE.parent) == "tmpfs":
         return "native"
+    keep = _keep_fd(create=False)
+    if keep is None:
+        return "cold"
     try:
         data = CACHE.read_bytes()
-        stamp = json.loads((_KEEP / "criu.kdat.json").read_text())
+        stamp = json.loads(_read(keep, "criu.kdat.json"))
     except (OSError, ValueError):
         return "cold"
+    finally:
+        os.close(keep)
     if not _mounted_on_cache() or not _valid(data):
         return "cold"
     if binary is not None and stamp != _stamp(binary):
@@ -90,19 +132,25 @@ def ensure(binary: str, timeout: float = 10.0) -> str:
     state = status(binary)
     if state != "cold":
         return state
+    keep = _keep_fd(create=True)
+    if keep is None:  # someone else's /dev/shm/pycriu: leave it (and CRIU without its cache)
+        return state
     try:
-        _KEEP.mkdir(mode=0o700, exist_ok=True)
-        with open(_KEEP / "kdat.lock", "w") as lock:
+        lock = os.open("kdat.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=keep)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another agent or migration may be doing the same
-            if status(binary) != "cold":
-                return status(binary)
-            _make(binary, timeout)
+            if status(binary) == "cold":
+                _make(binary, keep, timeout)
+        finally:
+            os.close(lock)
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
+    finally:
+        os.close(keep)
     return status(binary)
 
 
-def _make(binary: str, timeout: float) -> None:
+def _make(binary: str, keep: int, timeout: float) -> None:
     # CRIU writes its cache during any command's kernel probe; in a private mount namespace with a
     # tmpfs on /run it keeps it, and prints it back on stdout
     script = 'mount -t tmpfs -o size=1m,mode=0700 pycriu-kdat /run && "$0" check >/dev/null 2>&1; cat /run/criu.kdat'
@@ -110,15 +158,12 @@ def _make(binary: str, timeout: float) -> None:
                          capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL).stdout
     if not _valid(out):
         return
-    tmp = _KEEP / "criu.kdat.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(out)
-    os.replace(tmp, _KEEP / "criu.kdat")
-    (_KEEP / "criu.kdat.json").write_text(json.dumps(_stamp(binary)))
+    _write(keep, "criu.kdat", out)
+    _write(keep, "criu.kdat.json", json.dumps(_stamp(binary)).encode())
     while _mounted_on_cache():  # an older cache (another boot's binary): replace it
         subprocess.run(["umount", str(CACHE)], capture_output=True, timeout=timeout, check=True)
     if not CACHE.exists():
         os.close(os.open(CACHE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    subprocess.run(["mount", "--bind", str(_KEEP / "criu.kdat"), str(CACHE)], capture_output=True,
-                   timeout=timeout, check=True)
+    # through our descriptor of the checked directory, not its name
+    subprocess.run(["mount", "--bind", f"/proc/{os.getpid()}/fd/{keep}/criu.kdat", str(CACHE)],
+                   capture_output=True, timeout=timeout, check=True)

@@ -5,6 +5,8 @@ restore and the lazy-pages daemon). pycriu gives it back, with the lifetime CRIU
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,3 +77,35 @@ def test_an_empty_mount_point_left_by_a_reboot_is_discarded_by_criu(criu: pycriu
     kdat.CACHE.touch()
     assert criu.check()
     assert not kdat.CACHE.exists() or kdat.CACHE.stat().st_size == 0
+
+
+@pytest.mark.parametrize("planted", ["symlink", "foreign directory", "open directory"])
+def test_a_directory_planted_in_dev_shm_is_not_trusted(criu: pycriu.Criu, cold: None, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, planted: str) -> None:
+    """/dev/shm is world-writable: a user may create pycriu's directory name first (after a
+    reboot, say). pycriu then leaves CRIU without its cache rather than write as root through a
+    directory, or a link, that someone else controls."""
+    keep = Path(f"/dev/shm/pycriu-test-{os.getpid()}")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    if planted == "symlink":
+        keep.symlink_to(victim)
+    else:
+        keep.mkdir(mode=0o700)
+        if planted == "foreign directory":
+            os.chown(keep, 65534, 65534)
+        else:
+            keep.chmod(0o777)
+    monkeypatch.setattr(kdat, "_KEEP", keep)
+    try:
+        assert kdat.ensure(criu.binary) == "cold"
+        assert not list(victim.iterdir()), "written through the planted link"
+        if not keep.is_symlink():
+            assert not list(keep.iterdir()), "written into the planted directory"
+        assert not any(line.split()[4] == str(kdat.CACHE)
+                       for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    finally:
+        if keep.is_symlink():
+            keep.unlink()
+        else:
+            shutil.rmtree(keep)
