@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["SIGNALS", "Worker"]
+__all__ = ["SIGNALS", "Worker", "children_get_signals"]
 
 #: The signals that stop a pycriu process (and that libcriu calls defer, see ``_raw``).
 SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
@@ -30,3 +31,18 @@ class Worker(threading.Thread):
     def run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         super().run()
+
+
+@contextmanager
+def children_get_signals() -> Iterator[None]:
+    """Unblock :data:`SIGNALS` in this thread while a child process is started in the block.
+
+    A child inherits its parent thread's signal mask (Python's ``subprocess`` does not reset
+    it): a ``criu page-server`` started from a :class:`Worker` would ignore the ``SIGTERM`` that
+    stops it, and be killed after the grace period instead. For the millisecond of the start, a
+    signal may reach this thread and wait for the main thread's next Python instruction."""
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import _config, _raw
+from . import _config, _raw, _threads
 from .errors import (
     CriuError,
     CriuNotFoundError,
@@ -127,14 +127,15 @@ class Criu:
         # CRIU reports what fails before its log is open (a bad config-file option) on stderr.
         stderr = tempfile.TemporaryFile()
         try:
-            proc = subprocess.Popen(
-                [self.binary, "swrk", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=None if show_output else subprocess.DEVNULL,  # `criu check` prints "Looks good." there
-                stderr=stderr,
-                start_new_session=True,
-            )
+            with _threads.children_get_signals():
+                proc = subprocess.Popen(
+                    [self.binary, "swrk", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=None if show_output else subprocess.DEVNULL,  # `criu check` prints "Looks good." there
+                    stderr=stderr,
+                    start_new_session=True,
+                )
         except OSError as exc:
             ours.close()
             stderr.close()

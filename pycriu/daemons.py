@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar, Self
 
+from ._threads import children_get_signals
 from .enums import LogLevel
 from .errors import (
     CriuError,
@@ -84,10 +85,11 @@ class _NativeDaemon:
         self._stderr = tempfile.TemporaryFile()
         try:
             try:
-                self._proc = subprocess.Popen(
-                    self._argv(wfd), pass_fds=(wfd,), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
-                )
+                with children_get_signals():  # stop() ends it with SIGTERM, from any thread
+                    self._proc = subprocess.Popen(
+                        self._argv(wfd), pass_fds=(wfd,), stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
+                    )
             finally:
                 os.close(wfd)
             self._wait_ready(rfd)

@@ -129,3 +129,22 @@ def test_worker_threads_leave_termination_signals_to_the_main_thread() -> None:
     worker.join()
     assert SIGNALS <= seen[0]
     assert not SIGNALS & signal.pthread_sigmask(signal.SIG_BLOCK, []), "the main thread is left alone"
+
+
+@needs_root
+def test_a_daemon_started_from_a_worker_stops_on_sigterm(tmp_path: Path) -> None:
+    """Children inherit their thread's signal mask: a CRIU daemon started from a worker thread
+    must still get the SIGTERM that stops it (not wait out the grace period for SIGKILL)."""
+    statuses: list[str] = []
+
+    def start_and_read_mask() -> None:
+        ps = pycriu.Criu().page_server(pycriu.PageServerOptions(images_dir=tmp_path, address="127.0.0.1"))
+        with ps:
+            status = Path(f"/proc/{ps.pid}/status").read_text()
+            statuses.append(next(line for line in status.splitlines() if line.startswith("SigBlk:")))
+
+    worker = Worker(start_and_read_mask, name="starter")
+    worker.start()
+    worker.join()
+    blocked = int(statuses[0].split()[1], 16)
+    assert not blocked & (1 << (signal.SIGTERM - 1)), statuses[0]
