@@ -304,7 +304,8 @@ def test_a_successful_check_is_cached_for_the_boot(tmp_path: Path, monkeypatch: 
 
 def test_the_guard_spares_a_committed_tree_and_kills_a_held_one(tmp_path: Path) -> None:
     """The guard (:mod:`pycriu.migration.guard`) kills the tree it holds when its pipe closes
-    without a ``release``; a released (committed) tree outlives it."""
+    without a ``release`` (the agent died, or its session ended with a tree it did not know of);
+    a released (committed) tree outlives it. Holding a pid that is already gone is harmless."""
     kept = subprocess.Popen(["sleep", "60"])
     doomed = subprocess.Popen(["sleep", "60"])
     try:
@@ -317,11 +318,18 @@ def test_the_guard_spares_a_committed_tree_and_kills_a_held_one(tmp_path: Path) 
 
         guard = Guard(tmp_path / "doomed.log")
         guard.hold(doomed.pid)
-        os.kill(guard.pid, 0)
-        guard._proc.stdin.close()  # type: ignore[union-attr]  # as when the agent dies  # noqa: SLF001
+        guard.close()  # the pipe closes (the agent died, or its session ended) without a release
         assert doomed.wait(10) == -signal.SIGKILL
-        guard.close()
         assert f"killed its restored tree {doomed.pid}" in (tmp_path / "doomed.log").read_text()
+
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        guard = Guard(tmp_path / "gone.log")
+        guard.hold(gone.pid)  # reaped already
+        guard.hold(kept.pid)
+        guard.release()
+        guard.close()
+        assert kept.poll() is None  # the guard survived the bad hold and obeyed the rest
     finally:
         for proc in (kept, doomed):
             proc.kill()

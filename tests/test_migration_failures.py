@@ -234,6 +234,7 @@ def test_page_link_broken_after_resume_kills_the_destination_and_resumes_the_sou
     w.adopt(report.destination_pid)
     assert wait_gone(report.destination_pid), "the incomplete destination copy still runs"
     w.pid = report.pid  # back to the source
+    assert report.source_state == "running", report
     _source_intact(w, report.source_state)
 
 

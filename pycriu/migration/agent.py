@@ -237,7 +237,7 @@ class AgentSession:
                 log.warning("%s: restored tree %d was not committed: killing it", self.name, self.restored_pid)
                 self.killed = kill_tree(self.restored_pid)
         if self.guard is not None:
-            self.guard.stop()  # nothing left for it to kill: it exits while the rest is cleaned up
+            self.guard.stop()  # it kills what it still holds (a tree we could not kill), then exits
         for ps in self.page_servers.values():
             ps.stop(grace=1.0)
         self.page_servers.clear()
@@ -509,6 +509,12 @@ class AgentSession:
             self.state = "failed"
             raise AgentError(exc.message + (f": {exc.criu_message}" if exc.criu_message else ""),
                              code="restore-failed") from None
+        except KeyboardInterrupt as exc:  # SIGTERM/Ctrl-C held back until CRIU answered
+            restored = getattr(exc, "result", None)
+            if restored is not None:
+                with self._lock:
+                    self.restored_pid = restored.pid  # never committed: cleanup kills it
+            raise
         now = time.monotonic()
         with self._lock:
             self.restored_pid = result.pid

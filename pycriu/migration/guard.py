@@ -42,6 +42,10 @@ def _kill(pidfd: int, pid: int) -> None:
     except OSError:
         return
     _procs().kill_tree(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # the root by its pidfd too: no pid reuse
+    except OSError:
+        pass
 
 
 def _procs() -> Any:
@@ -66,8 +70,12 @@ def serve(orders: IO[str], log_path: str) -> int:
         elif word == "hold":
             if held is not None:
                 os.close(held[0])
+                held = None
             pid = int(arg)
-            held = (os.pidfd_open(pid), pid)
+            try:
+                held = (os.pidfd_open(pid), pid)
+            except OSError:  # already gone (a restore that failed after naming it)
+                pass
         elif word == "release" and held is not None:
             os.close(held[0])
             held = None
@@ -75,7 +83,7 @@ def serve(orders: IO[str], log_path: str) -> int:
         _kill(*held)
         try:
             with open(log_path, "a") as log:
-                log.write(f"pycriu guard: the agent exited before the commit: killed its restored tree {held[1]}\n")
+                log.write(f"pycriu guard: the session ended before the commit: killed its restored tree {held[1]}\n")
         except OSError:
             pass
     for path in remove:
@@ -112,8 +120,9 @@ class Guard:
         self._order("release")
 
     def stop(self) -> None:
-        """Release and let the guard go (the session ended normally); it exits on its own."""
-        self.release()
+        """Close the pipe: the guard kills what it still holds (a tree the agent failed to kill,
+        or does not know it restored), removes its directories and exits. A committed tree was
+        released at the commit."""
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.close()
