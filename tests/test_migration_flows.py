@@ -142,11 +142,14 @@ def test_page_server_on_source_serves_pages_from_the_source_disk(workload: Calla
 @needs_lazy_pages
 def test_auto_picks_lazy_and_says_why(workload: Callable[..., Workload], private_tmp: Path) -> None:
     w = workload(mib=16)
-    report, _ = _migrate(w, "auto", private_tmp)
+    report, snap = _migrate(w, "auto", private_tmp)
     assert_moved(w, report)
     assert report.requested_mode == "auto"
     assert report.mode == "lazy"
     assert "lazy pages" in report.mode_reason
+    # the agent resolved "auto" as the source did: no page on either side's disk
+    assert snap.in_memory == {"source", "destination"}
+    assert report.disk["destination"]["page_images"] == 0 < report.memory["destination"]["page_images"]
 
 
 def test_a_tree_with_children_and_threads_moves_whole(workload: Callable[..., Workload], private_tmp: Path) -> None:

@@ -62,6 +62,15 @@ def test_a_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
         pagetls.install(mine, cert, pagetls.Authority().ca_pem)
 
 
+def test_a_certificate_naming_the_ca_but_signed_by_another_key_is_refused(tmp_path: Path) -> None:
+    mine = _side(tmp_path, "mine")
+    request = pagetls.new_request(mine)
+    real, forger = pagetls.Authority(), pagetls.Authority()
+    forger._name = real._name  # noqa: SLF001 - the forger copies the real CA's name, not its key
+    with pytest.raises(ProtocolError, match="not a certificate issued by the given CA"):
+        pagetls.install(mine, forger.sign(request), real.ca_pem)
+
+
 def test_garbage_and_oversized_requests_are_refused() -> None:
     ca = pagetls.Authority()
     with pytest.raises(ProtocolError, match="not a certificate request"):

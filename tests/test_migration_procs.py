@@ -27,6 +27,19 @@ def test_listening_and_connected_ports_are_seen_for_both_families() -> None:
     assert not procs.is_listening(port4) and not procs.is_listening(port6)
 
 
+def test_proc_net_tcp_is_the_fallback_and_agrees() -> None:
+    """Where sock_diag is missing (some containers), the ports come from /proc/net/tcp."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            with accepted:
+                for state in (procs.TCP_ESTABLISHED, 10):  # established, listening
+                    ours = [{e for e in found if port in e[:2]}
+                            for found in (procs._proc_tcp_sockets(state), procs.tcp_sockets(state))]
+                    assert ours[0] == ours[1] and ours[0]
+
+
 def test_a_stopped_tree_reads_stopped_and_a_reaped_one_gone() -> None:
     proc = subprocess.Popen(["sleep", "60"])
     try:

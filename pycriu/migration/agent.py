@@ -51,12 +51,13 @@ from .._threads import Worker
 from ..criu import Criu
 from ..daemons import LazyPages, PageServer
 from ..enums import LogLevel
-from ..errors import CriuError, InvalidOptionError
+from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
 from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
 from . import checks, pagetls
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .guard import Guard
 from .images import dir_usage, memory_dir
+from .modes import choose_mode
 from .procs import kill_tree, resume_tree
 from .protocol import (
     LOG_NAME,
@@ -315,7 +316,13 @@ class AgentSession:
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         (self.dir / "work").mkdir(mode=0o700)
         self.guard = Guard(self.dir / "work" / "guard.log")
-        memory = memory_dir() if self.config.memory_images and msg.get("mode") in IMAGES_IN_MEMORY else None
+        # the source names the mode it was asked for; "auto" is resolved here as the source will
+        try:
+            mode, _ = choose_mode(msg.get("mode", ""), msg["features"]["lazy_pages"], msg["features"]["mem_track"],
+                                  local["features"]["lazy_pages"], local["features"]["mem_track"])
+        except KernelUnsupportedError:
+            mode = msg.get("mode", "")  # the source refuses it after this hello
+        memory = memory_dir() if self.config.memory_images and mode in IMAGES_IN_MEMORY else None
         if memory is not None:
             self._memory_dir = Path(tempfile.mkdtemp(prefix=f"pycriu-agent-{self.name}-", dir=memory))
             self.guard.remove_at_exit(self._memory_dir)  # RAM: never left behind, even if this agent dies

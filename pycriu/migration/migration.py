@@ -40,21 +40,17 @@ from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .errors import AgentError, MigrationError
 from .images import dir_usage, memory_dir
+from .modes import MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
 from .transport import Connection, Destination, TLSConfig, connect
 
 __all__ = ["Migration", "MODES", "Progress"]
 
-#: Every flow, in the order ``auto`` would consider them.
-MODES = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
-NEEDS_LAZY = frozenset({"lazy", "page-server-on-source", "hybrid"})
-NEEDS_MEM_TRACK = frozenset({"pre-copy", "hybrid"})
 #: Flows whose source images hold no page CRIU serves lazily: kept in memory (tmpfs), not on disk.
 SOURCE_IMAGES_IN_MEMORY = frozenset({"lazy", "hybrid"})
 #: What ``criu lazy-pages`` reads when it starts (the rest only when the restore hands it the tasks).
 LAZY_DAEMON_IMAGES = ("inventory.img", "pstree.img")
-_NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
 
 
 @dataclass(frozen=True)
@@ -187,6 +183,7 @@ class MigrationRun:
         self.images: Path | None = None
         self.page_tls: pagetls.PageTLS | None = None
         self.tls_dir: Path | None = None
+        self._authority: _Background | None = None
         self.log_dir: Path | None = None
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
@@ -308,7 +305,7 @@ class MigrationRun:
         authority = None
         if own_tls:  # the directory is made here, so that the end of the run removes it on every path
             self.tls_dir = Path(tempfile.mkdtemp(prefix="pycriu-migrate-tls-", dir=memory_dir()))
-            authority = _Background(self._page_tls_authority, self.tls_dir)
+            authority = self._authority = _Background(self._page_tls_authority, self.tls_dir)
         if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
             self._require_source_features(probe.result())
         try:
@@ -345,7 +342,7 @@ class MigrationRun:
                              code="incompatible")
         self.client.ping()
         self.source_address = self._source_address(remote)
-        mode, reason = _choose_mode(requested, features.lazy_pages, features.mem_track,
+        mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
         self.report.mode_reason = reason
         return mode
@@ -361,7 +358,7 @@ class MigrationRun:
         requested = self.m.mode
         if requested in NEEDS_MEM_TRACK and not host.mem_track:
             raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the source: "
-                                         f"{_NO_MEM_TRACK}", operation="migrate",
+                                         f"{NO_MEM_TRACK}", operation="migrate",
                                          hint="use mode='lazy', 'page-server' or 'classic'")
         if requested in NEEDS_LAZY and not host.lazy_pages:
             raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the source",
@@ -648,6 +645,8 @@ class MigrationRun:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
         if self.tls_dir is not None:
+            if self._authority is not None:
+                self._authority.wait()  # it may still be writing a key there
             shutil.rmtree(self.tls_dir, ignore_errors=True)
         if self.src_logs is not None:
             for p in sorted(self.src_logs.glob("*.log")):
@@ -709,6 +708,10 @@ class _Background:
         except BaseException as exc:  # noqa: BLE001 - handed to result()
             self._error = exc
 
+    def wait(self) -> None:
+        """Join, whatever the outcome (already reported, or no longer of interest)."""
+        self._thread.join()
+
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
@@ -752,27 +755,3 @@ def _is_local_address(address: str) -> bool:
         return True
     except OSError:
         return False
-
-
-def _choose_mode(requested: str, src_lazy: bool, src_track: bool, dst_lazy: bool, dst_track: bool) -> tuple[str, str]:
-    """The flow to run and why; raises :class:`KernelUnsupportedError` when it cannot run."""
-    both_lazy = src_lazy and dst_lazy
-    both_track = src_track and dst_track
-    if requested == "auto":
-        if both_lazy:
-            return "lazy", ("auto: both hosts support lazy pages (userfaultfd), so post-copy gives the shortest "
-                            "downtime and writes no page of anonymous memory to any disk")
-        side = "source" if not src_lazy else "destination"
-        return "page-server", (f"auto: lazy pages are not supported on the {side}; the page server on the "
-                               "destination receives the pages during the dump, so the source writes none")
-    if requested in NEEDS_MEM_TRACK and not both_track:
-        side = "source" if not src_track else "destination"
-        raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the {side}: "
-                                     f"{_NO_MEM_TRACK}", operation="migrate",
-                                     hint="use mode='lazy', 'page-server' or 'classic'")
-    if requested in NEEDS_LAZY and not both_lazy:
-        side = "source" if not src_lazy else "destination"
-        raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the {side}",
-                                     operation="migrate", hint="use mode='page-server' or 'classic'")
-    return requested, "requested"
-

@@ -88,6 +88,7 @@ def install(directory: str | os.PathLike[str], cert_pem: str, ca_pem: str) -> Pa
     Raises :class:`ProtocolError` unless ``cert_pem`` is a certificate for that very key, signed
     by ``ca_pem``."""
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
     directory = Path(directory)
@@ -97,8 +98,8 @@ def install(directory: str | os.PathLike[str], cert_pem: str, ca_pem: str) -> Pa
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
         ca = x509.load_pem_x509_certificate(ca_pem.encode())
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"page TLS: not a certificate issued by the given CA: {exc}") from None
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ProtocolError(f"page TLS: not a certificate issued by the given CA: {exc!r}") from None
     key = serialization.load_pem_private_key((directory / "key.pem").read_bytes(), password=None)
     raw = serialization.PublicFormat.SubjectPublicKeyInfo
     if cert.public_key().public_bytes(serialization.Encoding.DER, raw) != key.public_key().public_bytes(

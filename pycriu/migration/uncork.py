@@ -99,9 +99,14 @@ class Uncork:
             if held is None:
                 continue
             fd = _pidfd_getfd(*held)
-            with socket.socket(fileno=fd) as sk:
+            try:
+                sk = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                raise
+            with sk:
                 if not sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK):
-                    return False  # not corked yet (TLS handshake, say): look again
+                    continue  # not corked yet (TLS handshake, say): look again
                 sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
             self.done = True
