@@ -13,6 +13,10 @@ source's requests), :mod:`~pycriu.migration.flows` (the CRIU memory-transfer flo
 :mod:`~pycriu.migration.migration` (checks, mode choice, rollback, cleanup),
 :mod:`~pycriu.migration.report`, :mod:`~pycriu.migration.policy` (pre-copy convergence),
 :mod:`~pycriu.migration.images` and :mod:`~pycriu.migration.procs` (what is on disk and in /proc),
+:mod:`~pycriu.migration.modes` (the flows and which one ``auto`` picks),
+:mod:`~pycriu.migration.guard` (the agent's dead-man switch for an uncommitted tree),
+:mod:`~pycriu.migration.pagetls` (per-migration TLS for CRIU's page connections),
+:mod:`~pycriu.migration.uncork` (CRIU 4.2's page-server cork stall, worked around),
 :mod:`~pycriu.migration.cli` (``pycriu agent`` and ``pycriu migrate``).
 """
 
