@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import subprocess
+import threading
+import time
 
 from pycriu.migration import procs
 
@@ -51,6 +53,27 @@ def test_a_stopped_tree_reads_stopped_and_a_reaped_one_gone() -> None:
         procs.kill_tree(proc.pid)
         proc.wait()
         assert procs.tree_state(proc.pid) == "gone"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_late_sigstop_does_not_leave_a_resumed_tree_stopped() -> None:
+    """CRIU's SIGSTOP as it detaches may land after a first look found the tree running: the
+    source is resumed until it stays running."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+
+        def late_stop() -> None:
+            time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGSTOP)
+
+        stopper = threading.Thread(target=late_stop)
+        stopper.start()
+        assert procs.resume_until_running(proc.pid) == "running"
+        stopper.join()
+        assert procs.tree_state(proc.pid) == "running"
     finally:
         proc.kill()
         proc.wait()

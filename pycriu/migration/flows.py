@@ -187,9 +187,7 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
         return
     if done is not None:  # the destination failed after resuming; the agent killed it
         run.report.destination_state = "killed" if done["killed"] else "failed"
-        state = procs.tree_state(run.pid)
-        if state == "stopped":
-            procs.resume_tree(run.pid)
+        procs.resume_until_running(run.pid)  # CRIU left it stopped (or resumed it itself)
         run.report.outcome = "failed-after-resume"
         run.source_resumes_on_failure = False
         raise MigrationError(f"lazy page transfer failed after the destination resumed: {done['error']}; "
@@ -204,8 +202,7 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
     if source_failed():
         # CRIU saw the page connection fail: the destination's daemon is gone, so the agent killed the
         # restored tree; CRIU itself resumed the source (or it is stopped: resume it).
-        if procs.tree_state(run.pid) == "stopped":
-            procs.resume_tree(run.pid)
+        procs.resume_until_running(run.pid)
         run.report.outcome = "failed-after-resume"
         run.report.destination_state = "killed (lazy-pages daemon failed)"
         raise MigrationError(f"lost the agent ({link_error}) and the page transfer failed: the source was resumed")

@@ -580,7 +580,7 @@ class MigrationRun:
             elif self.report.destination_state != "none":
                 self.report.destination_state = "unknown (the agent kills an uncommitted tree when the link drops)"
         if self.leave_stopped and procs.tree_state(self.pid) == "stopped" and self.source_resumes_on_failure:
-            procs.resume_tree(self.pid)
+            procs.resume_until_running(self.pid)
             self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
 
     def _after_commit_failure(self, committed: bool) -> None:

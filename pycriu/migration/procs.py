@@ -9,8 +9,9 @@ import struct
 import time
 from pathlib import Path
 
-__all__ = ["tree_state", "descendants", "kill_tree", "wait_gone", "resume_tree", "is_listening", "has_connection",
-           "wait_listening", "free_port", "tcp_sockets", "TCP_ESTABLISHED", "poison_lazy_server", "address_towards"]
+__all__ = ["tree_state", "descendants", "kill_tree", "wait_gone", "resume_tree", "resume_until_running",
+           "is_listening", "has_connection", "wait_listening", "free_port", "tcp_sockets", "TCP_ESTABLISHED",
+           "poison_lazy_server", "address_towards"]
 
 
 def _state(pid: int) -> str | None:
@@ -110,6 +111,29 @@ def resume_tree(pid: int) -> None:
             os.kill(p, signal.SIGCONT)
         except OSError:
             pass
+
+
+def resume_until_running(pid: int, timeout: float = 2.0) -> str:
+    """Resume a tree that CRIU left stopped, and see that it stays running: the SIGSTOP CRIU
+    sends as it detaches may land after a first look found the tree running. Returns the state
+    at the end (``running`` unless it is gone, or still stopped after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    running_since: float | None = None
+    while True:
+        state = tree_state(pid, settle=0.05)
+        now = time.monotonic()
+        if state == "gone":
+            return state
+        if state == "stopped":
+            resume_tree(pid)
+            running_since = None
+        elif running_since is None:
+            running_since = now
+        elif now - running_since >= 0.05:
+            return "running"
+        if now > deadline:
+            return state
+        time.sleep(0.005)
 
 
 # TCP states (include/net/tcp_states.h) and the sock_diag netlink request for them.
