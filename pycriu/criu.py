@@ -14,10 +14,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 from . import _config, _raw, _threads
 from .errors import (
@@ -105,24 +107,16 @@ class Criu:
         self.binary = find_criu(binary)
         self._features: Features | None = None
         self._version: CriuVersion | None = None
+        self._spare: _Spawned | None = None
+        self._spare_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Criu(binary={self.binary!r})"
 
     # -- the worker and one operation ------------------------------------------------------------
 
-    @contextmanager
-    def _worker(self, *, show_output: bool = False) -> Iterator[socket.socket]:
-        """Start ``criu swrk`` in its own session; yield our end of its socket.
-
-        CRIU's stdout is discarded unless ``show_output`` (``display_stats``: CRIU prints the
-        statistics there, as ``criu dump --display-stats`` does), then it is ours.
-
-        Hand the socket to libcriu with ``sock.detach()`` right before the operation: libcriu
-        closes it when done. If the operation never ran, the socket is closed here, so the worker
-        sees EOF and exits. The worker is reaped on every path (killed if it outlives its socket
-        by 30 s).
-        """
+    def _spawn(self, show_output: bool) -> _Spawned:
+        """Start ``criu swrk`` in its own session, on one end of a new socket pair."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # CRIU reports what fails before its log is open (a bad config-file option) on stderr.
         stderr = tempfile.TemporaryFile()
@@ -142,6 +136,49 @@ class Criu:
             raise CriuNotFoundError(f"cannot start {self.binary} swrk: {exc}") from exc
         finally:
             theirs.close()
+        return _Spawned(ours, proc, stderr)
+
+    def prestart(self) -> None:
+        """Start the ``criu swrk`` worker of this object's next operation now, so that the
+        operation does not wait for it (2 to 3 ms: an agent does this before the source freezes,
+        for the restore inside the downtime). Idle, it waits on its socket;
+        :meth:`discard_prestarted` stops it if no operation came."""
+        spare = self._spawn(show_output=False)
+        with self._spare_lock:
+            old, self._spare = self._spare, spare
+        if old is not None:
+            old.close()
+
+    def discard_prestarted(self) -> None:
+        """Stop the worker :meth:`prestart` started, if no operation used it."""
+        with self._spare_lock:
+            old, self._spare = self._spare, None
+        if old is not None:
+            old.close()
+
+    @contextmanager
+    def _worker(self, *, show_output: bool = False) -> Iterator[socket.socket]:
+        """A ``criu swrk`` in its own session (the prestarted one if any); yield our end of its
+        socket.
+
+        CRIU's stdout is discarded unless ``show_output`` (``display_stats``: CRIU prints the
+        statistics there, as ``criu dump --display-stats`` does), then it is ours.
+
+        Hand the socket to libcriu with ``sock.detach()`` right before the operation: libcriu
+        closes it when done. If the operation never ran, the socket is closed here, so the worker
+        sees EOF and exits. The worker is reaped on every path (killed if it outlives its socket
+        by 30 s).
+        """
+        spawned = None
+        if not show_output:
+            with self._spare_lock:
+                spawned, self._spare = self._spare, None
+            if spawned is not None and spawned.proc.poll() is not None:  # it died meanwhile
+                spawned.close()
+                spawned = None
+        if spawned is None:
+            spawned = self._spawn(show_output)
+        ours, proc, stderr = spawned.sock, spawned.proc, spawned.stderr
         try:
             yield ours
         except CriuError as exc:
@@ -391,6 +428,21 @@ def _interrupt_result(make: Callable[[int], object]) -> Iterator[None]:
         if hasattr(exc, "criu_error"):
             exc.error = exc.criu_error  # type: ignore[attr-defined]
         raise
+
+
+@dataclass
+class _Spawned:
+    """A started ``criu swrk``: our end of its socket, the process, its captured stderr."""
+
+    sock: socket.socket
+    proc: subprocess.Popen[bytes]
+    stderr: IO[bytes]
+
+    def close(self) -> None:
+        """Close our end (the worker exits on EOF), reap it, drop its stderr."""
+        self.sock.close()
+        _reap(self.proc)
+        self.stderr.close()
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

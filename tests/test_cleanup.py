@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,3 +143,46 @@ def test_the_next_operation_after_an_interrupt_works(
     w.adopt(restored.pid)
     w.wait_beats(3)
     assert w.checksum() == w.expected_checksum
+
+
+def _swrk_children(expect: int = 0) -> set[int]:
+    """Our ``criu swrk`` children; with ``expect``, wait (a little) for that many: a child's
+    command line reads empty until its exec has set up the new program."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = _swrk_now()
+        if len(found) >= expect or time.monotonic() > deadline:
+            return found
+        time.sleep(0.005)
+
+
+def _swrk_now() -> set[int]:
+    found = set()
+    for pid in children():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[1] == b"swrk":
+            found.add(pid)
+    return found
+
+
+def test_a_prestarted_worker_serves_the_next_operation_or_is_discarded(private_tmp: Path) -> None:
+    """:meth:`Criu.prestart` starts the next operation's ``criu swrk`` ahead of time (an agent
+    does it before the freeze): the next operation uses it instead of starting one, and
+    :meth:`Criu.discard_prestarted` stops it when no operation came. Nothing is left either way."""
+    criu = pycriu.Criu()
+    criu.version()  # its first, own worker: gone when it returns
+    fds = open_fds()
+    assert not _swrk_children()
+
+    criu.prestart()
+    assert len(_swrk_children(expect=1)) == 1
+    criu.version()  # served by the prestarted worker, which then exits and is reaped
+    assert not _swrk_children() and open_fds() == fds
+
+    criu.prestart()
+    assert len(_swrk_children(expect=1)) == 1
+    criu.discard_prestarted()
+    assert not _swrk_children() and open_fds() == fds

@@ -257,6 +257,8 @@ class AgentSession:
         if self.guard is not None:
             self.guard.close()
             self.guard = None
+        if self.config._criu is not None:  # noqa: SLF001 - ours
+            self.config._criu.discard_prestarted()  # noqa: SLF001
         self.channel.close()
         if self._memory_dir is not None:
             shutil.rmtree(self._memory_dir, ignore_errors=True)
@@ -336,6 +338,10 @@ class AgentSession:
         self.state = "ready"
         log.info("%s: session for a %s migration from %s", self.name, msg.get("mode", "?"), self.peer_address)
         self.channel.send(reply)
+        try:  # the restore's worker, started now rather than inside the downtime
+            self.config.criu().prestart()
+        except CriuError:
+            pass  # the restore starts its own (and reports what is wrong)
 
     def _page_tls(self, msg: dict[str, Any]) -> None:
         """The certificate the source issued for this session's key, and its one-migration CA."""
