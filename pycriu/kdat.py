@@ -29,9 +29,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from ._fs import filesystem_of
+from ._fs import filesystem_of, mounts
 
-__all__ = ["CACHE", "ensure", "status"]
+__all__ = ["CACHE", "ensure", "status", "boot_id"]
 
 #: Where CRIU looks for its cache (``KDAT_RUNDIR`` in CRIU's build).
 CACHE = Path("/run/criu.kdat")
@@ -40,7 +40,8 @@ _KEEP = Path("/dev/shm/pycriu")
 _KDAT_MAGIC = 0x57023458
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
+    """This boot's id (``/proc/sys/kernel/random/boot_id``): caches of kernel probes are per boot."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -49,7 +50,7 @@ def _boot_id() -> str:
 
 def _stamp(binary: str) -> dict[str, object]:
     st = os.stat(binary)
-    return {"boot": _boot_id(), "binary": os.path.realpath(binary), "ino": st.st_ino, "size": st.st_size,
+    return {"boot": boot_id(), "binary": os.path.realpath(binary), "ino": st.st_ino, "size": st.st_size,
             "mtime": st.st_mtime_ns}
 
 
@@ -58,11 +59,7 @@ def _valid(data: bytes) -> bool:
 
 
 def _mounted_on_cache() -> bool:
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    return any(line.split()[4] == str(CACHE) for line in lines)
+    return any(mount == str(CACHE) for mount, _ in mounts())
 
 
 def _keep_fd(create: bool) -> int | None:

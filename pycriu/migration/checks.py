@@ -52,16 +52,9 @@ class HostCheck:
     seconds: float = 0.0
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 def _key(criu: Criu, version: str) -> tuple[Any, ...]:
     st = os.stat(criu.binary)
-    return (_boot_id(), platform.release(), os.path.realpath(criu.binary), st.st_dev, st.st_ino, st.st_size,
+    return (kdat.boot_id(), platform.release(), os.path.realpath(criu.binary), st.st_dev, st.st_ino, st.st_size,
             st.st_mtime_ns, version)
 
 

@@ -541,7 +541,7 @@ class MigrationRun:
         state = procs.tree_state(pid)
         if state == "gone":
             self.report.destination_state = "gone"
-        elif state == "stopped" and _comm(pid) is not None and _comm(pid) == _comm(self.pid):
+        elif state == "stopped" and procs.comm(pid) is not None and procs.comm(pid) == procs.comm(self.pid):
             # (not the command line: it is read from the process's memory, which a lazily
             # restored tree may not have yet)
             procs.kill_tree(pid)
@@ -717,14 +717,6 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def _comm(pid: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def _describe(exc: BaseException) -> str:

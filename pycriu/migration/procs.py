@@ -9,7 +9,7 @@ import struct
 import time
 from pathlib import Path
 
-__all__ = ["tree_state", "descendants", "kill_tree", "wait_gone", "resume_tree", "resume_until_running",
+__all__ = ["tree_state", "comm", "descendants", "kill_tree", "wait_gone", "resume_tree", "resume_until_running",
            "is_listening", "has_connection", "wait_listening", "free_port", "tcp_sockets", "TCP_ESTABLISHED",
            "poison_lazy_server", "address_towards"]
 
@@ -20,6 +20,15 @@ def _state(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def comm(pid: int) -> str | None:
+    """The command name of ``pid`` (``/proc/PID/comm``: not read from the process's memory,
+    which a lazily restored tree may not have yet), or ``None`` when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
 
 
 def _stop_pending(pid: int) -> bool:

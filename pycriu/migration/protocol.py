@@ -41,7 +41,8 @@ import select
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -368,12 +369,12 @@ class Channel:
             self.stats.data_received += size
         return kind, payload
 
-    def _read(self, n: int, timeout: float | None) -> bytes:
-        """Read exactly ``n`` bytes; any failure leaves the stream mid-frame, so it is closed."""
-        if self.closed:
-            raise TransportError("connection already closed")
+    @contextmanager
+    def _mid_frame(self, timeout: float | None, broke: str) -> Iterator[None]:
+        """A read that fails leaves the stream mid-frame: close it, and raise the failure as a
+        :class:`TransportError` (``broke`` words an I/O error)."""
         try:
-            return self.stream.read_exact(n, timeout)
+            yield
         except TimeoutError:
             self.close()
             raise TransportError(f"timed out after {timeout:.0f} s waiting for the {self.peer}") from None
@@ -382,7 +383,14 @@ class Channel:
             raise TransportError(f"the {self.peer} closed the connection") from None
         except OSError as exc:
             self.close()
-            raise TransportError(f"connection to the {self.peer} broke: {exc}") from exc
+            raise TransportError(f"{broke}: {exc}") from exc
+
+    def _read(self, n: int, timeout: float | None) -> bytes:
+        """Read exactly ``n`` bytes; any failure leaves the stream mid-frame, so it is closed."""
+        if self.closed:
+            raise TransportError("connection already closed")
+        with self._mid_frame(timeout, f"connection to the {self.peer} broke"):
+            return self.stream.read_exact(n, timeout)
 
     # -- messages --------------------------------------------------------------------------------
 
@@ -468,17 +476,8 @@ class Channel:
             raise ProtocolError("more data than announced")
         if not length:
             raise ProtocolError("empty data frame")
-        try:
+        with self._mid_frame(wait, f"receiving file data from the {self.peer} failed"):
             _splice_exact(fds[0], fd, offset, length, wait)
-        except TimeoutError:
-            self.close()
-            raise TransportError(f"timed out after {wait:.0f} s waiting for the {self.peer}") from None
-        except EOFError:
-            self.close()
-            raise TransportError(f"the {self.peer} closed the connection") from None
-        except OSError as exc:
-            self.close()
-            raise TransportError(f"receiving file data from the {self.peer} failed: {exc}") from exc
         self.stats.data_received += _HEADER.size + length
         return length
 

@@ -22,7 +22,6 @@ import ctypes
 import os
 import socket
 import threading
-from pathlib import Path
 
 from .._threads import Worker
 from . import procs
@@ -93,7 +92,7 @@ class Uncork:
         conns = [inode for _, dport, inode in procs.tcp_sockets(procs.TCP_ESTABLISHED) if dport == self.port]
         if not conns:
             return False
-        mine = [p for p in procs.descendants(os.getpid()) if p != os.getpid() and _comm(p) == "criu"]
+        mine = [p for p in procs.descendants(os.getpid()) if p != os.getpid() and procs.comm(p) == "criu"]
         for inode in conns:
             held = _holder(inode, mine)
             if held is None:
@@ -114,9 +113,3 @@ class Uncork:
             return True
         return False
 
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
