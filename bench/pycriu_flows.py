@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pycriu.daemons import stop_process
 from pycriu.results import DumpStats, RestoreStats
 
 from .flows import FlowResult, TrialContext, criu_log_times
@@ -62,13 +63,7 @@ class TcpAgent:
         return self.proc.pid
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
+        stop_process(self.proc, grace=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._stderr.close()

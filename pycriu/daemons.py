@@ -35,9 +35,21 @@ from .errors import (
 )
 from .options import LazyPagesOptions, PageServerAddress, PageServerOptions
 
-__all__ = ["PageServer", "LazyPages"]
+__all__ = ["PageServer", "LazyPages", "stop_process"]
 
 _PORT_LINE = re.compile(r"Using (\d+) port")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """Stop a child process if it still runs (SIGTERM, then SIGKILL after ``grace`` seconds),
+    reap it and return its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
 
 
 class _NativeDaemon:
@@ -144,15 +156,7 @@ class _NativeDaemon:
         Idempotent; returns the exit status (``None`` if it was never started).
         """
         proc, self._proc = self._proc, None
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            code = proc.wait()
+        code = stop_process(proc, grace) if proc is not None else None
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None

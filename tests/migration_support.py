@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pycriu import MigrationReport
+from pycriu.daemons import stop_process
 from pycriu.migration import Progress
 from pycriu.migration.images import memory_dir
 from pycriu.workload import Workload
@@ -214,13 +214,7 @@ class TcpAgent:
         self.url = f"tcp://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=30)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.log.close()
@@ -294,13 +288,7 @@ class SshServer:
                         "-o", "GlobalKnownHostsFile=/dev/null", "-F", "/dev/null"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=10)
         self.log.close()
 
 

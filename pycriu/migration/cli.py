@@ -171,18 +171,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except InvalidOptionError as exc:
         print(f"pycriu migrate: {exc}", file=sys.stderr)
         return 2
-    except CriuError as exc:
-        failed = getattr(exc, "report", None)
+    except (CriuError, KeyboardInterrupt) as exc:
+        failed = getattr(exc, "report", None)  # where the process is now, even after a failure
         if failed is not None:
             _print_report(failed, as_json)
-        print(f"pycriu migrate: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        failed = getattr(exc, "report", None)
-        if failed is not None:
-            _print_report(failed, as_json)
-        print("pycriu migrate: interrupted", file=sys.stderr)
-        return 130
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        print(f"pycriu migrate: {'interrupted' if interrupted else exc}", file=sys.stderr)
+        return 130 if interrupted else 1
     _print_report(report, as_json)
     return 0
 
