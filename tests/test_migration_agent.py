@@ -8,7 +8,9 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +45,25 @@ def _raw(channel: Channel, obj: Any, kind: int = KIND_CONTROL) -> None:
     channel._send_frame(kind, payload)  # noqa: SLF001
 
 
-@pytest.fixture
-def agent(private_tmp: Path) -> Iterator[Connection]:
-    """A local agent process with a session opened by ``hello``."""
-    conn = connect(Destination("local"), timeout=30)
-    conn.channel.send(_hello())
-    reply = conn.channel.recv("hello")
-    assert reply["criu_check"] is True
+@contextmanager
+def _agent_session(*agent_args: str) -> Iterator[Connection]:
+    """A local agent process (started with ``agent_args``) with a session opened by ``hello``."""
+    command = (sys.executable, "-m", "pycriu.migration.agent", "--stdio", *agent_args) if agent_args else None
+    conn = connect(Destination("local"), timeout=30, agent_command=command)
     try:
+        conn.channel.send(_hello())
+        reply = conn.channel.recv("hello")
+        assert reply["criu_check"] is True
         yield conn
     finally:
         conn.close(timeout=10)
+
+
+@pytest.fixture
+def agent(private_tmp: Path) -> Iterator[Connection]:
+    """A local agent process with a session opened by ``hello``."""
+    with _agent_session() as conn:
+        yield conn
 
 
 def _refused(conn: Connection, match: str | None = None) -> str:
@@ -117,27 +127,15 @@ def test_a_file_sent_twice_is_refused(agent: Connection) -> None:
 
 
 def test_sizes_are_limited(private_tmp: Path) -> None:
-    conn = connect(Destination("local"), timeout=30,
-                   agent_command=(__import__("sys").executable, "-m", "pycriu.migration.agent", "--stdio",
-                                  "--max-file-size", "1000"))
-    try:
-        conn.channel.send(_hello())
-        conn.channel.recv("hello")
+    with _agent_session("--max-file-size", "1000") as conn:
         conn.channel.send({"type": "file", "dir": "images", "name": "pages-1.img", "size": 1001})
         _refused(conn, "exceeds the limit")
-    finally:
-        conn.close(timeout=10)
 
 
 def test_the_file_limit_holds_across_batches(private_tmp: Path) -> None:
     """The session's file allowance shrinks with every batch: a peer cannot reset it by ending a
     batch (files-done) and starting another."""
-    conn = connect(Destination("local"), timeout=30,
-                   agent_command=(__import__("sys").executable, "-m", "pycriu.migration.agent", "--stdio",
-                                  "--max-files", "3"))
-    try:
-        conn.channel.send(_hello())
-        conn.channel.recv("hello")
+    with _agent_session("--max-files", "3") as conn:
         for batch in range(2):
             count = 2 if batch == 0 else 1
             for i in range(count):
@@ -146,8 +144,6 @@ def test_the_file_limit_holds_across_batches(private_tmp: Path) -> None:
             conn.channel.recv("files-ok")
         conn.channel.send({"type": "file", "dir": "images", "name": "core-99.img", "size": 0})
         _refused(conn, "limit of")
-    finally:
-        conn.close(timeout=10)
 
 
 def test_more_data_than_announced_is_refused(agent: Connection) -> None:
