@@ -71,6 +71,7 @@ from .protocol import (
     send_files,
 )
 from .transport import PipeStream, SocketStream, TLSConfig
+from .uncork import Uncork
 
 __all__ = ["AgentConfig", "AgentSession", "serve_stdio", "serve_tcp", "main", "add_arguments", "run_from_args",
            "RESTORE_FLAGS", "kill_tree"]
@@ -190,6 +191,7 @@ class AgentSession:
         self.state = "new"
         self.page_servers: dict[str, PageServer] = {}
         self.lazy: LazyPages | None = None
+        self._uncork: Uncork | None = None
         self._lazy_early: _EarlyLazy | None = None
         self._lazy_done = threading.Event()
         self._lazy_status: int | None = None
@@ -250,6 +252,8 @@ class AgentSession:
                 log.info("%s: waiting for the lazy-pages daemon to finish", self.name)
                 self._lazy_done.wait(self.config.lazy_timeout)
             self._stop_lazy()
+        if self._uncork is not None:
+            self._uncork.stop()
         for fd in [*self._dir_fds.values(), *([self._dir_fd] if self._dir_fd is not None else [])]:
             os.close(fd)
         self._dir_fds.clear()
@@ -562,6 +566,10 @@ class AgentSession:
                 self.lazy = None
             raise AgentError(f"the lazy-pages daemon failed to start: {exc.message} ({exc.criu_message})",
                              code="lazy-pages-failed") from None
+        if address is not None:
+            # CRIU 4.2's daemon sends its last command from a corked socket (200 ms more at the
+            # end): uncorked from the commit on, once the watcher no longer competes with CRIU
+            self._uncork = Uncork(address.port)
         Worker(self._watch_lazy, lazy, name=f"{self.name}-lazy").start()
 
     def _lazy_pages(self, msg: dict[str, Any]) -> None:
@@ -599,6 +607,11 @@ class AgentSession:
         if proc is None:
             return
         status = proc.wait()
+        if self._uncork is not None:
+            self._uncork.stop()
+            if not self._uncork.done:
+                log.info("%s: %s: the end of the lazy transfer may have waited 200 ms", self.name,
+                         self._uncork.note)
         with self._lock:
             self._lazy_status = status
             if status != 0 and self.restored_pid is not None and self.killed is None:
@@ -622,6 +635,8 @@ class AgentSession:
                 self.guard.release()  # before the resume: the guard never kills a running tree
             t_resume = time.monotonic()
             resume_tree(self.restored_pid)
+        if self._uncork is not None:
+            self._uncork.start()
         self.state = "committed"
         log.info("%s: committed: restored tree %d resumed", self.name, self.restored_pid)
         self.channel.send({"type": "committed", "pid": self.restored_pid,

@@ -1,19 +1,25 @@
-"""Work around CRIU 4.2's 200 ms stall at the end of every dump into a page server.
+"""Work around CRIU 4.2's 200 ms waits on its corked page-server connections.
 
-CRIU corks its connection to the page server (``TCP_CORK``) when it opens it, and pushes each
-command that needs an answer out with ``TCP_NODELAY``, except the last: in
-``disconnect_from_page_server()`` it sends ``PS_IOV_CLOSE`` and waits for the answer while the
-command sits in the corked socket until the kernel's 200 ms cork timer fires. The tree is frozen
-all that time (measured: "Disconnect from the page server" is followed 204 to 229 ms later by
-"Unfreezing tasks", with libcriu and with the ``criu`` command line alike).
+CRIU corks its page-server connections (``TCP_CORK``) and pushes each message that needs an
+answer out with ``TCP_NODELAY`` ("corked by default with sporadic NODELAY-s on urgent data"),
+except the last ones, which then sit in the corked socket until the kernel's 200 ms cork timer
+fires:
 
-:class:`Uncork` takes the cork off that one socket from outside, while the dump runs: it finds
-the connection to the page server's port (sock_diag), the ``criu`` process of ours that holds it
-(``/proc/PID/fd``), borrows the descriptor (``pidfd_getfd``), and once CRIU has corked it, clears
-``TCP_CORK``. CRIU has already set ``TCP_NODELAY`` on it by then, so every later write leaves at
-once, the close command included. The pages themselves are unaffected (large writes). Nothing is
-done when anything is missing (another kernel, no permission, a CRIU that does not cork): the
-dump then simply takes its 200 ms, as before.
+* a dump into a page server sends ``PS_IOV_CLOSE`` from ``disconnect_from_page_server()`` and
+  waits for the answer, frozen (measured: "Disconnect from the page server" is followed 204 to
+  229 ms later by "Unfreezing tasks", with libcriu and with the ``criu`` command line alike);
+* at the end of a lazy migration the lazy-pages daemon sends the same ``PS_IOV_CLOSE`` from its
+  corked socket, and the page server it reads from answers it from *its* corked socket (lazy
+  mode corks the served connection for good): 2 x 200 ms before both sides see the end (measured:
+  a 64 MiB lazy transfer done in 55 ms, its page server's "Session over" 417 ms later).
+
+:class:`Uncork` takes the cork off one such socket from outside: it finds the connection
+(sock_diag), the ``criu`` process of ours that holds it (``/proc/PID/fd``), borrows the
+descriptor (``pidfd_getfd``), and once CRIU has corked it, sets ``TCP_NODELAY`` and clears
+``TCP_CORK``, so that every later write leaves at once, the close command and its answer
+included. The pages themselves are unaffected (large writes). Nothing is done when anything is
+missing (another kernel, no permission, a CRIU that does not cork): CRIU then simply takes its
+200 ms, as before.
 """
 
 from __future__ import annotations
@@ -61,23 +67,42 @@ def _holder(inode: int, pids: list[int]) -> tuple[int, int] | None:
 
 
 class Uncork:
-    """While a dump into the page server at ``port`` runs (``with`` block), uncork CRIU's
-    connection to it. ``done`` says whether it was done; ``note`` why not."""
+    """While the ``with`` block runs, uncork the connection of a ``criu`` process of ours to
+    ``port`` (a dump or a lazy-pages daemon reading from a page server), or with ``serving``,
+    the connection that a ``criu`` page server of ours accepted on its own ``port``. ``done``
+    says whether it was done; ``note`` why not."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, serving: bool = False) -> None:
         self.port = port
+        self.serving = serving
         self.done = False
-        self.note = "CRIU's page-server connection was not seen"
+        self.note = f"CRIU's connection {'on' if serving else 'to'} port {port} was not seen"
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
         self._thread = Worker(self._watch, name=f"pycriu-uncork-{port}")
 
-    def __enter__(self) -> Uncork:
-        self._thread.start()
+    def start(self) -> Uncork:
+        """Start looking (once; not after :meth:`stop`)."""
+        with self._lock:
+            if not self._started and not self._stop.is_set():
+                self._started = True
+                self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Stop looking and wait for the watcher. Idempotent, from any thread."""
         self._stop.set()
-        self._thread.join()
+        with self._lock:
+            started = self._started
+        if started:
+            self._thread.join()
+
+    def __enter__(self) -> Uncork:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _watch(self) -> None:
         while not self._stop.wait(0.001):
@@ -89,7 +114,8 @@ class Uncork:
                 return
 
     def _try(self) -> bool:
-        conns = [inode for _, dport, inode in procs.tcp_sockets(procs.TCP_ESTABLISHED) if dport == self.port]
+        conns = [inode for sport, dport, inode in procs.tcp_sockets(procs.TCP_ESTABLISHED)
+                 if (sport if self.serving else dport) == self.port]
         if not conns:
             return False
         mine = [p for p in procs.descendants(os.getpid()) if p != os.getpid() and procs.comm(p) == "criu"]
