@@ -92,10 +92,13 @@ def leak_checked_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 @dataclass
 class Snapshot:
-    """What the directories of both sides held when the restore started (a progress callback)."""
+    """What the directories held (a progress callback): the source's when its images had been
+    sent (``source``) and when the restore started (``source_at_restore``); the destination's
+    when the restore started."""
 
     tmp: Path
     source: dict[str, int] = field(default_factory=dict)
+    source_at_restore: dict[str, int] = field(default_factory=dict)
     destination: dict[str, int] = field(default_factory=dict)
     destination_allocated: dict[str, int] = field(default_factory=dict)
     events: list[Progress] = field(default_factory=list)
@@ -105,13 +108,17 @@ class Snapshot:
     def __call__(self, event: Progress) -> None:
         if event.event != "bytes":
             self.events.append(event)
+        if (event.phase, event.event) not in (("image transfer", "end"), ("restore", "start")):
+            return
+        shm = [memory_dir()] if memory_dir() is not None else []
+        source = self.source if event.phase == "image transfer" else self.source_at_restore
+        for root in [self.tmp, *shm]:
+            for p in root.glob("pycriu-migrate-*/images/*"):
+                source[p.name] = p.stat().st_size
+                if root != self.tmp:
+                    self.in_memory.add("source")
         if event.phase == "restore" and event.event == "start":
-            shm = [memory_dir()] if memory_dir() is not None else []
             for root in [self.tmp, *shm]:
-                for p in root.glob("pycriu-migrate-*/images/*"):
-                    self.source[p.name] = p.stat().st_size
-                    if root != self.tmp:
-                        self.in_memory.add("source")
                 # the agent's session images: under its root, or in tmpfs for the lazy flows
                 for p in [*root.glob("pycriu-agent-*/s-*/images/*"), *root.glob("pycriu-agent-s-*/*")]:
                     st = p.stat()

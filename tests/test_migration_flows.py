@@ -38,9 +38,14 @@ def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workloa
     assert_moved(w, report)
     pages = report.pages["in_image_files"]
     assert pages * PAGE_SIZE >= MIB << 20
-    # what lay on the source's disk at restore time is what the report says, and it all travelled
+    # what lay on the source's disk once the images were sent is what the report says, and it
+    # all travelled
     assert Snapshot.pages(snap.source) == pages * PAGE_SIZE == report.disk["source"]["page_images"]
     assert Snapshot.pages(snap.destination) == pages * PAGE_SIZE == report.disk["destination"]["page_images"]
+    # then the source gave its page images up, before the restore: the stopped source is the
+    # rollback, and the memory their page cache held serves the restore
+    assert Snapshot.pages(snap.source_at_restore) == 0
+    assert set(snap.source_at_restore) == {n for n in snap.source if not n.startswith("pages-")}
     assert report.bytes["images"] >= sum(snap.source.values())
     assert report.bytes["page_server"] == 0
     assert snap.in_memory == set()

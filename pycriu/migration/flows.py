@@ -87,6 +87,7 @@ def classic(run: MigrationRun) -> None:
 
     def post_dump() -> None:
         run.send_images("images", _all_images(run))
+        run.release_source_pages()
         run.restore_and_commit(lazy=False, page_server=None)
 
     run.record_dump(run.criu.dump(run.dump_options(notify=run.notify(post_dump))))

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from . import checks, pagetls, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .errors import AgentError, MigrationError
-from .images import dir_usage, memory_dir
+from .images import DirUsage, dir_usage, memory_dir
 from .modes import MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
@@ -195,6 +195,7 @@ class MigrationRun:
         self.deferred: BaseException | None = None  # raised in post-dump after the commit was sent
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
+        self.released = DirUsage()  # page images removed from the scratch directory once sent
         self.cancel = threading.Event()  # set when the main thread gives up (Ctrl-C) during a lazy dump
         self.local: dict[str, Any] = {}
         self.source_address = "127.0.0.1"
@@ -472,6 +473,21 @@ class MigrationRun:
             self.client.send_images(name, files, on_bytes=on_bytes, on_file=on_file)
         return total
 
+    def release_source_pages(self) -> None:
+        """Remove the source's page images once the destination holds them: the rollback is the
+        stopped source itself, not its images. The memory their page cache held then serves the
+        restore. On one host this is the difference between the restore reusing warm memory and
+        faulting in memory the hypervisor took back (free page reporting): measured here for
+        1 GiB, CRIU's restore took 0.7-1.1 s instead of 3.0-3.3 s. The report still counts them."""
+        assert self.images is not None
+        pages = apparent = 0
+        for p in self.images.glob("pages-*.img"):
+            st = p.lstat()
+            p.unlink()
+            pages += min(st.st_size, st.st_blocks * 512)
+            apparent += st.st_size
+        self.released = DirUsage(pages, page_images_apparent=apparent)
+
     def restore_and_commit(self, *, lazy: bool, page_server: PageServerAddress | None, name: str = "images") -> None:
         """Ask the agent to restore; on success commit (from here the destination owns the
         process)."""
@@ -638,7 +654,10 @@ class MigrationRun:
                 report.outcome = "rolled-back"
         if report.outcome == "refused" and report.source_state != "gone":
             report.source_state = "running (never frozen)" if report.source_state == "running" else report.source_state
-        on_disk, in_memory = dir_usage(self.scratch).split()
+        usage = dir_usage(self.scratch)
+        usage = replace(usage, page_images=usage.page_images + self.released.page_images,
+                        page_images_apparent=usage.page_images_apparent + self.released.page_images_apparent)
+        on_disk, in_memory = usage.split()
         logs = dir_usage(self.log_dir / "source") if self.log_dir else None
         report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
         report.memory["source"] = in_memory
