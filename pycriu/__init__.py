@@ -15,6 +15,8 @@ user of ``ffi``/``lib``, with the single error check) -> options, results, enums
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
 from .criu import MIN_CRIU_VERSION, Criu, CriuVersion, find_criu
 from .daemons import LazyPages, PageServer
@@ -36,17 +38,6 @@ from .errors import (
     RestoreError,
     ServiceError,
 )
-from .migration import (
-    AgentError,
-    AuthenticationError,
-    Migration,
-    MigrationError,
-    MigrationReport,
-    PreCopyPolicy,
-    ProtocolError,
-    TLSConfig,
-    TransportError,
-)
 from .options import (
     CgroupRoot,
     DumpOptions,
@@ -65,6 +56,24 @@ from .options import (
 )
 from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats
 
+if TYPE_CHECKING:
+    from .migration import (
+        AgentError,
+        AuthenticationError,
+        Migration,
+        MigrationError,
+        MigrationReport,
+        PreCopyPolicy,
+        ProtocolError,
+        TLSConfig,
+        TransportError,
+    )
+
+# The migration layer is imported on first use (see pycriu.migration): the destination agent
+# needs none of the source's side, and its start-up counts in every local migration's time.
+_MIGRATION = {"AgentError", "AuthenticationError", "Migration", "MigrationError", "MigrationReport",
+              "PreCopyPolicy", "ProtocolError", "TLSConfig", "TransportError"}
+
 __all__ = [
     "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",
     "CgroupMode", "LogLevel", "Namespace", "NetworkLockMethod", "NotifyAction", "PreDumpMode",
@@ -78,3 +87,17 @@ __all__ = [
     "Migration", "MigrationReport", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
     "TransportError", "PreCopyPolicy", "TLSConfig",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MIGRATION:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import migration
+
+    value = getattr(migration, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -330,3 +330,15 @@ def test_the_guard_spares_a_committed_tree_and_kills_a_held_one(tmp_path: Path) 
         for proc in (kept, doomed):
             proc.kill()
             proc.wait()
+
+
+def test_the_agent_starts_without_the_source_side() -> None:
+    """A local migration waits for its agent's start-up (Python, then imports) before it may
+    freeze anything: the agent imports none of the source's side (Migration, its flows, client,
+    report), while ``pycriu.Migration`` still resolves on first use."""
+    code = ("import sys, pycriu.migration.agent; "
+            "print(sorted(m for m in sys.modules if m.startswith('pycriu.migration.') and m.rsplit('.', 1)[1] "
+            "in ('migration', 'flows', 'client', 'report', 'policy'))); "
+            "import pycriu; print(pycriu.Migration.__module__, 'Migration' in dir(pycriu))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "pycriu.migration.migration True"]

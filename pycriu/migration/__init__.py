@@ -22,16 +22,45 @@ source's requests), :mod:`~pycriu.migration.flows` (the CRIU memory-transfer flo
 
 from __future__ import annotations
 
-from .agent import AgentConfig, AgentSession, serve_stdio, serve_tcp
-from .errors import AgentError, AuthenticationError, MigrationError, ProtocolError, TransportError
-from .migration import MODES, Migration, Progress
-from .policy import PreCopyDecision, PreCopyPolicy
-from .protocol import PROTOCOL_VERSION
-from .report import MigrationReport, Phase
-from .transport import Destination, TLSConfig
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .agent import AgentConfig, AgentSession, serve_stdio, serve_tcp
+    from .errors import AgentError, AuthenticationError, MigrationError, ProtocolError, TransportError
+    from .migration import MODES, Migration, Progress
+    from .policy import PreCopyDecision, PreCopyPolicy
+    from .protocol import PROTOCOL_VERSION
+    from .report import MigrationReport, Phase
+    from .transport import Destination, TLSConfig
+
+# Where each public name lives. They are imported on first use (PEP 562), so that the agent,
+# which needs none of the source's side, starts without importing it: the local agent's
+# start-up is part of every local migration's time.
+_EXPORTS = {
+    "AgentConfig": "agent", "AgentSession": "agent", "serve_stdio": "agent", "serve_tcp": "agent",
+    "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors",
+    "ProtocolError": "errors", "TransportError": "errors",
+    "MODES": "migration", "Migration": "migration", "Progress": "migration",
+    "PreCopyDecision": "policy", "PreCopyPolicy": "policy", "PROTOCOL_VERSION": "protocol",
+    "MigrationReport": "report", "Phase": "report", "Destination": "transport", "TLSConfig": "transport",
+}
 
 __all__ = [
     "Migration", "MigrationReport", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
     "TLSConfig", "Destination", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
     "TransportError", "AgentConfig", "AgentSession", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -192,6 +192,7 @@ class AgentSession:
         self.page_servers: dict[str, PageServer] = {}
         self.lazy: LazyPages | None = None
         self._uncork: Uncork | None = None
+        self._prestart: threading.Thread | None = None
         self._lazy_early: _EarlyLazy | None = None
         self._lazy_done = threading.Event()
         self._lazy_status: int | None = None
@@ -261,6 +262,8 @@ class AgentSession:
         if self.guard is not None:
             self.guard.close()
             self.guard = None
+        if self._prestart is not None:
+            self._prestart.join()
         if self.config._criu is not None:  # noqa: SLF001 - ours
             self.config._criu.discard_prestarted()  # noqa: SLF001
         self.channel.close()
@@ -342,7 +345,13 @@ class AgentSession:
         self.state = "ready"
         log.info("%s: session for a %s migration from %s", self.name, msg.get("mode", "?"), self.peer_address)
         self.channel.send(reply)
-        try:  # the restore's worker, started now rather than inside the downtime
+        # the restore's worker, started now rather than inside the downtime, and beside this
+        # loop: the source's next message (a ping that measures the round trip) must not wait
+        self._prestart = Worker(self._prestart_worker, name=f"{self.name}-prestart")
+        self._prestart.start()
+
+    def _prestart_worker(self) -> None:
+        try:
             self.config.criu().prestart()
         except CriuError:
             pass  # the restore starts its own (and reports what is wrong)
