@@ -99,8 +99,10 @@ class Snapshot:
     tmp: Path
     source: dict[str, int] = field(default_factory=dict)
     source_at_restore: dict[str, int] = field(default_factory=dict)
+    source_ids: dict[str, tuple[int, int]] = field(default_factory=dict)  # (st_dev, st_ino)
     destination: dict[str, int] = field(default_factory=dict)
     destination_allocated: dict[str, int] = field(default_factory=dict)
+    destination_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
     events: list[Progress] = field(default_factory=list)
 
     in_memory: set[str] = field(default_factory=set)  # "source"/"destination": images were in tmpfs
@@ -114,7 +116,10 @@ class Snapshot:
         source = self.source if event.phase == "image transfer" else self.source_at_restore
         for root in [self.tmp, *shm]:
             for p in root.glob("pycriu-migrate-*/images/*"):
-                source[p.name] = p.stat().st_size
+                st = p.stat()
+                source[p.name] = st.st_size
+                if event.phase == "image transfer":
+                    self.source_ids[p.name] = (st.st_dev, st.st_ino)
                 if root != self.tmp:
                     self.in_memory.add("source")
         if event.phase == "restore" and event.event == "start":
@@ -124,8 +129,13 @@ class Snapshot:
                     st = p.stat()
                     self.destination[p.name] = st.st_size
                     self.destination_allocated[p.name] = min(st.st_size, st.st_blocks * 512)
+                    self.destination_ids[p.name] = (st.st_dev, st.st_ino)
                     if root != self.tmp:
                         self.in_memory.add("destination")
+
+    def linked(self) -> set[str]:
+        """The destination's images that are the source's own files (hard links)."""
+        return {n for n, i in self.destination_ids.items() if self.source_ids.get(n) == i}
 
     @staticmethod
     def pages(files: dict[str, int]) -> int:

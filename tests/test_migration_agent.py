@@ -342,3 +342,52 @@ def test_the_agent_starts_without_the_source_side() -> None:
             "import pycriu; print(pycriu.Migration.__module__, 'Migration' in dir(pycriu))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["[]", "pycriu.migration.migration True"]
+
+
+def test_a_local_agent_takes_whole_images_by_hard_link(agent: Connection, private_tmp: Path) -> None:
+    """The local transport's agent shares the source's host: an image may come as a name to link
+    (``file-link``), so that nothing is copied; the agent counts it like a received file."""
+    src = private_tmp / "core-1.img"
+    src.write_bytes(b"abc")
+    agent.channel.send({"type": "file-link", "dir": "images", "name": "core-1.img", "size": 3, "path": str(src)})
+    agent.channel.send({"type": "files-done", "dir": "images", "count": 1, "bytes": 3})
+    reply = agent.channel.recv("files-ok")
+    assert (reply["count"], reply["bytes"]) == (1, 3)
+    assert os.path.samestat((_session(agent) / "images" / "core-1.img").stat(), src.stat())
+
+
+@pytest.mark.parametrize("case", ["symlink", "relative", "wrong size", "directory", "missing", "hostile name"])
+def test_hostile_links_are_refused(agent: Connection, private_tmp: Path, case: str) -> None:
+    real = private_tmp / "real.img"
+    real.write_bytes(b"abc")
+    path, name, size = str(real), "core-1.img", 3
+    if case == "symlink":
+        (private_tmp / "link.img").symlink_to(real)
+        path = str(private_tmp / "link.img")
+    elif case == "relative":
+        path = os.path.relpath(real)
+    elif case == "wrong size":
+        size = 4
+    elif case == "directory":
+        path = str(private_tmp)
+    elif case == "missing":
+        path = str(private_tmp / "gone.img")
+    else:
+        name = "../core-1.img"
+    _raw(agent.channel, {"type": "file-link", "dir": "images", "name": name, "size": size, "path": path})
+    _refused(agent)
+    assert real.read_bytes() == b"abc" and real.stat().st_nlink == 1  # no link of it was left anywhere
+    _outside_untouched(agent)
+
+
+def test_an_agent_not_on_the_source_host_refuses_links(private_tmp: Path) -> None:
+    """Only an agent told it shares the source's host (``--same-host``, which the local
+    transport passes) accepts ``file-link``; and only over ``--stdio``."""
+    src = private_tmp / "core-1.img"
+    src.write_bytes(b"abc")
+    with _agent_session("--images-on-disk") as conn:  # started without --same-host
+        conn.channel.send({"type": "file-link", "dir": "images", "name": "core-1.img", "size": 3, "path": str(src)})
+        _refused(conn, "only by an agent on the source's host")
+    done = subprocess.run([sys.executable, "-m", "pycriu.migration.agent", "--listen", "127.0.0.1:0", "--same-host"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--same-host is for --stdio" in done.stderr

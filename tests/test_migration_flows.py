@@ -24,6 +24,8 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 MIB = 24
+#: An agent that is not told it runs on the source's host: images reach it by copy, as elsewhere.
+ELSEWHERE = (sys.executable, "-m", "pycriu.migration.agent", "--stdio")
 
 
 def _migrate(w: Workload, mode: str, tmp: Path, **kw: object) -> tuple[MigrationReport, Snapshot]:
@@ -33,8 +35,10 @@ def _migrate(w: Workload, mode: str, tmp: Path, **kw: object) -> tuple[Migration
 
 
 def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workload], private_tmp: Path) -> None:
+    """To an agent elsewhere (here: one not told it shares the source's host) the images are
+    copied over the control connection."""
     w = workload(mib=MIB)
-    report, snap = _migrate(w, "classic", private_tmp)
+    report, snap = _migrate(w, "classic", private_tmp, agent_command=ELSEWHERE)
     assert_moved(w, report)
     pages = report.pages["in_image_files"]
     assert pages * PAGE_SIZE >= MIB << 20
@@ -42,14 +46,31 @@ def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workloa
     # all travelled
     assert Snapshot.pages(snap.source) == pages * PAGE_SIZE == report.disk["source"]["page_images"]
     assert Snapshot.pages(snap.destination) == pages * PAGE_SIZE == report.disk["destination"]["page_images"]
-    # then the source gave its page images up, before the restore: the stopped source is the
-    # rollback, and the memory their page cache held serves the restore
-    assert Snapshot.pages(snap.source_at_restore) == 0
-    assert set(snap.source_at_restore) == {n for n in snap.source if not n.startswith("pages-")}
+    assert snap.linked() == set()
     assert report.bytes["images"] >= sum(snap.source.values())
     assert report.bytes["page_server"] == 0
     assert snap.in_memory == set()
     assert snap.phases()[:4] == ["checks", "freeze+dump", "image transfer", "restore"]
+    # then the source gave its page images up, before the restore: the stopped source is the
+    # rollback, and the memory their page cache held serves the restore
+    assert Snapshot.pages(snap.source_at_restore) == 0
+    assert set(snap.source_at_restore) == {n for n in snap.source if not n.startswith("pages-")}
+
+
+def test_classic_on_one_host_links_the_images_instead_of_copying(workload: Callable[..., Workload],
+                                                                 private_tmp: Path) -> None:
+    """The local agent shares the source's host and filesystem: it takes every image by hard
+    link, so nothing is copied (no second page cache inside the downtime) and the destination
+    wrote nothing."""
+    w = workload(mib=MIB)
+    report, snap = _migrate(w, "classic", private_tmp)
+    assert_moved(w, report)
+    pages = report.pages["in_image_files"]
+    assert Snapshot.pages(snap.destination) == pages * PAGE_SIZE == report.disk["source"]["page_images"]
+    assert snap.linked() == set(snap.source) == set(snap.destination)
+    assert report.disk["destination"]["page_images"] == report.disk["destination"]["other_images"] == 0
+    assert report.bytes["images"] == 0
+    assert [n for n in report.notes if "hard link" in n], report.notes
 
 
 def test_page_server_writes_no_page_on_the_source(workload: Callable[..., Workload], private_tmp: Path) -> None:
@@ -104,7 +125,10 @@ def test_lazy_writes_no_lazy_page_anywhere(workload: Callable[..., Workload], pr
     non_lazy = report.pages["in_image_files"] * PAGE_SIZE
     assert snap.in_memory == {"source", "destination"}
     assert Snapshot.pages(snap.source) == non_lazy == report.memory["source"]["page_images"]
-    assert Snapshot.pages(snap.destination) == non_lazy == report.memory["destination"]["page_images"]
+    # the local agent took them by hard link (both in the same tmpfs): it wrote none itself
+    assert Snapshot.pages(snap.destination) == non_lazy
+    assert snap.linked() == set(snap.destination)
+    assert report.memory["destination"]["page_images"] == 0
     assert report.disk["source"]["page_images"] == report.disk["destination"]["page_images"] == 0
     assert 0 < non_lazy < (MIB << 20) / 4
     assert report.phase("lazy page completion") is not None
@@ -172,7 +196,7 @@ def test_auto_picks_lazy_and_says_why(workload: Callable[..., Workload], private
     assert "lazy pages" in report.mode_reason
     # the agent resolved "auto" as the source did: no page on either side's disk
     assert snap.in_memory == {"source", "destination"}
-    assert report.disk["destination"]["page_images"] == 0 < report.memory["destination"]["page_images"]
+    assert report.disk["destination"]["page_images"] == 0 < Snapshot.pages(snap.destination)
 
 
 def test_a_tree_with_children_and_threads_moves_whole(workload: Callable[..., Workload], private_tmp: Path) -> None:

@@ -64,6 +64,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     Channel,
     Limits,
+    accept_link,
     agent_authenticate,
     check_dir_name,
     finite,
@@ -94,6 +95,9 @@ class AgentConfig:
 
     root: Path
     memory_images: bool = True
+    #: The source runs on this host (the ``local`` transport starts its agent so): whole images
+    #: may come by hard link from the source's directory (``file-link``) instead of by copy.
+    same_host: bool = False
     secret: bytes | None = None
     tls: TLSConfig | None = None
     data_address: str | None = None
@@ -338,6 +342,8 @@ class AgentSession:
             self._dir_fds["images"] = os.open(self._memory_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                               | os.O_CLOEXEC)
         self._subdir("images")
+        if self.config.same_host:  # whole images may come by hard link into this directory
+            reply["link_dev"] = os.fstat(self._subdir("images")).st_dev
         if msg.get("page_tls"):  # this session's key for CRIU's page connections (pagetls.py)
             tls_dir = self.dir / "tls"
             tls_dir.mkdir(mode=0o700)
@@ -454,6 +460,11 @@ class AgentSession:
     def _file(self, msg: dict[str, Any]) -> None:
         name = check_dir_name(msg["dir"])
         receive_file(self.channel, msg, self._subdir(name), self.limits, timeout=self.config.idle_timeout)
+
+    def _file_link(self, msg: dict[str, Any]) -> None:
+        if not self.config.same_host:
+            raise ProtocolError("file-link is accepted only by an agent on the source's host (--same-host)")
+        accept_link(msg, self._subdir(check_dir_name(msg["dir"])), self.limits)
 
     def _files_done(self, msg: dict[str, Any]) -> None:
         count, total = self.limits.received_files, self.limits.received_bytes
@@ -694,8 +705,9 @@ class AgentSession:
 
     def _bye(self, msg: dict[str, Any]) -> bool:
         assert self.dir is not None
-        usage = dir_usage(self.dir)
-        memory = dir_usage(self._memory_dir) if self._memory_dir is not None else None
+        # what this side wrote: files the source handed over by hard link were written there
+        usage = dir_usage(self.dir, skip=self.limits.linked)
+        memory = dir_usage(self._memory_dir, skip=self.limits.linked) if self._memory_dir is not None else None
         self.channel.send({"type": "bye", "disk": usage.to_dict(), "memory": memory.to_dict() if memory else None})
         if self.state in ("failed", "aborted"):
             self.failed = True
@@ -704,14 +716,15 @@ class AgentSession:
     _HANDLERS: dict[str, Any] = {
         "hello": _hello, "page-tls": _page_tls, "ping": _ping, "lazy-pages": _lazy_pages,
         "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
-        "files-done": _files_done,
+        "file-link": _file_link, "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
         "bye": _bye,
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
         "ready": frozenset({"page-tls",
-                            "ping", "prepare-dir", "page-server", "file", "files-done", "lazy-pages", "restore",
+                            "ping", "prepare-dir", "page-server", "file", "file-link", "files-done", "lazy-pages",
+                            "restore",
                             "abort", "logs", "bye"}),
         "restored": frozenset({"ping", "commit", "abort"}),
         "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),
@@ -848,6 +861,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
     parser.add_argument("--data-address", metavar="IP", help="address CRIU's page servers listen on "
                                                              "(default: the address the source reached)")
     parser.add_argument("--once", action="store_true", help="with --listen: exit after one session")
+    parser.add_argument("--same-host", action="store_true",
+                        help="with --stdio, for an agent the source starts on its own host (the local "
+                             "transport does): accept whole images by hard link instead of by copy")
     parser.add_argument("--images-on-disk", action="store_true",
                         help="keep the lazy flows' images under --root too (default: in /dev/shm, a tmpfs, so "
                              "that no page touches a disk)")
@@ -884,7 +900,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
     own_root = args.root is None
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
-    config = AgentConfig(root=root, memory_images=not args.images_on_disk,
+    if args.same_host and not args.stdio:
+        print("pycriu agent: --same-host is for --stdio (an agent the source starts on its own host)",
+              file=sys.stderr)
+        return 2
+    config = AgentConfig(root=root, memory_images=not args.images_on_disk, same_host=args.same_host,
                          secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),
                          commit_timeout=args.commit_timeout,

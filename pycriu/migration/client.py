@@ -67,8 +67,8 @@ class AgentClient:
 
     def send_images(self, name: str, files: Sequence[tuple[str, str | os.PathLike[str], list[tuple[int, int]] | None]],
                     on_bytes: Callable[[int], None] | None = None,
-                    on_file: Callable[[str], None] | None = None) -> tuple[int, int]:
-        return send_files(self.channel, name, files, on_bytes=on_bytes, on_file=on_file)
+                    on_file: Callable[[str], None] | None = None, link: bool = False) -> tuple[int, int]:
+        return send_files(self.channel, name, files, on_bytes=on_bytes, on_file=on_file, link=link)
 
     def start_lazy_pages(self, name: str, page_server: PageServerAddress, *, tls: bool = False) -> None:
         """Have the agent start its lazy-pages daemon over ``name`` now (no reply: the agent

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,10 @@ class DirUsage:
         return (zero, figures) if self.in_memory else (figures, zero)
 
 
-def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
-    """Sum the sizes of the regular files under ``directory`` (symlinks not followed).
+def dir_usage(directory: str | os.PathLike[str] | None, *,
+              skip: Container[tuple[int, int]] = ()) -> DirUsage:
+    """Sum the sizes of the regular files under ``directory`` (symlinks not followed), but for
+    the files in ``skip`` (``(st_dev, st_ino)``: files another directory wrote, hard-linked here).
 
     A sparse page image (page-server-on-source sends only the non-lazy pages) counts with the
     blocks it really uses."""
@@ -115,7 +118,7 @@ def dir_usage(directory: str | os.PathLike[str] | None) -> DirUsage:
                 st = os.lstat(os.path.join(root, name))
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in skip:
                 continue
             if name.startswith("pages-") and name.endswith(".img"):
                 pages += min(st.st_size, st.st_blocks * 512)

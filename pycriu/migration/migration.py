@@ -196,6 +196,7 @@ class MigrationRun:
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
         self.released = DirUsage()  # page images removed from the scratch directory once sent
+        self.link_dev: int | None = None  # a local agent takes whole images by hard link on this device
         self.cancel = threading.Event()  # set when the main thread gives up (Ctrl-C) during a lazy dump
         self.local: dict[str, Any] = {}
         self.source_address = "127.0.0.1"
@@ -341,6 +342,8 @@ class MigrationRun:
         if _vt(remote["criu"]) < _vt(self.local["criu"]):
             raise AgentError(f"destination CRIU {remote['criu']} is older than the source's {self.local['criu']}",
                              code="incompatible")
+        if m.destination.kind == "local":
+            self.link_dev = remote.get("link_dev")
         self.client.ping()
         self.source_address = self._source_address(remote)
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
@@ -469,9 +472,21 @@ class MigrationRun:
                     waiting.add("")  # only once
                     client.start_lazy_pages(name, lazy_daemon, tls=bool(self.criu_tls_options()))
 
-        with self.phase("image transfer", detail or f"{len(files)} files, {total} bytes"):
-            self.client.send_images(name, files, on_bytes=on_bytes, on_file=on_file)
+        link = self._link_images()
+        with self.phase("image transfer", (detail or f"{len(files)} files, {total} bytes")
+                        + (" (whole files by hard link)" if link else "")):
+            self.client.send_images(name, files, on_bytes=on_bytes, on_file=on_file, link=link)
         return total
+
+    def _link_images(self) -> bool:
+        """A local agent whose images directory is on the scratch directory's filesystem takes
+        whole images by hard link: on one host a copy only costs time and memory (the page
+        cache of a second copy, inside the downtime)."""
+        if self.link_dev is None or self.images is None or os.stat(self.images).st_dev != self.link_dev:
+            return False
+        if "images by hard link" not in " ".join(self.report.notes):
+            self.note("images by hard link to the local agent (same host and filesystem): no copy")
+        return True
 
     def release_source_pages(self) -> None:
         """Remove the source's page images once the destination holds them: the rollback is the

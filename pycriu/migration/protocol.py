@@ -52,7 +52,7 @@ from .errors import AgentError, AuthenticationError, ProtocolError, TransportErr
 __all__ = [
     "PROTOCOL_VERSION", "MESSAGES", "IMAGE_NAME", "LOG_NAME", "DIR_NAME", "Channel", "Stream",
     "ChannelStats", "Limits", "check_image_name", "check_dir_name", "validate", "send_file",
-    "receive_file", "client_authenticate", "agent_authenticate",
+    "receive_file", "link_file", "accept_link", "client_authenticate", "agent_authenticate",
 ]
 
 PROTOCOL_VERSION = 1
@@ -115,7 +115,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
               "criu_error": ((str, _Opt), False), "session": (_STR, False),
               "data_address": (_STR, False), "peer_address": ((str, _Opt), False),
               # page TLS (pagetls.py): the source asks, the agent answers with a certificate request
-              "page_tls": (_BOOL, False), "tls_csr": ((str, _Opt), False)},
+              "page_tls": (_BOOL, False), "tls_csr": ((str, _Opt), False),
+              # a local agent: the device of its images directory, where it accepts hard links
+              "link_dev": ((int, _Opt), False)},
     "page-tls": {"cert": (_STR, True), "ca": (_STR, True)},
     "page-tls-ok": {},
     "ping": {"t": (_NUM, True)},
@@ -126,6 +128,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
                     "port": (_INT, False), "tls": (_BOOL, False)},
     "file": {"dir": (_STR, True), "name": (_STR, True), "size": (_INT, True),
              "ranges": ((list, _Opt), False)},
+    # a local agent (same host, same filesystem) takes an image by hard link instead of a copy
+    "file-link": {"dir": (_STR, True), "name": (_STR, True), "size": (_INT, True), "path": (_STR, True)},
     "files-done": {"dir": (_STR, True), "count": (_INT, True), "bytes": (_INT, True)},
     "files-ok": {"count": (_INT, True), "bytes": (_INT, True)},
     "lazy-pages": {"dir": (_STR, True), "page_server": (_ADDRESS, True), "tls": (_BOOL, False)},
@@ -148,7 +152,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
 
 #: Who may send which message (the receiver refuses the rest).
 FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping",
-                         "prepare-dir", "page-server", "file", "files-done", "files-ok",
+                         "prepare-dir", "page-server", "file", "file-link", "files-done", "files-ok",
                          "lazy-pages",
                          "restore", "commit",
                          "abort", "lazy-wait", "logs", "bye"})
@@ -710,6 +714,7 @@ class Limits:
     received_files: int = 0
     received_bytes: int = 0
     names: set[tuple[str, str]] = field(default_factory=set)
+    linked: set[tuple[int, int]] = field(default_factory=set)  # (st_dev, st_ino) of hard-linked files
 
 
 def _check_ranges(ranges: Any, size: int) -> list[tuple[int, int]]:
@@ -756,6 +761,60 @@ def send_file(channel: Channel, dir_name: str, path: str | os.PathLike[str], *,
         return sent
     finally:
         os.close(fd)
+
+
+def link_file(channel: Channel, dir_name: str, path: str | os.PathLike[str], *, name: str | None = None,
+              pattern: re.Pattern[str] = IMAGE_NAME) -> int:
+    """Hand one regular file to a peer on this host by name (``file-link``): it hard-links it
+    into its directory, so nothing is copied and the page cache that holds it is shared.
+    Returns the file's size."""
+    name = check_image_name(name or Path(path).name, pattern)
+    path = os.path.abspath(path)
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError(f"{path} is not a regular file")
+    channel.send({"type": "file-link", "dir": dir_name, "name": name, "size": st.st_size, "path": path})
+    channel.stats.files_sent += 1
+    return st.st_size
+
+
+def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern: re.Pattern[str] = IMAGE_NAME) -> int:
+    """Take the file of one ``file-link`` message into ``dir_fd`` by hard link; return its size.
+
+    Only an agent on the source's host accepts these (it is given ``--same-host``). The name is
+    checked as for ``file``; the path must be absolute and name a regular file of the stated
+    size, and what got linked must be that very file (a path swapped for a symbolic link in
+    between is refused and the link removed)."""
+    name = check_image_name(msg["name"], pattern)
+    path, size = msg["path"], msg["size"]
+    key = (str(msg["dir"]), name)
+    if key in limits.names:
+        raise ProtocolError(f"file {name!r} was already sent")
+    if not os.path.isabs(path):
+        raise ProtocolError(f"file-link {name!r}: {path!r} is not an absolute path")
+    if limits.received_files + 1 > limits.max_files:
+        raise ProtocolError(f"session exceeds its limit of {limits.max_files} files")
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ProtocolError(f"file-link {name!r}: {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        raise ProtocolError(f"file-link {name!r}: {path} is not a regular file of {size} bytes")
+    try:
+        os.link(path, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        raise ProtocolError(f"refused file name {name!r}: it already exists (or is a link)") from None
+    except OSError as exc:
+        raise ProtocolError(f"file-link {name!r}: cannot link {path}: {exc.strerror}") from None
+    got = os.lstat(name, dir_fd=dir_fd)
+    if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(got.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        raise ProtocolError(f"file-link {name!r}: {path} changed while it was linked")
+    limits.names.add(key)
+    limits.linked.add((got.st_dev, got.st_ino))
+    limits.received_files += 1
+    limits.received_bytes += size
+    return size
 
 
 def receive_file(channel: Channel, msg: Mapping[str, Any], dir_fd: int, limits: Limits, *,
@@ -821,15 +880,19 @@ def receive_file(channel: Channel, msg: Mapping[str, Any], dir_fd: int, limits: 
 def send_files(channel: Channel, dir_name: str, paths: Iterable[tuple[str, str | os.PathLike[str],
                list[tuple[int, int]] | None]], *, pattern: re.Pattern[str] = IMAGE_NAME,
                on_bytes: Callable[[int], None] | None = None,
-               on_file: Callable[[str], None] | None = None) -> tuple[int, int]:
+               on_file: Callable[[str], None] | None = None, link: bool = False) -> tuple[int, int]:
     """Send ``(name, path, ranges)`` files then ``files-done``; wait for ``files-ok``.
 
-    ``on_file(name)`` runs after each file was sent (it may send a control message). Returns
-    (files, payload bytes)."""
+    ``on_file(name)`` runs after each file was sent (it may send a control message). With
+    ``link`` (a peer on this host and filesystem), whole files go by hard link, not by copy.
+    Returns (files, bytes: payload sent, plus the sizes of linked files)."""
     count = total = 0
     for name, path, ranges in paths:
-        total += send_file(channel, dir_name, path, name=name, ranges=ranges, pattern=pattern,
-                           on_bytes=on_bytes)
+        if link and ranges is None:
+            total += link_file(channel, dir_name, path, name=name, pattern=pattern)
+        else:
+            total += send_file(channel, dir_name, path, name=name, ranges=ranges, pattern=pattern,
+                               on_bytes=on_bytes)
         count += 1
         if on_file is not None:
             on_file(name)

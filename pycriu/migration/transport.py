@@ -368,7 +368,8 @@ def _stdio_connection(destination: Destination, proc: subprocess.Popen[bytes], s
 def _connect_local(destination: Destination, agent_command: tuple[str, ...] | None, stderr_path: Path | None,
                    timeout: float) -> Connection:
     root = Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
-    argv = [*(agent_command or (sys.executable, "-m", "pycriu.migration.agent", "--stdio")), "--root", str(root)]
+    argv = [*(agent_command or (sys.executable, "-m", "pycriu.migration.agent", "--stdio", "--same-host")),
+            "--root", str(root)]
     try:
         proc, stderr = _spawn(argv, stderr_path, _agent_env())
     except BaseException:
