@@ -460,16 +460,16 @@ class MigrationRun:
             done += n
             self.emit("image transfer", "bytes", done=done, total=total)
 
-        on_file = None
+        client = self.client
+        waiting = set(LAZY_DAEMON_IMAGES) if lazy_daemon is not None else set()
         if lazy_daemon is not None:
             files = sorted(files, key=lambda f: (f[0] not in LAZY_DAEMON_IMAGES, f[0]))
-            waiting = set(LAZY_DAEMON_IMAGES)
-            client = self.client
 
-            def on_file(sent: str) -> None:
+        def on_file(sent: str) -> None:
+            self.check_cancelled()  # after every file: a hard-linked one moves no bytes
+            if lazy_daemon is not None and waiting:
                 waiting.discard(sent)
                 if not waiting:
-                    waiting.add("")  # only once
                     client.start_lazy_pages(name, lazy_daemon, tls=bool(self.criu_tls_options()))
 
         link = self._link_images()
