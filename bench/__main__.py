@@ -55,6 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default: bench/results)")
     ap.add_argument("--no-verify", action="store_true", help="skip checking every page of the migrated workload")
     ap.add_argument("--keep", action="store_true", help="keep each trial's images and logs")
+    ap.add_argument("--settle", type=float, default=None, metavar="S",
+                    help="seconds every trial waits after the previous one (default: 3 where the kernel "
+                         "reports free memory to the hypervisor, else 0; 0 with --quick)")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in _csv(args.sizes)]
     args.rates = _csv(args.rates)
@@ -67,6 +70,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.rates = ["idle"] if "idle" in args.rates else args.rates[:1]
         args.repeat = 1
         args.ref_mib = min(args.ref_mib, 64)
+        if args.settle is None:
+            args.settle = 0.0  # proving the harness works compares nothing
     for link in args.links:
         if link not in ("lo", "netem"):
             ap.error(f"unknown link {link!r} (lo, netem)")
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = runner.Config(sizes=args.sizes, rates=args.rates, links=args.links, modes=args.modes, repeat=args.repeat,
                         impls=args.impls, workdir=workdir, verbosity=args.verbosity, ref_mib=args.ref_mib,
-                        verify=not args.no_verify, keep=args.keep, busy_rate=args.busy_rate, log=log)
+                        verify=not args.no_verify, keep=args.keep, busy_rate=args.busy_rate,
+                        settle=runner.default_settle() if args.settle is None else args.settle, log=log)
     t0 = time.monotonic()
     interrupted = False
     try:
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "config": {"sizes": args.sizes, "rates": args.rates, "busy_rate": args.busy_rate, "links": args.links,
                    "modes": args.modes, "impls": args.impls, "repeat": args.repeat, "ref_mib": args.ref_mib,
-                   "cli_verbosity": args.verbosity, "heartbeat_interval_ms": 1.0},
+                   "cli_verbosity": args.verbosity, "heartbeat_interval_ms": 1.0, "settle_s": cfg.settle,
+                   "free_page_reporting": runner.free_page_reporting()},
         "environment": env,
         "links": refs,
         "skipped": run.skips(),

@@ -62,7 +62,32 @@ class Config:
     verify: bool = True
     keep: bool = False
     busy_rate: float = RATES["busy"]
+    settle: float = 0.0
     log: Callable[[str], None] = print
+
+
+#: The kernel reports free memory to the hypervisor 2 s after it was freed (PAGE_REPORTING_DELAY).
+PAGE_REPORTING_DELAY_S = 2.0
+
+
+def free_page_reporting() -> bool:
+    """Whether this machine hands freed memory back to its hypervisor (a virtio balloon with
+    free page reporting, feature bit 5): memory touched again after that faults in slowly."""
+    for dev in Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*"):
+        try:
+            features = (dev / "features").read_text().strip()
+        except OSError:
+            continue
+        if len(features) > 5 and features[5] == "1":
+            return True
+    return False
+
+
+def default_settle() -> float:
+    """Seconds each trial waits before it starts: past the reporting delay where memory is
+    reported, so that every trial starts with the same kind of free memory (none of it freed
+    moments ago by the previous trial); nothing elsewhere."""
+    return PAGE_REPORTING_DELAY_S + 1.0 if free_page_reporting() else 0.0
 
 
 def rate_value(name: str, busy: float) -> float:
@@ -177,6 +202,11 @@ class Runner:
         wl: heartbeat.HeartbeatWorkload | None = None
         try:
             os.sync()  # the previous trial's images are on disk, not being written back during this one
+            # On a VM with free page reporting, memory the previous trial freed moments ago is
+            # fast to reuse and memory freed earlier is slow (the hypervisor took it back): the
+            # trial after another would run on the first one's leftovers. Wait until both kinds
+            # are alike (reported), so that no trial inherits an advantage from its place.
+            time.sleep(self.cfg.settle)
             wl = heartbeat.HeartbeatWorkload(self.binary, base / "heartbeat", mib=mib, rate=rate)
             ctx = TrialContext(criu=self.criu.binary, link=link, src_dir=src, dst_dir=dst, port=self._port(),
                                pid=wl.pid, verbosity=self.cfg.verbosity,
