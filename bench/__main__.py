@@ -64,6 +64,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.links = _csv(args.links)
     args.modes = _csv(args.modes)
     args.impls = _csv(args.impls)
+    if args.settle is not None and args.settle < 0:
+        ap.error("--settle must be 0 or more seconds")
     if args.quick:
         args.sizes = [min(args.sizes)]
         args.links = ["lo"]

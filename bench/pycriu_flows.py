@@ -6,7 +6,7 @@ the destination is a ``pycriu agent --listen`` started once per run in the desti
 with a shared secret, like a service the destination host runs; each trial is one session.
 
 What the harness takes from pycriu's report: the restored pid, CRIU's statistics, the disk
-figures (pycriu removes its directories at the end and reports what they held), the phases, the
+figures (what each side wrote, measured before pycriu removes its directories), the phases, the
 CRIU logs and the ``freeze+dump`` phase (for CRIU's own time), and pycriu's own downtime estimate
 (``reported_downtime_s``, for comparison only: the downtime in the table is the heartbeat's).
 """

@@ -168,8 +168,10 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"{env['kernel']}, {env['cpus']} CPUs, git {str(env.get('git_commit'))[:10]}"
                  f"{' (dirty)' if env.get('git_dirty') else ''}. Command: `{doc['command']}`. "
                  f"Medians of {doc['config']['repeat']} repeat(s); pycriu and the criu CLI alternate"
-                 + (f"; every trial starts {doc['config']['settle_s']:g} s after the previous one (this machine "
-                    "reports free memory to its hypervisor)" if doc["config"].get("settle_s") else "") + ".")
+                 + (f"; every trial starts {doc['config']['settle_s']:g} s after the previous one"
+                    + (" (this machine reports free memory to its hypervisor)"
+                       if doc["config"].get("free_page_reporting") else "")
+                    if doc["config"].get("settle_s") else "") + ".")
     lines.append("")
     lines.append("## Links (measured in this run)")
     lines.append("")

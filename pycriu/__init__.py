@@ -15,6 +15,7 @@ user of ``ffi``/``lib``, with the single error check) -> options, results, enums
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -90,10 +91,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _MIGRATION:
+    if name not in _MIGRATION and name != "migration":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import migration
-
+    migration = importlib.import_module(".migration", __name__)  # not `from . import`: it asks us
+    if name == "migration":  # ``import pycriu; pycriu.migration`` as before it was imported lazily
+        return migration
     value = getattr(migration, name)
     globals()[name] = value
     return value

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -342,6 +344,9 @@ def test_the_agent_starts_without_the_source_side() -> None:
             "import pycriu; print(pycriu.Migration.__module__, 'Migration' in dir(pycriu))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["[]", "pycriu.migration.migration True"]
+    code = "import pycriu; print(pycriu.migration.__name__)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == \
+        "pycriu.migration\n"
 
 
 def test_a_local_agent_takes_whole_images_by_hard_link(agent: Connection, private_tmp: Path) -> None:
@@ -354,6 +359,24 @@ def test_a_local_agent_takes_whole_images_by_hard_link(agent: Connection, privat
     reply = agent.channel.recv("files-ok")
     assert (reply["count"], reply["bytes"]) == (1, 3)
     assert os.path.samestat((_session(agent) / "images" / "core-1.img").stat(), src.stat())
+
+
+def test_an_image_the_kernel_will_not_link_is_copied_instead(agent: Connection) -> None:
+    """Across filesystems (here a tmpfs file into the session's directory on disk) ``link()``
+    fails with EXDEV: the agent copies the same checked file instead of failing the migration."""
+    src = Path(tempfile.mkdtemp(dir="/dev/shm")) / "core-1.img"
+    try:
+        src.write_bytes(b"abc" * 1000)
+        agent.channel.send({"type": "file-link", "dir": "images", "name": "core-1.img", "size": 3000,
+                            "path": str(src)})
+        agent.channel.send({"type": "files-done", "dir": "images", "count": 1, "bytes": 3000})
+        assert agent.channel.recv("files-ok")["bytes"] == 3000
+        got = _session(agent) / "images" / "core-1.img"
+        assert got.read_bytes() == src.read_bytes() and not os.path.samestat(got.stat(), src.stat())
+        agent.channel.send({"type": "bye"})
+        assert agent.channel.recv("bye")["disk"]["other_images"] == 3000  # written here: it counts
+    finally:
+        shutil.rmtree(src.parent)
 
 
 @pytest.mark.parametrize("case", ["symlink", "relative", "wrong size", "directory", "missing", "hostile name"])

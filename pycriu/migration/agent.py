@@ -467,7 +467,7 @@ class AgentSession:
         accept_link(msg, self._subdir(check_dir_name(msg["dir"])), self.limits)
 
     def _files_done(self, msg: dict[str, Any]) -> None:
-        count, total = self.limits.received_files, self.limits.received_bytes
+        count, total = self.limits.received_files, self.limits.received_bytes + self.limits.linked_bytes
         self.channel.send({"type": "files-ok", "count": count, "bytes": total})
         # counters are per batch; the session's allowance shrinks by what the batch used
         self.limits.received_files = 0
@@ -655,12 +655,12 @@ class AgentSession:
                 self.guard.release()  # before the resume: the guard never kills a running tree
             t_resume = time.monotonic()
             resume_tree(self.restored_pid)
-        if self._uncork is not None:
-            self._uncork.start()
         self.state = "committed"
         log.info("%s: committed: restored tree %d resumed", self.name, self.restored_pid)
         self.channel.send({"type": "committed", "pid": self.restored_pid,
                            "resumed_ago": finite(time.monotonic() - t_resume)})
+        if self._uncork is not None:
+            self._uncork.start()
 
     def _abort(self, msg: dict[str, Any]) -> bool:
         log.warning("%s: source aborted: %s", self.name, msg["reason"][:200])
@@ -693,8 +693,10 @@ class AgentSession:
         ok = finished and status == 0
         if not ok:
             self.failed = True
+        uncork = self._uncork
         self.channel.send({"type": "lazy-done", "ok": ok, "status": status, "error": error, "killed": self.killed,
-                           "seconds": finite(time.monotonic() - t0), "pages": None})
+                           "seconds": finite(time.monotonic() - t0), "pages": None,
+                           "uncork": None if uncork is None or uncork.done else uncork.note})
         self.state = "done" if ok else "failed"
 
     def _logs(self, msg: dict[str, Any]) -> None:
@@ -898,12 +900,12 @@ def run_from_args(args: argparse.Namespace) -> int:
             print("pycriu agent: TLS needs --tls-cert, --tls-key and --tls-ca", file=sys.stderr)
             return 2
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
-    own_root = args.root is None
-    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
     if args.same_host and not args.stdio:
         print("pycriu agent: --same-host is for --stdio (an agent the source starts on its own host)",
               file=sys.stderr)
         return 2
+    own_root = args.root is None
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
     config = AgentConfig(root=root, memory_images=not args.images_on_disk, same_host=args.same_host,
                          secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),

@@ -179,6 +179,9 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
         run.note("interrupted during the lazy page transfer: waited for it to finish before stopping")
     finished = wait_source(run.m.lazy_timeout)
     run.phase_end("lazy page completion")
+    if done is not None and done.get("uncork"):
+        run.note(f"destination: {done['uncork']}: the end of the lazy transfer may have waited 200 ms for "
+                 "CRIU's corked socket")
     if done is not None and done["ok"]:
         procs.kill_tree(run.pid)  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
         procs.wait_gone(run.pid)

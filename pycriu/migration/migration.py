@@ -489,19 +489,20 @@ class MigrationRun:
         return True
 
     def release_source_pages(self) -> None:
-        """Remove the source's page images once the destination holds them: the rollback is the
-        stopped source itself, not its images. The memory their page cache held then serves the
-        restore. On one host this is the difference between the restore reusing warm memory and
-        faulting in memory the hypervisor took back (free page reporting): measured here for
-        1 GiB, CRIU's restore took 0.7-1.1 s instead of 3.0-3.3 s. The report still counts them."""
+        """Remove the source's page images once the destination holds a copy: the rollback is the
+        stopped source itself, not its images, and the memory their page cache held then serves
+        the restore. On one host (an agent that copied rather than linked them), this is the
+        difference between the restore reusing warm memory and faulting in memory the hypervisor
+        took back (free page reporting): measured here for 1 GiB, CRIU's restore took 0.7-1.1 s
+        instead of 3.0-3.3 s. (Hard-linked images stay the agent's: then this frees nothing.)
+        The report still counts them, as written by the source."""
         assert self.images is not None
-        pages = apparent = 0
         for p in self.images.glob("pages-*.img"):
             st = p.lstat()
             p.unlink()
-            pages += min(st.st_size, st.st_blocks * 512)
-            apparent += st.st_size
-        self.released = DirUsage(pages, page_images_apparent=apparent)
+            self.released = replace(self.released,
+                                    page_images=self.released.page_images + min(st.st_size, st.st_blocks * 512),
+                                    page_images_apparent=self.released.page_images_apparent + st.st_size)
 
     def restore_and_commit(self, *, lazy: bool, page_server: PageServerAddress | None, name: str = "images") -> None:
         """Ask the agent to restore; on success commit (from here the destination owns the

@@ -144,7 +144,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "aborted": {"killed": ((int, _Opt), True)},
     "lazy-wait": {"timeout": (_NUM, True)},
     "lazy-done": {"ok": (_BOOL, True), "status": ((int, _Opt), True), "error": ((str, _Opt), True),
-                  "killed": ((int, _Opt), True), "seconds": (_NUM, True), "pages": ((int, _Opt), True)},
+                  "killed": ((int, _Opt), True), "seconds": (_NUM, True), "pages": ((int, _Opt), True),
+                  "uncork": ((str, _Opt), False)},
     "logs": {},
     "bye": {"disk": ((dict, _Opt), False), "memory": ((dict, _Opt), False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
@@ -715,6 +716,7 @@ class Limits:
     received_bytes: int = 0
     names: set[tuple[str, str]] = field(default_factory=set)
     linked: set[tuple[int, int]] = field(default_factory=set)  # (st_dev, st_ino) of hard-linked files
+    linked_bytes: int = 0  # their sizes: counted in files-ok, not against max_total_bytes
 
 
 def _check_ranges(ranges: Any, size: int) -> list[tuple[int, int]]:
@@ -784,7 +786,9 @@ def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern:
     Only an agent on the source's host accepts these (it is given ``--same-host``). The name is
     checked as for ``file``; the path must be absolute and name a regular file of the stated
     size, and what got linked must be that very file (a path swapped for a symbolic link in
-    between is refused and the link removed)."""
+    between is refused and the link removed). Where the kernel will not link it (another mount
+    of the filesystem, a filesystem without hard links, a policy), the file is copied instead,
+    by the kernel (``copy_file_range``), from the same checked file."""
     name = check_image_name(msg["name"], pattern)
     path, size = msg["path"], msg["size"]
     key = (str(msg["dir"]), name)
@@ -804,8 +808,11 @@ def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern:
         os.link(path, name, dst_dir_fd=dir_fd, follow_symlinks=False)
     except FileExistsError:
         raise ProtocolError(f"refused file name {name!r}: it already exists (or is a link)") from None
-    except OSError as exc:
-        raise ProtocolError(f"file-link {name!r}: cannot link {path}: {exc.strerror}") from None
+    except OSError:
+        _copy_checked(path, st, name, dir_fd, limits)
+        limits.names.add(key)
+        limits.received_files += 1
+        return size
     got = os.lstat(name, dir_fd=dir_fd)
     if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(got.st_mode):
         os.unlink(name, dir_fd=dir_fd)
@@ -813,8 +820,63 @@ def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern:
     limits.names.add(key)
     limits.linked.add((got.st_dev, got.st_ino))
     limits.received_files += 1
-    limits.received_bytes += size
+    limits.linked_bytes += size
     return size
+
+
+def _kernel_copy(src: int, dst: int, size: int, what: str) -> None:
+    """Copy ``size`` bytes between two file descriptors inside the kernel: ``copy_file_range``
+    (within a filesystem), else ``sendfile`` (across filesystems, where the first refuses)."""
+    done = 0
+    use_range = True
+    while done < size:
+        if use_range:
+            try:
+                n = os.copy_file_range(src, dst, size - done, done, done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                use_range = False
+                continue
+        else:
+            os.lseek(dst, done, os.SEEK_SET)
+            n = os.sendfile(dst, src, done, size - done)
+        if n <= 0:
+            raise ProtocolError(f"{what} shrank while it was copied")
+        done += n
+
+
+def _copy_checked(path: str, st: os.stat_result, name: str, dir_fd: int, limits: Limits) -> None:
+    """The fallback of :func:`accept_link`: copy ``path`` (still the file ``st`` describes)."""
+    size = st.st_size
+    if size > limits.max_file_size or limits.received_bytes + size > limits.max_total_bytes:
+        raise ProtocolError(f"file {name!r} of {size} bytes exceeds this session's limits")
+    try:
+        src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProtocolError(f"file-link {name!r}: cannot open {path}: {exc.strerror}") from None
+    try:
+        now = os.fstat(src)
+        if (now.st_dev, now.st_ino, now.st_size) != (st.st_dev, st.st_ino, st.st_size):
+            raise ProtocolError(f"file-link {name!r}: {path} changed while it was copied")
+        try:
+            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=dir_fd)
+        except OSError as exc:
+            raise ProtocolError(f"cannot create {name!r}: {exc.strerror}") from None
+        ok = False
+        try:
+            _kernel_copy(src, dst, size, f"file-link {name!r}: {path}")
+            ok = True
+        except OSError as exc:
+            raise ProtocolError(f"file-link {name!r}: copying {path} failed: {exc.strerror}") from None
+        finally:
+            os.close(dst)
+            if not ok:
+                os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(src)
+    limits.received_bytes += size
 
 
 def receive_file(channel: Channel, msg: Mapping[str, Any], dir_fd: int, limits: Limits, *,

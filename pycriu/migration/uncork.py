@@ -28,6 +28,7 @@ import ctypes
 import os
 import socket
 import threading
+import time
 
 from .._threads import Worker
 from . import procs
@@ -83,11 +84,15 @@ class Uncork:
         self._thread = Worker(self._watch, name=f"pycriu-uncork-{port}")
 
     def start(self) -> Uncork:
-        """Start looking (once; not after :meth:`stop`)."""
+        """Start looking (once; not after :meth:`stop`). Never raises: callers start it on
+        paths where the migration must go on (a commit); a failure is only a ``note``."""
         with self._lock:
             if not self._started and not self._stop.is_set():
-                self._started = True
-                self._thread.start()
+                try:
+                    self._thread.start()
+                    self._started = True
+                except RuntimeError as exc:  # no thread could be started
+                    self.note = f"could not watch CRIU's connection: {exc}"
         return self
 
     def stop(self) -> None:
@@ -105,7 +110,10 @@ class Uncork:
         self.stop()
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.001):
+        # every millisecond at first (the socket is corked right after it connects), then every
+        # 20 ms: a CRIU that never corks it is watched cheaply until stop()
+        t0 = time.monotonic()
+        while not self._stop.wait(0.001 if time.monotonic() - t0 < 0.5 else 0.02):
             try:
                 if self._try():
                     return
