@@ -16,7 +16,7 @@ source's requests), :mod:`~pycriu.migration.flows` (the CRIU memory-transfer flo
 :mod:`~pycriu.migration.modes` (the flows and which one ``auto`` picks),
 :mod:`~pycriu.migration.guard` (the agent's dead-man switch for an uncommitted tree),
 :mod:`~pycriu.migration.pagetls` (per-migration TLS for CRIU's page connections),
-:mod:`~pycriu.migration.uncork` (CRIU 4.2's page-server cork stall, worked around),
+:mod:`~pycriu.migration.uncork` (CRIU 4.2's 200 ms waits on its corked page-server sockets, worked around),
 :mod:`~pycriu.migration.cli` (``pycriu agent`` and ``pycriu migrate``).
 """
 
