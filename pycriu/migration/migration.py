@@ -192,6 +192,7 @@ class MigrationRun:
         self.touched = False  # a pre-dump ran (the tree was briefly frozen and resumed)
         self.source_resumes_on_failure = True  # false once a lazy flow decided the source's fate itself
         self.leave_stopped = False
+        self.source_killed = False  # SIGKILLed after the commit; _finish waits until it is gone
         self.deferred: BaseException | None = None  # raised in post-dump after the commit was sent
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
@@ -553,9 +554,10 @@ class MigrationRun:
             raise exc
 
     def kill_source(self) -> None:
-        """The destination owns the process: the stopped source tree goes."""
-        if procs.kill_tree(self.pid) is not None and not procs.wait_gone(self.pid):
-            self.note(f"the source tree (pid {self.pid}) was sent SIGKILL but had not exited after 5 s")
+        """The destination owns the process: the stopped source tree goes. Its memory is freed
+        while the end of the session runs (:meth:`_finish` waits until it is gone)."""
+        if procs.kill_tree(self.pid) is not None:
+            self.source_killed = True
 
     def drop_destination(self) -> None:
         """The agent cannot be told to abort after it restored (the link is lost): its tree was
@@ -611,7 +613,8 @@ class MigrationRun:
                 self.drop_destination()
             elif self.report.destination_state != "none":
                 self.report.destination_state = "unknown (the agent kills an uncommitted tree when the link drops)"
-        if self.leave_stopped and procs.tree_state(self.pid) == "stopped" and self.source_resumes_on_failure:
+        if (self.leave_stopped and not self.source_killed and procs.tree_state(self.pid) == "stopped"
+                and self.source_resumes_on_failure):
             procs.resume_until_running(self.pid)
             self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
 
@@ -662,6 +665,8 @@ class MigrationRun:
                 pass
         self._collect_remote(error)
         report = self.report
+        if self.source_killed and not procs.wait_gone(self.pid):
+            self.note(f"the source tree (pid {self.pid}) was sent SIGKILL but had not exited after 5 s")
         report.source_state = procs.tree_state(self.pid)
         if report.outcome == "unknown" and error is not None:
             if report.source_state == "running" and (report.destination_state in ("none", "killed", "gone",
