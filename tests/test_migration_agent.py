@@ -364,6 +364,8 @@ def test_a_local_agent_takes_whole_images_by_hard_link(agent: Connection, privat
 def test_an_image_the_kernel_will_not_link_is_copied_instead(agent: Connection) -> None:
     """Across filesystems (here a tmpfs file into the session's directory on disk) ``link()``
     fails with EXDEV: the agent copies the same checked file instead of failing the migration."""
+    if os.stat("/dev/shm").st_dev == os.stat(_session(agent)).st_dev:
+        pytest.skip("/dev/shm and the agent's directory are one filesystem here: nothing to copy across")
     src = Path(tempfile.mkdtemp(dir="/dev/shm")) / "core-1.img"
     try:
         src.write_bytes(b"abc" * 1000)
