@@ -780,6 +780,59 @@ def link_file(channel: Channel, dir_name: str, path: str | os.PathLike[str], *, 
     return st.st_size
 
 
+def _claim(msg: Mapping[str, Any], limits: Limits, pattern: re.Pattern[str]) -> tuple[str, tuple[str, str]]:
+    """The checked name of a file the peer sends (``file`` or ``file-link``), and its key: not
+    sent before in this session, and within the session's file count."""
+    name = check_image_name(msg["name"], pattern)
+    key = (str(msg["dir"]), name)
+    if key in limits.names:
+        raise ProtocolError(f"file {name!r} was already sent")
+    if limits.received_files + 1 > limits.max_files:
+        raise ProtocolError(f"session exceeds its limit of {limits.max_files} files")
+    return name, key
+
+
+def _check_room(name: str, size: int, payload: int, limits: Limits, dir_fd: int) -> None:
+    """Before ``payload`` bytes of a file of ``size`` bytes are written into ``dir_fd``: the size
+    limits of one file and of the session, and the free space."""
+    if size < 0 or size > limits.max_file_size:
+        raise ProtocolError(f"file {name!r} of {size} bytes exceeds the limit of {limits.max_file_size}")
+    if limits.received_bytes + payload > limits.max_total_bytes:
+        raise ProtocolError(f"session exceeds its limit of {limits.max_total_bytes} bytes")
+    vfs = os.statvfs(dir_fd)
+    if payload + limits.min_free_bytes > vfs.f_bavail * vfs.f_frsize:
+        raise ProtocolError(f"not enough free space for {name!r} ({payload} bytes)")
+
+
+def _name_taken(name: str) -> ProtocolError:
+    return ProtocolError(f"refused file name {name!r}: it already exists (or is a link)")
+
+
+@contextmanager
+def _new_file(name: str, dir_fd: int) -> Iterator[int]:
+    """Create ``name`` in ``dir_fd`` with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (an existing file or
+    symlink of that name is refused) and yield its descriptor; it is closed at the end of the
+    block, and the file removed if the block failed."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+    except FileExistsError:
+        raise _name_taken(name) from None
+    except OSError as exc:
+        raise ProtocolError(f"cannot create {name!r}: {exc.strerror}") from None
+    ok = False
+    try:
+        yield fd
+        ok = True
+    finally:
+        os.close(fd)
+        if not ok:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+
+
 def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern: re.Pattern[str] = IMAGE_NAME) -> int:
     """Take the file of one ``file-link`` message into ``dir_fd`` by hard link; return its size.
 
@@ -789,15 +842,10 @@ def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern:
     between is refused and the link removed). Where the kernel will not link it (another mount
     of the filesystem, a filesystem without hard links, a policy), the file is copied instead,
     by the kernel (``copy_file_range``), from the same checked file."""
-    name = check_image_name(msg["name"], pattern)
+    name, key = _claim(msg, limits, pattern)
     path, size = msg["path"], msg["size"]
-    key = (str(msg["dir"]), name)
-    if key in limits.names:
-        raise ProtocolError(f"file {name!r} was already sent")
     if not os.path.isabs(path):
         raise ProtocolError(f"file-link {name!r}: {path!r} is not an absolute path")
-    if limits.received_files + 1 > limits.max_files:
-        raise ProtocolError(f"session exceeds its limit of {limits.max_files} files")
     try:
         st = os.lstat(path)
     except OSError as exc:
@@ -807,20 +855,18 @@ def accept_link(msg: Mapping[str, Any], dir_fd: int, limits: Limits, *, pattern:
     try:
         os.link(path, name, dst_dir_fd=dir_fd, follow_symlinks=False)
     except FileExistsError:
-        raise ProtocolError(f"refused file name {name!r}: it already exists (or is a link)") from None
+        raise _name_taken(name) from None
     except OSError:
         _copy_checked(path, st, name, dir_fd, limits)
-        limits.names.add(key)
-        limits.received_files += 1
-        return size
-    got = os.lstat(name, dir_fd=dir_fd)
-    if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(got.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        raise ProtocolError(f"file-link {name!r}: {path} changed while it was linked")
+    else:
+        got = os.lstat(name, dir_fd=dir_fd)
+        if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(got.st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+            raise ProtocolError(f"file-link {name!r}: {path} changed while it was linked")
+        limits.linked.add((got.st_dev, got.st_ino))
+        limits.linked_bytes += size
     limits.names.add(key)
-    limits.linked.add((got.st_dev, got.st_ino))
     limits.received_files += 1
-    limits.linked_bytes += size
     return size
 
 
@@ -847,10 +893,10 @@ def _kernel_copy(src: int, dst: int, size: int, what: str) -> None:
 
 
 def _copy_checked(path: str, st: os.stat_result, name: str, dir_fd: int, limits: Limits) -> None:
-    """The fallback of :func:`accept_link`: copy ``path`` (still the file ``st`` describes)."""
+    """The fallback of :func:`accept_link`: copy ``path`` (still the file ``st`` describes), with
+    the checks of a received file."""
     size = st.st_size
-    if size > limits.max_file_size or limits.received_bytes + size > limits.max_total_bytes:
-        raise ProtocolError(f"file {name!r} of {size} bytes exceeds this session's limits")
+    _check_room(name, size, size, limits, dir_fd)
     try:
         src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -859,21 +905,11 @@ def _copy_checked(path: str, st: os.stat_result, name: str, dir_fd: int, limits:
         now = os.fstat(src)
         if (now.st_dev, now.st_ino, now.st_size) != (st.st_dev, st.st_ino, st.st_size):
             raise ProtocolError(f"file-link {name!r}: {path} changed while it was copied")
-        try:
-            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                          dir_fd=dir_fd)
-        except OSError as exc:
-            raise ProtocolError(f"cannot create {name!r}: {exc.strerror}") from None
-        ok = False
-        try:
-            _kernel_copy(src, dst, size, f"file-link {name!r}: {path}")
-            ok = True
-        except OSError as exc:
-            raise ProtocolError(f"file-link {name!r}: copying {path} failed: {exc.strerror}") from None
-        finally:
-            os.close(dst)
-            if not ok:
-                os.unlink(name, dir_fd=dir_fd)
+        with _new_file(name, dir_fd) as dst:
+            try:
+                _kernel_copy(src, dst, size, f"file-link {name!r}: {path}")
+            except OSError as exc:
+                raise ProtocolError(f"file-link {name!r}: copying {path} failed: {exc.strerror}") from None
     finally:
         os.close(src)
     limits.received_bytes += size
@@ -887,33 +923,14 @@ def receive_file(channel: Channel, msg: Mapping[str, Any], dir_fd: int, limits: 
     with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (an existing file or symlink of that name is refused).
     On any error the partial file is removed and the error raised.
     """
-    name = check_image_name(msg["name"], pattern)
+    name, key = _claim(msg, limits, pattern)
     size = msg["size"]
-    key = (str(msg["dir"]), name)
-    if key in limits.names:
-        raise ProtocolError(f"file {name!r} was already sent")
-    if size < 0 or size > limits.max_file_size:
-        raise ProtocolError(f"file {name!r} of {size} bytes exceeds the limit of {limits.max_file_size}")
     ranges = msg.get("ranges")
     spans = [(0, size)] if ranges is None else _check_ranges(ranges, size)
     payload = sum(n for _, n in spans)
-    if limits.received_bytes + payload > limits.max_total_bytes:
-        raise ProtocolError(f"session exceeds its limit of {limits.max_total_bytes} bytes")
-    if limits.received_files + 1 > limits.max_files:
-        raise ProtocolError(f"session exceeds its limit of {limits.max_files} files")
-    vfs = os.statvfs(dir_fd)
-    if payload + limits.min_free_bytes > vfs.f_bavail * vfs.f_frsize:
-        raise ProtocolError(f"not enough free space for {name!r} ({payload} bytes)")
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
-    except FileExistsError:
-        raise ProtocolError(f"refused file name {name!r}: it already exists (or is a link)") from None
-    except OSError as exc:
-        raise ProtocolError(f"cannot create {name!r}: {exc.strerror}") from None
-    limits.names.add(key)
-    ok = False
-    try:
+    _check_room(name, size, payload, limits, dir_fd)
+    with _new_file(name, dir_fd) as fd:
+        limits.names.add(key)
         if ranges is not None:
             os.ftruncate(fd, size)  # sparse: the gaps stay holes and use no disk
         for off, length in spans:
@@ -925,14 +942,6 @@ def receive_file(channel: Channel, msg: Mapping[str, Any], dir_fd: int, limits: 
                     if type(exc) is not ProtocolError:
                         raise
                     raise ProtocolError(f"file {name!r}: {exc.message}") from None
-        ok = True
-    finally:
-        os.close(fd)
-        if not ok:
-            try:
-                os.unlink(name, dir_fd=dir_fd)
-            except OSError:
-                pass
     limits.received_files += 1
     limits.received_bytes += payload
     channel.stats.files_received += 1
