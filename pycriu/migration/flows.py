@@ -183,8 +183,7 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
         run.note(f"destination: {done['uncork']}: the end of the lazy transfer may have waited 200 ms for "
                  "CRIU's corked socket")
     if done is not None and done["ok"]:
-        procs.kill_tree(run.pid)  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
-        procs.wait_gone(run.pid)
+        run.kill_source()  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
         run.report.destination_state = "running"
         if interrupted is not None:
             raise interrupted

@@ -95,6 +95,12 @@ class DirUsage:
         return {"page_images": self.page_images, "other_images": self.other_images, "other": self.other,
                 "total": self.total, "page_images_apparent": self.page_images_apparent}
 
+    def __add__(self, other: DirUsage) -> DirUsage:
+        """Both sets of figures (the filesystem of the first that names one)."""
+        return DirUsage(self.page_images + other.page_images, self.other_images + other.other_images,
+                        self.other + other.other, self.page_images_apparent + other.page_images_apparent,
+                        self.filesystem or other.filesystem)
+
     def split(self) -> tuple[dict[str, int], dict[str, int]]:
         """(written to disk, held in memory): the figures go to one side, zeros to the other."""
         zero = {"page_images": 0, "other_images": 0, "other": 0}

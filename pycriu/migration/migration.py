@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ class MigrationRun:
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
         self.released = DirUsage()  # page images removed from the scratch directory once sent
-        self.link_dev: int | None = None  # a local agent takes whole images by hard link on this device
+        self.link_images = False  # a local agent takes whole images by hard link (same filesystem)
         self.cancel = threading.Event()  # set when the main thread gives up (Ctrl-C) during a lazy dump
         self.local: dict[str, Any] = {}
         self.source_address = "127.0.0.1"
@@ -289,6 +289,12 @@ class MigrationRun:
         self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=where))
         self.images = self.scratch / "images"
         self.images.mkdir()
+        # A local agent whose images directory is on this filesystem takes whole images by hard
+        # link: on one host a copy only costs time and memory (a second page cache, in the downtime).
+        link_dev = self.client.info.get("link_dev") if self.client and self.m.destination.kind == "local" else None
+        if link_dev is not None and os.stat(self.images).st_dev == link_dev:
+            self.link_images = True
+            self.note("images by hard link to the local agent (same host and filesystem): no copy")
 
     def _checks(self) -> str:
         """Everything that can be known before freezing: returns the mode to run."""
@@ -343,8 +349,6 @@ class MigrationRun:
         if _vt(remote["criu"]) < _vt(self.local["criu"]):
             raise AgentError(f"destination CRIU {remote['criu']} is older than the source's {self.local['criu']}",
                              code="incompatible")
-        if m.destination.kind == "local":
-            self.link_dev = remote.get("link_dev")
         self.client.ping()
         self.source_address = self._source_address(remote)
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
@@ -468,26 +472,16 @@ class MigrationRun:
 
         def on_file(sent: str) -> None:
             self.check_cancelled()  # after every file: a hard-linked one moves no bytes
-            if lazy_daemon is not None and waiting:
+            if waiting:
                 waiting.discard(sent)
-                if not waiting:
+                if not waiting and lazy_daemon is not None:
                     client.start_lazy_pages(name, lazy_daemon, tls=bool(self.criu_tls_options()))
 
-        link = self._link_images()
+        link = self.link_images
         with self.phase("image transfer", (detail or f"{len(files)} files, {total} bytes")
                         + (" (whole files by hard link)" if link else "")):
             self.client.send_images(name, files, on_bytes=on_bytes, on_file=on_file, link=link)
         return total
-
-    def _link_images(self) -> bool:
-        """A local agent whose images directory is on the scratch directory's filesystem takes
-        whole images by hard link: on one host a copy only costs time and memory (the page
-        cache of a second copy, inside the downtime)."""
-        if self.link_dev is None or self.images is None or os.stat(self.images).st_dev != self.link_dev:
-            return False
-        if "images by hard link" not in " ".join(self.report.notes):
-            self.note("images by hard link to the local agent (same host and filesystem): no copy")
-        return True
 
     def release_source_pages(self) -> None:
         """Remove the source's page images once the destination holds a copy: the rollback is the
@@ -501,9 +495,7 @@ class MigrationRun:
         for p in self.images.glob("pages-*.img"):
             st = p.lstat()
             p.unlink()
-            self.released = replace(self.released,
-                                    page_images=self.released.page_images + min(st.st_size, st.st_blocks * 512),
-                                    page_images_apparent=self.released.page_images_apparent + st.st_size)
+            self.released += DirUsage(min(st.st_size, st.st_blocks * 512), page_images_apparent=st.st_size)
 
     def restore_and_commit(self, *, lazy: bool, page_server: PageServerAddress | None, name: str = "images") -> None:
         """Ask the agent to restore; on success commit (from here the destination owns the
@@ -675,10 +667,7 @@ class MigrationRun:
                 report.outcome = "rolled-back"
         if report.outcome == "refused" and report.source_state != "gone":
             report.source_state = "running (never frozen)" if report.source_state == "running" else report.source_state
-        usage = dir_usage(self.scratch)
-        usage = replace(usage, page_images=usage.page_images + self.released.page_images,
-                        page_images_apparent=usage.page_images_apparent + self.released.page_images_apparent)
-        on_disk, in_memory = usage.split()
+        on_disk, in_memory = (dir_usage(self.scratch) + self.released).split()
         logs = dir_usage(self.log_dir / "source") if self.log_dir else None
         report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
         report.memory["source"] = in_memory
