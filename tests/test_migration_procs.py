@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -56,6 +57,52 @@ def test_a_stopped_tree_reads_stopped_and_a_reaped_one_gone() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+_BUSY_THREADS = """
+import threading, time
+def spin():
+    while True:
+        pass
+for _ in range(3):
+    threading.Thread(target=spin, daemon=True).start()
+while True:
+    time.sleep(0.0005)
+"""
+
+
+def test_a_sent_stop_never_reads_as_running_while_threads_take_it() -> None:
+    """Between a thread taking a SIGSTOP off the queue and the whole process reading ``T``,
+    neither the queue nor the leader shows it: three spinning threads and a leader that wakes
+    every 0.5 ms make that window wide. Read in the wrong order, about 3 in 100 stops read as
+    running here (22 of 500 in one run; 1 in 3 without the old settle loop)."""
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_THREADS])
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 4:
+            assert time.monotonic() < deadline, "the workload did not start its threads"
+            time.sleep(0.01)
+        misread = 0
+        for _ in range(500):
+            os.kill(proc.pid, signal.SIGSTOP)
+            misread += procs.tree_state(proc.pid) != "stopped"
+            os.kill(proc.pid, signal.SIGCONT)
+        assert misread == 0
+        assert procs.resume_until_running(proc.pid) == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_verdict_from_what_was_read() -> None:
+    """The decision itself, from queues and thread states (no root, no process)."""
+    assert procs._stop_state(False, ["R", "S"]) == "running"
+    assert procs._stop_state(True, ["R", "S"]) == "stopped"     # sent, not yet taken
+    assert procs._stop_state(False, ["R", "T"]) == "stopped"    # taken by one thread, leader still R
+    assert procs._stop_state(False, ["t"]) == "stopped"         # traced (CRIU holds it)
+    assert procs._stop_state(False, ["Z", "R"]) == "running"    # the leader exited, a thread runs
+    assert procs._stop_state(True, ["Z"]) == "gone"
+    assert procs._stop_state(False, [None]) == "gone"           # vanished between the reads
 
 
 def test_a_late_sigstop_does_not_leave_a_resumed_tree_stopped() -> None:

@@ -14,9 +14,10 @@ __all__ = ["tree_state", "comm", "descendants", "kill_tree", "wait_gone", "resum
            "poison_lazy_server", "address_towards"]
 
 
-def _state(pid: int) -> str | None:
+def _task_state(path: str) -> str | None:
+    """The one-letter state in ``PATH/stat`` (a process's or a thread's), or ``None`` if gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"{path}/stat").read_text()
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[0]
@@ -31,34 +32,52 @@ def comm(pid: int) -> str | None:
         return None
 
 
-def _stop_pending(pid: int) -> bool:
-    """A SIGSTOP is queued for ``pid`` but not yet acted on."""
+_SIGSTOP_BIT = 1 << (signal.SIGSTOP - 1)
+
+
+def _stop_pending(path: str) -> bool:
+    """A SIGSTOP is queued for the task at ``path`` (its own or its process's queue) and not yet
+    taken. The kernel fills these lines under the process's signal lock."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        status = Path(f"{path}/status").read_text()
     except OSError:
         return False
-    bit = 1 << (signal.SIGSTOP - 1)
-    return any(line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit
+    return any(line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & _SIGSTOP_BIT
                for line in status.splitlines())
 
 
-def tree_state(pid: int, settle: float = 1.0) -> str:
-    """``running``, ``stopped`` (SIGSTOP/traced) or ``gone`` (no such process, or a zombie).
+def _stop_state(pending: bool, states: list[str | None]) -> str:
+    """The verdict of :func:`tree_state` from what it read: ``pending`` (a SIGSTOP is queued)
+    and the states of the process's threads, read *after* the queues."""
+    alive = [s for s in states if s is not None and s not in ("Z", "X", "x")]
+    if not alive:
+        return "gone"
+    if pending or any(s in ("T", "t") for s in alive):
+        return "stopped"
+    return "running"
 
-    A tree CRIU leaves stopped gets its SIGSTOP as CRIU detaches, so for a moment it still reads
-    as running with the signal pending: that is waited out (up to ``settle`` seconds) and
-    reported as stopped.
+
+def tree_state(pid: int) -> str:
+    """``running``, ``stopped`` (stopped, traced, or with a SIGSTOP sent and not yet acted on) or
+    ``gone`` (no such process, or only zombies left) for the root of a tree.
+
+    A stop that was sent must never read as running, yet the kernel shows it in two places one
+    after the other: queued (``SigPnd``/``ShdPnd``), then, once a thread has taken it, that
+    thread's state ``T``; the other threads (the leader too) stop a moment later. Taking the
+    signal and setting ``T`` happen under the process's signal lock, which ``/proc/PID/status``
+    also takes to print the queues, while the states are read without it. So the queues are read
+    first and every thread's state after them: a stop that left the queue before the first read
+    shows as a ``T`` in the second. (Read the other way round, a stop taken between the two
+    reads is in neither: that was the race.)
     """
-    deadline = time.monotonic() + settle
-    while True:
-        s = _state(pid)
-        if s is None or s in ("Z", "X", "x"):
-            return "gone"
-        if s in ("T", "t"):
-            return "stopped"
-        if not _stop_pending(pid) or time.monotonic() >= deadline:
-            return "running"
-        time.sleep(0.001)
+    base = f"/proc/{pid}"
+    try:
+        tids = os.listdir(f"{base}/task")
+    except OSError:
+        return "gone"
+    tasks = [f"{base}/task/{tid}" for tid in tids]
+    pending = any(_stop_pending(t) for t in tasks)
+    return _stop_state(pending, [_task_state(t) for t in tasks])
 
 
 def descendants(pid: int) -> list[int]:
@@ -129,7 +148,7 @@ def resume_until_running(pid: int, timeout: float = 2.0) -> str:
     deadline = time.monotonic() + timeout
     running_since: float | None = None
     while True:
-        state = tree_state(pid, settle=0.05)
+        state = tree_state(pid)
         now = time.monotonic()
         if state == "gone":
             return state
