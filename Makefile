@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test docs lint bench clean
+.PHONY: setup demo test test-stress docs lint bench clean
 
 setup:
 	bash scripts/provision.sh
@@ -12,6 +12,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite again and again from a fresh clone: idle, CPUs busy, heavy I/O (scripts/stress.sh).
+test-stress: setup
+	bash scripts/stress.sh
 
 docs: setup
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
