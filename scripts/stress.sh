@@ -20,6 +20,7 @@ conditions=${STRESS_CONDITIONS:-"fresh idle cpu io"}
 logs=${STRESS_LOGS:-/var/tmp/pycriu-stress}/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$logs"
 work=$(mktemp -d /var/tmp/pycriu-stress-clone.XXXXXX)
+chmod 755 "$work"  # mktemp makes it 0700: the suite runs a check as uid 65534 from the clone
 loads=()
 
 say() { printf '\033[1mstress:\033[0m %s\n' "$*"; }
@@ -47,9 +48,11 @@ start_load() { # $1: condition. Each load runs in its own process group, so that
 	esac
 }
 
-clone() { # a new clone of HEAD (uncommitted changes are not part of a stress run)
+commit=$(git -C "$here" rev-parse HEAD)  # every run tests this commit, even if HEAD moves meanwhile
+clone() { # a new clone at $commit (uncommitted changes are not part of a stress run)
 	rm -rf "$work/src"
 	git -C "$here" clone --quiet --no-local "$here" "$work/src"
+	git -C "$work/src" checkout --quiet --detach "$commit"
 }
 
 clone
@@ -80,4 +83,4 @@ for ((round = 1; round <= rounds; round++)); do
 		green=$((green + 1))
 	done
 done
-say "$green of $total runs green in a row (conditions: $conditions; logs: $logs)"
+say "$green of $total runs of ${commit:0:12} green in a row (conditions: $conditions; logs: $logs)"

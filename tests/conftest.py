@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def _subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_CHILD_SUBREAPER = 36
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Python's own Ctrl-C handler for SIGINT during the test. A suite started from a background
+    job (``make test &``, nohup, some CI runners) inherits SIGINT ignored, and then a real SIGINT
+    never becomes KeyboardInterrupt; the tests of Ctrl-C need it to."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

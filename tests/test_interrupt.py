@@ -14,7 +14,7 @@ from conftest import needs_root
 import pycriu
 from pycriu.workload import Workload
 
-pytestmark = needs_root
+pytestmark = [needs_root, pytest.mark.usefixtures("ctrl_c")]
 
 
 def interrupt_this_thread_soon(delay: float = 0.05) -> Callable[[str, int], None]:

@@ -132,6 +132,7 @@ def test_ctrl_c_during_the_transfer_resumes_the_source(workload: Callable[..., W
 
 
 @needs_lazy_pages
+@pytest.mark.usefixtures("ctrl_c")
 def test_ctrl_c_while_a_lazy_dump_sends_its_images_resumes_the_source(workload: Callable[..., Workload],
                                                                       private_tmp: Path) -> None:
     """The lazy dump runs in a thread; Ctrl-C reaches the main thread while the dump thread is in
