@@ -84,11 +84,14 @@ def _session(conn: Connection) -> Path:
 
 
 def _outside_untouched(conn: Connection) -> None:
+    """Nothing outside the session directory, no symlink anywhere. The agent removes the session
+    directory as the session ends, possibly while this walks it: os.walk skips what vanished."""
     assert conn.root is not None
-    for p in conn.root.rglob("*"):
-        rel = p.relative_to(conn.root).parts
-        assert rel[0].startswith("s-"), f"agent wrote {p} outside its session"
-        assert not p.is_symlink(), f"agent created or kept a symlink {p}"
+    for top, dirs, files in os.walk(conn.root):
+        for name in dirs + files:
+            p = Path(top, name)
+            assert p.relative_to(conn.root).parts[0].startswith("s-"), f"agent wrote {p} outside its session"
+            assert not p.is_symlink(), f"agent created or kept a symlink {p}"
 
 
 HOSTILE_NAMES = ["../x.img", "/etc/passwd", "a/b.img", "..", ".", "", "x\x00y.img", "pages-1.img/../../x.img",
