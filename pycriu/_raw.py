@@ -178,10 +178,12 @@ class RawOpts:
     ``None`` is passed as ``NULL`` (an optional string: ``add_cg_root``, ``join_ns_add``).
     """
 
+    _ptr: Any = None  # also for __del__ when __init__ failed before the options existed
+
     def __init__(self) -> None:
         box = ffi.new("criu_opts **")
         check(lib.criu_local_init_opts(box), "init-opts")
-        self._ptr: Any = box[0]
+        self._ptr = box[0]
         self._keep: list[Any] = []  # cffi buffers that must live as long as the opts
 
     def close(self) -> None:

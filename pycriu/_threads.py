@@ -13,10 +13,13 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["SIGNALS", "Worker", "children_get_signals"]
+__all__ = ["SIGNALS", "Worker", "spawn", "children_get_signals"]
+
+T = TypeVar("T")
 
 #: The signals that stop a pycriu process (and that libcriu calls defer, see ``_raw``).
 SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
@@ -31,6 +34,25 @@ class Worker(threading.Thread):
     def run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         super().run()
+
+
+def spawn(fn: Callable[..., T], *args: Any, name: str) -> Future[T]:
+    """Run ``fn(*args)`` in a :class:`Worker`; its return value, or whatever it raised
+    (KeyboardInterrupt included), waits in the returned future. ``future.result(timeout)``
+    joins and returns or raises; ``future.done()`` says whether it ended."""
+    future: Future[T] = Future()
+    future.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the future's owner
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    Worker(run, name=name).start()
+    return future
 
 
 @contextmanager

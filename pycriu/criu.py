@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 from . import _config, _raw, _threads
+from ._process import stop_process
 from .errors import (
     CriuError,
     CriuNotFoundError,
@@ -56,6 +57,15 @@ class CriuVersion(NamedTuple):
     def from_code(cls, code: int) -> CriuVersion:
         """Decode libcriu's ``major*10000 + minor*100 + sublevel``."""
         return cls(code // 10000, code // 100 % 100, code % 100)
+
+    @classmethod
+    def parse(cls, text: str) -> CriuVersion:
+        """``"4.2"`` or ``"4.2.1"`` (what ``str()`` gives, and what agents exchange); raises
+        :class:`ValueError` naming the text otherwise."""
+        parts = str(text).split(".")
+        if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{text!r} is not a CRIU version (expected MAJOR.MINOR[.SUBLEVEL])")
+        return cls(*(int(p) for p in parts))
 
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}.{self.sublevel}"
@@ -447,11 +457,7 @@ class _Spawned:
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     """Wait for a worker whose socket is closed; kill it if it lingers for 30 s."""
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, 30, ask=None)
 
 
 def _require_root(operation: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar, Self
 
+from ._process import stop_process
 from ._threads import children_get_signals
 from .enums import LogLevel
 from .errors import (
@@ -38,18 +38,6 @@ from .options import LazyPagesOptions, PageServerAddress, PageServerOptions
 __all__ = ["PageServer", "LazyPages", "stop_process"]
 
 _PORT_LINE = re.compile(r"Using (\d+) port")
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
-    """Stop a child process if it still runs (SIGTERM, then SIGKILL after ``grace`` seconds),
-    reap it and return its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 class _NativeDaemon:

@@ -52,6 +52,15 @@ def _subreaper() -> None:
 
 
 @pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """pycriu's temporary files (scratch images, agent roots) in a directory of this test only,
+    checked at the end for anything a migration left behind (see ``leak_checked_tmp``)."""
+    from migration_support import leak_checked_tmp
+
+    yield from leak_checked_tmp(tmp_path, monkeypatch)
+
+
+@pytest.fixture
 def ctrl_c() -> Iterator[None]:
     """Python's own Ctrl-C handler for SIGINT during the test. A suite started from a background
     job (``make test &``, nohup, some CI runners) inherits SIGINT ignored, and then a real SIGINT

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from conftest import needs_root
-from migration_support import leak_checked_tmp
 
 import pycriu
 from pycriu.migration import AgentError, TransportError, checks
@@ -27,11 +26,6 @@ from pycriu.migration.protocol import KIND_CONTROL, KIND_DATA, PROTOCOL_VERSION,
 from pycriu.migration.transport import Connection, Destination, connect
 
 pytestmark = [needs_root]
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
-
 
 
 def _hello() -> dict[str, Any]:

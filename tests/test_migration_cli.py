@@ -10,22 +10,17 @@ import pty
 import select
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import needs_root
-from migration_support import assert_moved, leak_checked_tmp
+from migration_support import assert_moved
 
 from pycriu import MigrationReport
 from pycriu.migration import Progress
 from pycriu.migration.cli import ProgressDisplay, register
 from pycriu.workload import Workload
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 PYCRIU = [sys.executable, "-m", "pycriu.migration.cli"]
 

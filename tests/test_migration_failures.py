@@ -11,12 +11,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import Relay, TcpAgent, agent_pids, leak_checked_tmp, wait_gone
+from migration_support import Relay, TcpAgent, agent_pids, wait_gone
 
 from pycriu import Migration, MigrationError, PageServerAddress
 from pycriu.migration import Progress
@@ -26,10 +26,6 @@ from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
 
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 SECRET = b"0123456789abcdef-test-secret"
 

@@ -5,12 +5,12 @@ is gone, and the report's byte and disk figures are what really lay in the two d
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import Snapshot, assert_moved, leak_checked_tmp
+from migration_support import Snapshot, assert_moved
 
 from pycriu import Migration, MigrationReport
 from pycriu.migration.images import PAGE_SIZE
@@ -18,10 +18,6 @@ from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
 
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 MIB = 24
 #: An agent that is not told it runs on the source's host: images reach it by copy, as elsewhere.

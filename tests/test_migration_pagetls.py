@@ -8,21 +8,16 @@ test_migration_ssh.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import assert_moved, assert_page_tls, leak_checked_tmp
+from migration_support import assert_moved, assert_page_tls
 
 from pycriu import Migration
 from pycriu.migration import ProtocolError, pagetls
 from pycriu.workload import Workload
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 
 def _side(tmp_path: Path, name: str) -> Path:

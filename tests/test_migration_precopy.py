@@ -4,23 +4,18 @@ end-to-end flows, which need that tracking and skip here with the kernel's reaso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import FEATURES, needs_mem_track, needs_root
 from hypothesis import given
 from hypothesis import strategies as st
-from migration_support import assert_moved, leak_checked_tmp
+from migration_support import assert_moved
 
 import pycriu
 from pycriu import Migration, PreCopyPolicy
 from pycriu.workload import Workload
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
 
 NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
-from migration_support import SshServer, assert_disk_figures, assert_moved, assert_page_tls, leak_checked_tmp
+from migration_support import SshServer, assert_disk_figures, assert_moved, assert_page_tls
 
 from pycriu import Migration, TransportError
 from pycriu.workload import Workload
@@ -22,11 +22,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ssh") is None or not os.path.exists("/usr/sbin/sshd"),
                        reason="OpenSSH client or server (openssh-server) not installed"),
 ]
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
-
 
 AGENT_COMMAND = [sys.executable, "-m", "pycriu.migration.agent", "--stdio"]
 

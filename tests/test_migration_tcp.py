@@ -20,7 +20,6 @@ from migration_support import (
     assert_disk_figures,
     assert_moved,
     assert_page_tls,
-    leak_checked_tmp,
     make_certs,
 )
 
@@ -28,11 +27,6 @@ from pycriu import AuthenticationError, InvalidOptionError, Migration, PageServe
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    yield from leak_checked_tmp(tmp_path, monkeypatch)
-
 
 SECRET = b"s3cret-for-the-tcp-tests-0123456789"
 

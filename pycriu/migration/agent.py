@@ -42,12 +42,13 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .._threads import Worker
+from .._threads import Worker, spawn
 from ..criu import Criu
 from ..daemons import LazyPages, PageServer
 from ..enums import LogLevel
@@ -113,7 +114,7 @@ class AgentConfig:
     log_level: LogLevel = LogLevel.INFO
     _criu: Criu | None = field(default=None, repr=False)
     _local: dict[str, Any] | None = field(default=None, repr=False)
-    _probe: threading.Thread | None = field(default=None, repr=False)
+    _probe: Future[dict[str, Any]] | None = field(default=None, repr=False)
     _probe_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def criu(self) -> Criu:
@@ -127,10 +128,9 @@ class AgentConfig:
         with self._probe_lock:
             if self._probe is None:
                 self._local = None
-                self._probe = Worker(self._probe_now, name="pycriu-agent-checks")
-                self._probe.start()
+                self._probe = spawn(self._probe_now, name="pycriu-agent-checks")
 
-    def _probe_now(self) -> None:
+    def _probe_now(self) -> dict[str, Any]:
         info: dict[str, Any] = {"pycriu": __version__, "arch": platform.machine(), "kernel": platform.release(),
                                 "criu": "unknown", "criu_check": False, "criu_error": None,
                                 "features": {"lazy_pages": False, "mem_track": False}, "checks_cached": False,
@@ -144,23 +144,23 @@ class AgentConfig:
             info["criu_error"] = str(exc).splitlines()[0]
         except Exception as exc:  # noqa: BLE001 - reported to the source as a failed check
             info["criu_error"] = f"{type(exc).__name__}: {exc}"
-        self._local = info
+        return info
 
     def local_info(self, *, fresh: bool = False) -> dict[str, Any]:
         """This host's CRIU version, ``criu check`` result and features (see
         :mod:`pycriu.migration.checks`: the version is asked every time, a successful check is
         cached). ``fresh``: probe again unless a prefetched result is waiting."""
         with self._probe_lock:
-            thread = self._probe
-            if thread is None and (fresh or self._local is None):
+            probe = self._probe
+            if probe is None and (fresh or self._local is None):
                 self._local = None
-                thread = self._probe = Worker(self._probe_now, name="pycriu-agent-checks")
-                thread.start()
-        if thread is not None:
-            thread.join()
+                probe = self._probe = spawn(self._probe_now, name="pycriu-agent-checks")
+        if probe is not None:
+            info = probe.result()  # _probe_now reports every failure in its result
             with self._probe_lock:
-                if self._probe is thread:
-                    self._probe = None
+                if self._probe is probe:
+                    self._local, self._probe = info, None
+            return info
         assert self._local is not None
         return self._local
 
@@ -172,8 +172,7 @@ class _EarlyLazy:
     dir: str
     address: PageServerAddress
     tls: bool
-    thread: threading.Thread = field(default_factory=threading.Thread)
-    error: AgentError | None = None
+    started: Future[None]  # raises the AgentError of a failed start
 
 
 class AgentSession:
@@ -196,7 +195,7 @@ class AgentSession:
         self.page_servers: dict[str, PageServer] = {}
         self.lazy: LazyPages | None = None
         self._uncork: Uncork | None = None
-        self._prestart: threading.Thread | None = None
+        self._prestart: Future[None] | None = None
         self._lazy_early: _EarlyLazy | None = None
         self._lazy_done = threading.Event()
         self._lazy_status: int | None = None
@@ -250,7 +249,7 @@ class AgentSession:
             ps.stop(grace=1.0)
         self.page_servers.clear()
         if self._lazy_early is not None:
-            self._lazy_early.thread.join()
+            wait([self._lazy_early.started])
         if self.lazy is not None:
             if self.committed and self.killed is None and self.lazy.running:
                 # The tree runs on pages it has not received yet: never cut its supply.
@@ -267,7 +266,7 @@ class AgentSession:
             self.guard.close()
             self.guard = None
         if self._prestart is not None:
-            self._prestart.join()
+            wait([self._prestart])
         if self.config._criu is not None:  # noqa: SLF001 - ours
             self.config._criu.discard_prestarted()  # noqa: SLF001
         self.channel.close()
@@ -284,7 +283,7 @@ class AgentSession:
 
     def _stop_lazy(self) -> None:
         if self._lazy_early is not None:
-            self._lazy_early.thread.join()  # a daemon still starting is stopped once it has started
+            wait([self._lazy_early.started])  # a daemon still starting is stopped once it has started
         with self._lock:
             lazy, self.lazy = self.lazy, None
         if lazy is not None:
@@ -353,8 +352,7 @@ class AgentSession:
         self.channel.send(reply)
         # the restore's worker, started now rather than inside the downtime, and beside this
         # loop: the source's next message (a ping that measures the round trip) must not wait
-        self._prestart = Worker(self._prestart_worker, name=f"{self.name}-prestart")
-        self._prestart.start()
+        self._prestart = spawn(self._prestart_worker, name=f"{self.name}-prestart")
 
     def _prestart_worker(self) -> None:
         try:
@@ -438,7 +436,7 @@ class AgentSession:
         if tls is None:
             raise AgentError("TLS for CRIU's page connections was requested but this agent has no certificate",
                              code="unsupported")
-        return {"tls": True, "tls_cacert": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
+        return tls.criu_options()
 
     def _check_page_server_address(self, address: str) -> None:
         """The source's page server must be on the source: the peer's own address (any loopback
@@ -518,10 +516,9 @@ class AgentSession:
             if early is not None:  # started when the daemon's images arrived (``lazy-pages``)
                 if early.dir != name or early.address != address or early.tls != bool(msg.get("tls")):
                     raise ProtocolError("restore asks for another lazy-pages daemon than the one started")
-                early.thread.join()
-                if early.error is not None:
+                if early.started.exception() is not None:
                     self.state = "failed"
-                    raise early.error
+                    early.started.result()
             else:
                 try:
                     self._launch_lazy(images, address, msg)
@@ -590,7 +587,7 @@ class AgentSession:
             # CRIU 4.2's daemon sends its last command from a corked socket (200 ms more at the
             # end): uncorked from the commit on, once the watcher no longer competes with CRIU
             self._uncork = Uncork(address.port)
-        Worker(self._watch_lazy, lazy, name=f"{self.name}-lazy").start()
+        Worker(self._watch_lazy, lazy, name=f"{self.name}-lazy").start()  # nobody waits: its errors are printed
 
     def _lazy_pages(self, msg: dict[str, Any]) -> None:
         """Start the lazy-pages daemon now, in the background, while the other images arrive:
@@ -608,19 +605,17 @@ class AgentSession:
         self._check_page_server_address(ps["address"])
         address = PageServerAddress(ps["address"], ps["port"])
         self._tls_kwargs(msg)  # refuse TLS without a certificate now
-        early = _EarlyLazy(name, address, bool(msg.get("tls")))
 
         def start() -> None:
             try:
                 self._launch_lazy(images, address, msg)
-            except AgentError as exc:
-                early.error = exc
-            except BaseException as exc:  # noqa: BLE001 - reported by the restore
-                early.error = AgentError(f"the lazy-pages daemon failed to start: {exc!r}", code="lazy-pages-failed")
+            except AgentError:
+                raise
+            except BaseException as exc:  # reported by the restore
+                raise AgentError(f"the lazy-pages daemon failed to start: {exc!r}", code="lazy-pages-failed") from exc
 
-        early.thread = Worker(start, name=f"{self.name}-lazy-start")
-        self._lazy_early = early
-        early.thread.start()
+        self._lazy_early = _EarlyLazy(name, address, bool(msg.get("tls")),
+                                      spawn(start, name=f"{self.name}-lazy-start"))
 
     def _watch_lazy(self, daemon: LazyPages) -> None:
         proc = daemon._proc  # noqa: SLF001 - the daemon object is ours
@@ -743,17 +738,10 @@ def _compatibility(hello: dict[str, Any], local: dict[str, Any]) -> list[str]:
         problems.append(f"CRIU does not work on the destination: {local['criu_error']}")
     if hello["arch"] != local["arch"]:
         problems.append(f"architecture differs: source {hello['arch']}, destination {local['arch']}")
-    if _version_tuple(hello["criu"]) > _version_tuple(local["criu"]):
-        problems.append(f"destination CRIU {local['criu']} is older than the source's {hello['criu']}: "
-                        "its images may not restore here")
+    older = checks.older_destination(hello["criu"], local["criu"])
+    if older is not None:
+        problems.append(f"{older}: its images may not restore here")
     return problems
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split("."))
-    except ValueError:
-        return (0,)
 
 
 # --- Serving ------------------------------------------------------------------------------------

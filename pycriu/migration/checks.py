@@ -26,15 +26,16 @@ import os
 import platform
 import threading
 import time
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import kdat
-from .._threads import Worker
-from ..criu import Criu
+from .._threads import spawn
+from ..criu import Criu, CriuVersion
 
-__all__ = ["HostCheck", "probe", "forget", "CACHE_FILE"]
+__all__ = ["HostCheck", "probe", "forget", "older_destination", "CACHE_FILE"]
 
 CACHE_FILE = Path("/run/pycriu/criu-check.json")
 _MEMO: dict[tuple[Any, ...], HostCheck] = {}
@@ -125,24 +126,25 @@ def probe(criu: Criu) -> HostCheck:
             _MEMO[key] = known
         return HostCheck(version, known.lazy_pages, known.mem_track, cached=True, seconds=time.monotonic() - t0)
     # ``criu check`` and the feature check are two CRIU processes: run them side by side
-    failure: list[BaseException] = []
-
-    def full_check() -> None:
-        try:
-            Criu(criu.binary).check()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            failure.append(exc)
-
-    thread = Worker(full_check, name="pycriu-criu-check")
-    thread.start()
+    full_check = spawn(Criu(criu.binary).check, name="pycriu-criu-check")
     try:
         features = criu.features(refresh=True)
     finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+        wait([full_check])
+    full_check.result()
     result = HostCheck(version, features.lazy_pages, features.mem_track, seconds=time.monotonic() - t0)
     with _LOCK:
         _MEMO[key] = result
     _write_cache(key, result)
     return result
+
+
+def older_destination(source: str, destination: str) -> str | None:
+    """Why a destination with CRIU ``destination`` cannot take images from a source with CRIU
+    ``source`` (versions as the hosts exchange them), or ``None``. CRIU reads images of its own
+    and older versions; a newer CRIU's images may use what an older one does not know."""
+    try:
+        older = CriuVersion.parse(destination) < CriuVersion.parse(source)
+    except ValueError as exc:
+        return f"cannot compare the hosts' CRIU versions: {exc}"
+    return f"destination CRIU {destination} is older than the source's {source}" if older else None

@@ -131,12 +131,10 @@ class Guard:
 
     def close(self) -> None:
         """:meth:`stop`, and reap the guard."""
+        from .._process import stop_process  # here: the guard itself runs by path, without pycriu
+
         self.stop()
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_process(self._proc, 5, ask=None)
 
     @property
     def pid(self) -> int:

@@ -28,9 +28,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
+from .._process import stop_process
 from ..errors import InvalidOptionError
 from .errors import TransportError
 from .protocol import Channel, client_authenticate
@@ -105,6 +106,11 @@ class TLSConfig:
             if not os.path.isfile(value):
                 raise InvalidOptionError(f"TLS {name} file {value!r} does not exist")
             object.__setattr__(self, name, os.path.abspath(value))
+
+    def criu_options(self) -> dict[str, Any]:
+        """The CRIU options (``DumpOptions``, ``PageServerOptions``, ...) that hand these files to
+        CRIU for its own page connections; CRIU then checks that the certificates name the hosts."""
+        return {"tls": True, "tls_cacert": self.ca, "tls_cert": self.cert, "tls_key": self.key}
 
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -294,15 +300,7 @@ class Connection:
         self.channel.close()
         proc, self.process = self.process, None
         if proc is not None:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            except KeyboardInterrupt:
-                proc.kill()
-                proc.wait()
-                raise
+            stop_process(proc, timeout, ask=None)
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
