@@ -114,3 +114,28 @@ def test_lazy_pages_daemon_needs_the_dump_images_first(criu: pycriu.Criu, images
     with pytest.raises(pycriu.InvalidOptionError, match="no pstree.img"):
         criu.lazy_pages(pycriu.LazyPagesOptions(
             images_dir=images_dir, page_server=pycriu.PageServerAddress("127.0.0.1", free_port())))
+
+
+def test_the_lazy_daemon_starts_from_the_images_the_migration_sends_it_first(
+        criu: pycriu.Criu, workload: WorkloadFactory, tmp_path: Path) -> None:
+    """A migration starts ``criu lazy-pages`` as soon as the images for which
+    ``lazy_daemon_reads`` is true have arrived, while the others are still being written. Here
+    those are complete and every other image is an empty file (one whose transfer has just
+    begun): the daemon must still start. (With only the inventory and the process tree sent
+    first, it read a task's half-received ``ids`` image: "Unexpected EOF".)"""
+    from pycriu.migration.migration import lazy_daemon_reads
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    w = workload(mib=4, children=2)
+    criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=src, leave_running=True))
+    first = sorted(p.name for p in src.glob("*.img") if lazy_daemon_reads(p.name))
+    assert {"inventory.img", "pstree.img"} < set(first) and any(n.startswith("ids-") for n in first)
+    for p in src.glob("*.img"):
+        if lazy_daemon_reads(p.name):
+            shutil.copy(p, dst / p.name)
+        else:
+            (dst / p.name).touch()
+    with criu.lazy_pages(pycriu.LazyPagesOptions(images_dir=dst, work_dir=tmp_path)) as daemon:
+        assert daemon.running

@@ -37,10 +37,11 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any
 
-from .._threads import Worker
-from ..options import DumpOptions, PageServerAddress, PageServerOptions, PreDumpOptions
+from .._threads import spawn
+from ..options import PageServerAddress, PageServerOptions, PreDumpOptions
 from ..results import DumpResult
 from . import procs
 from .errors import MigrationError, TransportError
@@ -121,43 +122,39 @@ def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any)
 # --- the lazy flows -------------------------------------------------------------------------------
 
 
-class _DumpThread(Worker):
-    """``criu.dump`` in a thread: a lazy dump returns only when every page was served."""
-
-    def __init__(self, run: MigrationRun, opts: DumpOptions) -> None:
-        super().__init__(self._dump, run, opts, name=f"pycriu-lazy-dump-{run.pid}")
-        self.result: DumpResult | None = None
-        self.error: BaseException | None = None
-
-    def _dump(self, run: MigrationRun, opts: DumpOptions) -> None:
-        try:
-            self.result = run.criu.dump(opts)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            self.error = exc
+#: A lazy dump in a thread (:func:`pycriu._threads.spawn`): it returns only when every page was served.
+_Dumper = Future[DumpResult]
 
 
-def _wait_posted(posted: threading.Event, dumper: _DumpThread) -> None:
+def _ended(dumper: _Dumper, timeout: float | None = None) -> bool:
+    """Wait up to ``timeout`` seconds for the dump to end; whether it has."""
+    wait([dumper], timeout)
+    return dumper.done()
+
+
+def _dump_failed(dumper: _Dumper) -> bool:
+    return dumper.done() and dumper.exception() is not None
+
+
+def _wait_posted(posted: threading.Event, dumper: _Dumper) -> None:
     """Wait until post-dump answered (or the dump failed before, resuming the source)."""
     while not posted.wait(0.02):
-        if not dumper.is_alive():
+        if dumper.done():
             break
     if not posted.is_set():
-        dumper.join()
-        if dumper.error is not None:
-            raise dumper.error
+        dumper.result()  # raises what the dump raised
         raise MigrationError("the dump ended without reaching post-dump")
 
 
-def _abort_lazy(run: MigrationRun, dumper: _DumpThread, port: int, reason: str) -> None:
+def _abort_lazy(run: MigrationRun, dumper: _Dumper, port: int, reason: str) -> None:
     """Before the destination took over: stop the agent's side, make CRIU's page server give up
     if nobody connected, and wait for the dump to end (the source is then resumed)."""
     assert run.client is not None
     if run.client.abort(reason) is None:
         run.drop_destination()  # its lazy-pages daemon then lets go of CRIU's page server
-    if dumper.is_alive() and not procs.has_connection(port):
+    if not dumper.done() and not procs.has_connection(port):
         procs.poison_lazy_server(run.source_address, port)
-    dumper.join(60)
-    if dumper.is_alive():
+    if not _ended(dumper, 60):
         run.note("CRIU's lazy dump did not end within 60 s of the abort: the source may stay frozen "
                  f"(pid {run.pid}); its log: {run.src_logs}/dump.log")
 
@@ -256,38 +253,36 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
 
     opts = run.dump_options(lazy_pages=True, lazy_address=run.source_address, lazy_port=port, leave_stopped=True,
                             notify=run.notify(post_dump), **dump_kw)
-    dumper = _DumpThread(run, opts)
-    dumper.start()
-    run.cleanups.append(lambda: dumper.join(5))
+    dumper = spawn(run.criu.dump, opts, name=f"pycriu-lazy-dump-{run.pid}")
+    run.cleanups.append(lambda: wait([dumper], 5))
 
     def wait_source(timeout: float) -> bool:
-        dumper.join(timeout)
-        return not dumper.is_alive()
+        return _ended(dumper, timeout)
 
     try:
         _wait_posted(posted, dumper)
-        if not procs.wait_listening(port, run.m.timeout, alive=dumper.is_alive):
+        if not procs.wait_listening(port, run.m.timeout, alive=lambda: not dumper.done()):
             raise TransportError("CRIU's lazy page server did not start listening", log_path=opts.log_path)
         run.restore_and_commit(lazy=True, page_server=pages_from)
     except BaseException as exc:
         if run.client.commit_sent:
             # never abort nor resume now: the destination may run on pages this source serves
-            _after_lazy_commit(run, wait_source, lambda: dumper.error is not None)
+            _after_lazy_commit(run, wait_source, lambda: _dump_failed(dumper))
             raise
-        if not posted.is_set() and dumper.is_alive():
+        if not posted.is_set() and not dumper.done():
             # interrupted while the dump thread is before or inside post-dump: make post-dump fail
             # (CRIU then resumes the tree) and wait for it, so that nobody else uses the channel
             run.cancel.set()
-            dumper.join(run.m.timeout)
+            _ended(dumper, run.m.timeout)
         if posted.is_set():
             _abort_lazy(run, dumper, port, f"source failed: {exc!r}")
         raise
 
     present, lazy_only, _ = _pagemap_counts(run)  # after the resume: not in the downtime
     sizes.update(present=present, lazy=lazy_only)
-    _finish_lazy_uncorked(run, port, wait_source, lambda: dumper.error is not None)
-    if dumper.result is not None:
-        run.record_dump(dumper.result, stats=False)
+    _finish_lazy_uncorked(run, port, wait_source, lambda: _dump_failed(dumper))
+    if dumper.done() and dumper.exception() is None:
+        run.record_dump(dumper.result(), stats=False)
         run.note("CRIU's statistics of a lazy dump are not meaningful (zero pages, a bogus frozen time) and "
                  "are left out; the page figures come from the pagemaps")
     _account(run, image_pages=sizes.get("present", 0), server_pages=0, lazy_pages=sizes.get("lazy", 0))
@@ -306,22 +301,18 @@ def page_server_on_source(run: MigrationRun) -> None:
 
     def start_page_server() -> None:
         assert run.images is not None and run.src_logs is not None
-        try:
-            ps = run.criu.page_server(PageServerOptions(images_dir=run.images, work_dir=run.src_logs,
-                                                        lazy_pages=True, address=run.source_address, port=port,
-                                                        timeout=run.m.timeout, **run.criu_tls_options()))
-            holder["ps"] = ps
-            ps.start()
-        except BaseException as exc:  # noqa: BLE001 - raised in post_dump
-            holder["error"] = exc
+        ps = run.criu.page_server(PageServerOptions(images_dir=run.images, work_dir=run.src_logs,
+                                                    lazy_pages=True, address=run.source_address, port=port,
+                                                    timeout=run.m.timeout, **run.criu_tls_options()))
+        holder["ps"] = ps  # before the start: stopped at the end even if its start fails
+        ps.start()
 
     def post_dump() -> None:
         assert run.images is not None and run.src_logs is not None
         # CRIU's page server starts over the local images while the other images travel, and
         # the destination's lazy-pages daemon starts as soon as the images it reads arrived
         run.phase_start("page server start")
-        starter = Worker(start_page_server, name="pycriu-page-server-start")
-        starter.start()
+        starter = spawn(start_page_server, name="pycriu-page-server-start")
         try:
             maps = {pm.pages_name: pm for pm in pagemaps(run.images)}
             files: list[tuple[str, Any, list[tuple[int, int]] | None]] = []
@@ -333,13 +324,12 @@ def page_server_on_source(run: MigrationRun) -> None:
             run.send_images("images", files, lazy_daemon=pages_from,
                             detail=f"{len(files)} files; page images sparse: only the {present} non-lazy pages")
         finally:
-            starter.join()
+            wait([starter])
             if "ps" in holder:
                 run.cleanups.append(lambda: _stop(holder["ps"]))
-            run.phase_end("page server start", "concurrent with the image transfer" if "error" not in holder
+            run.phase_end("page server start", "concurrent with the image transfer" if starter.exception() is None
                           else "(failed)")
-        if "error" in holder:
-            raise holder["error"]
+        starter.result()  # raises what the start raised
         run.restore_and_commit(lazy=True, page_server=pages_from)
 
     run.record_dump(run.criu.dump(run.dump_options(leave_stopped=True, notify=run.notify(post_dump))))

@@ -23,13 +23,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .._threads import Worker
+from .._threads import spawn
 from ..criu import Criu
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
@@ -49,8 +50,15 @@ __all__ = ["Migration", "MODES", "Progress"]
 
 #: Flows whose source images hold no page CRIU serves lazily: kept in memory (tmpfs), not on disk.
 SOURCE_IMAGES_IN_MEMORY = frozenset({"lazy", "hybrid"})
-#: What ``criu lazy-pages`` reads when it starts (the rest only when the restore hands it the tasks).
-LAZY_DAEMON_IMAGES = ("inventory.img", "pstree.img")
+
+
+def lazy_daemon_reads(name: str) -> bool:
+    """Whether ``criu lazy-pages`` reads image ``name`` when it starts (CRIU's
+    prepare_dummy_pstree: the inventory, the process tree and every task's ``ids-PID.img``);
+    the others only once the restore hands it the tasks. The agent starts the daemon while the
+    other images still arrive, so these must all be complete first: a daemon that opened an
+    ``ids`` image still being received failed with "Unexpected EOF (criu/image.c:887)"."""
+    return name in ("inventory.img", "pstree.img") or (name.startswith("ids-") and name.endswith(".img"))
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,7 @@ class MigrationRun:
         self.images: Path | None = None
         self.page_tls: pagetls.PageTLS | None = None
         self.tls_dir: Path | None = None
-        self._authority: _Background | None = None
+        self._authority: Future[pagetls.Authority] | None = None
         self.log_dir: Path | None = None
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
@@ -203,7 +211,7 @@ class MigrationRun:
         self.source_address = "127.0.0.1"
         self._open_phases: dict[str, float] = {}
         self._lock = threading.Lock()
-        self.cleanups: list[Callable[[], None]] = []
+        self.cleanups: list[Callable[[], object]] = []
 
     # -- progress and phases ---------------------------------------------------------------------
 
@@ -309,12 +317,12 @@ class MigrationRun:
         # both sides are verified before anything is frozen, concurrently.
         # A mode that needs a feature waits for this host's answer first (from the cache, a few
         # ms), so that a source lacking it is refused before any agent is started.
-        probe = _Background(checks.probe, self.criu)
+        probe = spawn(checks.probe, self.criu, name="pycriu-source-checks")
         own_tls = m.criu_tls and m.tls is None  # this migration's own certificates for CRIU's pages
         authority = None
         if own_tls:  # the directory is made here, so that the end of the run removes it on every path
             self.tls_dir = Path(tempfile.mkdtemp(prefix="pycriu-migrate-tls-", dir=memory_dir()))
-            authority = self._authority = _Background(self._page_tls_authority, self.tls_dir)
+            authority = self._authority = spawn(self._page_tls_authority, self.tls_dir, name="pycriu-page-tls-ca")
         if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
             self._require_source_features(probe.result())
         try:
@@ -337,7 +345,7 @@ class MigrationRun:
         self.client = AgentClient(self.conn, timeout=m.timeout)
         remote = self.client.hello(self.local, requested, page_tls=authority is not None)
         if authority is not None:
-            ca: pagetls.Authority = authority.result()
+            ca = authority.result()
             if not remote.get("tls_csr"):
                 raise AgentError("the agent did not send a certificate request for CRIU's page connections "
                                  "(an older agent?); pass criu_tls=False to send the pages in the clear",
@@ -346,9 +354,9 @@ class MigrationRun:
         self.report.versions["destination"] = {k: remote[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}
         if not remote.get("criu_check"):
             raise AgentError(f"CRIU does not work on the destination: {remote.get('criu_error')}", code="incompatible")
-        if _vt(remote["criu"]) < _vt(self.local["criu"]):
-            raise AgentError(f"destination CRIU {remote['criu']} is older than the source's {self.local['criu']}",
-                             code="incompatible")
+        older = checks.older_destination(self.local["criu"], remote["criu"])
+        if older is not None:
+            raise AgentError(older, code="incompatible")
         self.client.ping()
         self.source_address = self._source_address(remote)
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
@@ -398,7 +406,7 @@ class MigrationRun:
         tls = self.m.tls
         if not self.m.criu_tls or tls is None:
             return {}
-        return {"tls": True, "tls_cacert": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
+        return tls.criu_options()
 
     def dump_options(self, **kw: Any) -> DumpOptions:
         assert self.images is not None and self.src_logs is not None
@@ -466,9 +474,9 @@ class MigrationRun:
             self.emit("image transfer", "bytes", done=done, total=total)
 
         client = self.client
-        waiting = set(LAZY_DAEMON_IMAGES) if lazy_daemon is not None else set()
+        waiting = {f[0] for f in files if lazy_daemon_reads(f[0])} if lazy_daemon is not None else set()
         if lazy_daemon is not None:
-            files = sorted(files, key=lambda f: (f[0] not in LAZY_DAEMON_IMAGES, f[0]))
+            files = sorted(files, key=lambda f: (not lazy_daemon_reads(f[0]), f[0]))
 
         def on_file(sent: str) -> None:
             self.check_cancelled()  # after every file: a hard-linked one moves no bytes
@@ -675,7 +683,7 @@ class MigrationRun:
             shutil.rmtree(self.scratch, ignore_errors=True)
         if self.tls_dir is not None:
             if self._authority is not None:
-                self._authority.wait()  # it may still be writing a key there
+                wait([self._authority])  # it may still be writing a key there
             shutil.rmtree(self.tls_dir, ignore_errors=True)
         if self.src_logs is not None:
             for p in sorted(self.src_logs.glob("*.log")):
@@ -722,32 +730,6 @@ class MigrationRun:
                 pass
 
 
-class _Background:
-    """``fn(*args)`` in a thread; :meth:`result` joins it and returns or raises its outcome."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = Worker(self._run, fn, args, name=f"pycriu-{getattr(fn, '__name__', 'task')}")
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to result()
-            self._error = exc
-
-    def wait(self) -> None:
-        """Join, whatever the outcome (already reported, or no longer of interest)."""
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, CriuError):
         text = exc.message
@@ -757,13 +739,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (KeyboardInterrupt)"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _vt(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in str(text).split("."))
-    except ValueError:
-        return (0,)
 
 
 def _is_local_address(address: str) -> bool:
