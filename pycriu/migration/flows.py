@@ -95,7 +95,7 @@ def classic(run: MigrationRun) -> None:
     stats = run.dump_stats()
     written = stats.pages_written if stats else _pagemap_counts(run)[0]
     _account(run, image_pages=written, server_pages=0, lazy_pages=0)
-    run.settle_source()
+    run.custody.dump_returned()
 
 
 def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any) -> None:
@@ -116,7 +116,7 @@ def page_server(run: MigrationRun, *, parent: str | None = None, **dump_kw: Any)
         run.note(f"{uncork.note}: the dump may have waited 200 ms for CRIU's corked socket")
     stats = run.dump_stats()
     _account(run, image_pages=0, server_pages=stats.pages_written if stats else 0, lazy_pages=0)
-    run.settle_source()
+    run.custody.dump_returned()
 
 
 # --- the lazy flows -------------------------------------------------------------------------------
@@ -150,8 +150,7 @@ def _abort_lazy(run: MigrationRun, dumper: _Dumper, port: int, reason: str) -> N
     """Before the destination took over: stop the agent's side, make CRIU's page server give up
     if nobody connected, and wait for the dump to end (the source is then resumed)."""
     assert run.client is not None
-    if run.client.abort(reason) is None:
-        run.drop_destination()  # its lazy-pages daemon then lets go of CRIU's page server
+    run.custody.abort_destination(reason)  # its lazy-pages daemon then lets go of CRIU's page server
     if not dumper.done() and not procs.has_connection(port):
         procs.poison_lazy_server(run.source_address, port)
     if not _ended(dumper, 60):
@@ -180,34 +179,25 @@ def _finish_lazy(run: MigrationRun, wait_source: Callable[[float], bool], source
         run.note(f"destination: {done['uncork']}: the end of the lazy transfer may have waited 200 ms for "
                  "CRIU's corked socket")
     if done is not None and done["ok"]:
-        run.kill_source()  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
-        run.report.destination_state = "running"
+        run.custody.hand_over()  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
         if interrupted is not None:
             raise interrupted
         return
     if done is not None:  # the destination failed after resuming; the agent killed it
-        run.report.destination_state = "killed" if done["killed"] else "failed"
-        procs.resume_until_running(run.pid)  # CRIU left it stopped (or resumed it itself)
-        run.report.outcome = "failed-after-resume"
-        run.source_resumes_on_failure = False
+        run.custody.destination_failed(killed=bool(done["killed"]))
         raise MigrationError(f"lazy page transfer failed after the destination resumed: {done['error']}; "
                              f"the destination's copy was killed and the source resumed from the checkpoint "
                              "(whatever the destination did since the freeze is lost)")
     # The agent cannot be asked: decide from what the source knows.
-    run.source_resumes_on_failure = False
+    failed = finished and source_failed()
+    run.custody.destination_lost(source_done=finished, source_failed=failed)
     if not finished:
-        run.report.outcome = "unknown"
         raise MigrationError(f"lost the agent ({link_error}) and CRIU is still serving pages: the source stays "
                              f"frozen (pid {run.pid}) until the transfer ends")
-    if source_failed():
+    if failed:
         # CRIU saw the page connection fail: the destination's daemon is gone, so the agent killed the
-        # restored tree; CRIU itself resumed the source (or it is stopped: resume it).
-        procs.resume_until_running(run.pid)
-        run.report.outcome = "failed-after-resume"
-        run.report.destination_state = "killed (lazy-pages daemon failed)"
+        # restored tree; CRIU itself resumed the source (or it was stopped: custody resumed it).
         raise MigrationError(f"lost the agent ({link_error}) and the page transfer failed: the source was resumed")
-    run.report.outcome = "unknown"
-    run.report.destination_state = "unknown (probably running)"
     raise MigrationError(f"lost the agent ({link_error}) after CRIU served every page it was asked for: the "
                          f"source is left STOPPED (pid {run.pid}) so that exactly one copy can run; check the "
                          "destination, then `kill -KILL` or `kill -CONT` the source tree")
@@ -229,8 +219,7 @@ def _after_lazy_commit(run: MigrationRun, wait_source: Callable[[float], bool],
     """A lazy flow failed once the commit was sent: if it was acknowledged, the destination owns
     the process: finish the page transfer (which kills the source) before the failure goes on;
     otherwise let CRIU serve whoever asks until the transfer ends, the source staying stopped."""
-    assert run.client is not None
-    if run.client.committed:
+    if run.custody.committed:
         _finish_lazy(run, wait_source, source_failed)
     elif not wait_source(run.m.lazy_timeout):
         run.note("CRIU was still serving pages when the migration gave up")
@@ -240,7 +229,6 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
     """Post-copy: the frozen source's CRIU serves the pages from memory to the destination's
     lazy-pages daemon after the destination resumed."""
     assert run.client is not None
-    run.leave_stopped = True
     port = procs.free_port(run.source_address)
     posted = threading.Event()
     sizes: dict[str, int] = {}
@@ -265,7 +253,7 @@ def lazy(run: MigrationRun, **dump_kw: Any) -> None:
             raise TransportError("CRIU's lazy page server did not start listening", log_path=opts.log_path)
         run.restore_and_commit(lazy=True, page_server=pages_from)
     except BaseException as exc:
-        if run.client.commit_sent:
+        if run.custody.may_be_owned:
             # never abort nor resume now: the destination may run on pages this source serves
             _after_lazy_commit(run, wait_source, lambda: _dump_failed(dumper))
             raise
@@ -293,7 +281,6 @@ def page_server_on_source(run: MigrationRun) -> None:
     non-lazy pages, as a sparse page image), starts ``criu page-server --lazy-pages`` over its
     images and has the destination restore lazily from it."""
     assert run.client is not None and run.images is not None and run.src_logs is not None
-    run.leave_stopped = True
     holder: dict[str, Any] = {}
     sizes: dict[str, int] = {}
     port = procs.free_port(run.source_address)
@@ -345,11 +332,11 @@ def page_server_on_source(run: MigrationRun) -> None:
             holder["failed"] = True
         return True
 
-    if run.deferred is not None:  # post-dump failed after the commit was sent
+    if run.custody.deferred is not None:  # post-dump failed after the commit was sent
         try:
             _after_lazy_commit(run, wait_source, lambda: bool(holder.get("failed")))
         finally:
-            run.raise_deferred()
+            run.custody.raise_deferred()
     _finish_lazy_uncorked(run, port, wait_source, lambda: bool(holder.get("failed")))
     _account(run, image_pages=sizes.get("present", 0), server_pages=0, lazy_pages=sizes.get("lazy", 0))
 
@@ -367,13 +354,13 @@ def _pre_copy_iterations(run: MigrationRun) -> str:
     assert run.client is not None and run.scratch is not None and run.src_logs is not None
     written: list[int] = []
     parent: str | None = None
-    run.touched = True
     for i in itertools.count(1):
         name = f"pre-{i}"
         local = run.scratch / name
         local.mkdir()
         t0 = time.monotonic()
         with run.phase(f"pre-dump {i}"):
+            run.custody.pre_copying()
             address = run.client.start_page_server(name, parent=parent, tls=bool(run.criu_tls_options()))
             extra_opts: dict[str, Any] = {**run.criu_tls_options(), **run.m.flags}
             result = run.criu.pre_dump(PreDumpOptions(

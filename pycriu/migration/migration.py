@@ -39,6 +39,7 @@ from ..results import DumpResult, DumpStats
 from . import checks, pagetls, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
+from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
 from .errors import AgentError, MigrationError
 from .images import DirUsage, dir_usage, memory_dir
 from .modes import MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
@@ -136,7 +137,7 @@ class Migration:
         if tls is not None and not isinstance(tls, TLSConfig):
             raise InvalidOptionError("tls must be a TLSConfig(cert, key, ca)")
         self.tls = tls
-        if self.destination.kind == "tcp" and secret is None and tls is None:
+        if self.destination.needs_credentials and secret is None and tls is None:
             raise InvalidOptionError("tcp:// needs authentication: pass secret=... or tls=TLSConfig(...)")
         if isinstance(ssh_options, str) or not all(isinstance(o, str) for o in ssh_options):
             raise InvalidOptionError("ssh_options must be a list of strings")
@@ -164,7 +165,7 @@ class Migration:
         self.flags = flags
         if criu_tls is not None and not isinstance(criu_tls, bool):
             raise InvalidOptionError("criu_tls must be True, False or None (the default: on unless to='local')")
-        self.criu_tls = self.destination.kind != "local" if criu_tls is None else criu_tls
+        self.criu_tls = self.destination.pages_leave_host if criu_tls is None else criu_tls
 
     def __repr__(self) -> str:
         return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
@@ -182,8 +183,7 @@ class MigrationRun:
         self.pid = m.pid
         self.t0 = time.monotonic()
         self.report = MigrationReport(mode=m.mode, requested_mode=m.mode, destination=str(m.destination),
-                                      transport=m.destination.kind if m.destination.kind != "tcp" else
-                                      ("tcp+tls" if m.tls else "tcp+secret"), pid=m.pid)
+                                      transport=m.destination.transport(m.tls is not None), pid=m.pid)
         self.criu = m.criu or Criu()
         self.conn: Connection | None = None
         self.client: AgentClient | None = None
@@ -196,12 +196,7 @@ class MigrationRun:
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
         self.t_resume: float | None = None
-        self.dumped = False
-        self.touched = False  # a pre-dump ran (the tree was briefly frozen and resumed)
-        self.source_resumes_on_failure = True  # false once a lazy flow decided the source's fate itself
-        self.leave_stopped = False
-        self.source_killed = False  # SIGKILLed after the commit; _finish waits until it is gone
-        self.deferred: BaseException | None = None  # raised in post-dump after the commit was sent
+        self.custody = Custody(ProcTree(m.pid), AgentCopy(self), self.note)  # who holds the process
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
         self.released = DirUsage()  # page images removed from the scratch directory once sent
@@ -264,7 +259,7 @@ class MigrationRun:
             self._prepare_scratch(mode)
             self.emit("mode", "info", message=f"{mode}: {self.report.mode_reason}")
             flows.FLOWS[mode](self)
-            self.report.outcome = "migrated"
+            self.custody.succeeded()
         except BaseException as exc:  # noqa: BLE001 - re-raised below with the report
             error = exc
             self._on_failure(exc)
@@ -299,7 +294,7 @@ class MigrationRun:
         self.images.mkdir()
         # A local agent whose images directory is on this filesystem takes whole images by hard
         # link: on one host a copy only costs time and memory (a second page cache, in the downtime).
-        link_dev = self.client.info.get("link_dev") if self.client and self.m.destination.kind == "local" else None
+        link_dev = self.client.info.get("link_dev") if self.client and self.m.destination.same_host else None
         if link_dev is not None and os.stat(self.images).st_dev == link_dev:
             self.link_images = True
             self.note("images by hard link to the local agent (same host and filesystem): no copy")
@@ -384,13 +379,13 @@ class MigrationRun:
     def _source_address(self, remote: Mapping[str, Any]) -> str:
         if self.m.source_address:
             return self.m.source_address
-        if self.m.destination.kind == "local":
+        if self.m.destination.same_host:
             return "127.0.0.1"
         seen = remote.get("peer_address")
         if isinstance(seen, str) and seen and _is_local_address(seen):
             return seen
         assert self.m.destination.host is not None
-        return self.conn.local_address if self.conn and self.conn.local_address and self.m.destination.kind == "tcp" \
+        return self.conn.local_address if self.conn and self.conn.local_address and self.m.destination.has_own_address \
             else procs.address_towards(self.m.destination.host)
 
     # -- building blocks for the flows -----------------------------------------------------------
@@ -415,38 +410,28 @@ class MigrationRun:
         if kw.get("page_server") is not None or kw.get("lazy_pages"):
             kw.update(self.criu_tls_options())
         # Every flow keeps the source stopped, not killed, when post-dump answers success: it is
-        # killed only once the destination acknowledged the commit.
+        # killed only once the destination acknowledged the commit (custody.py).
         kw.setdefault("leave_stopped", True)
-        self.leave_stopped = bool(kw["leave_stopped"])
         flags: dict[str, Any] = dict(self.m.flags)
         return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **flags, **kw)
 
     def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:
-        """A dump notify callback: marks the freeze and runs ``post_dump`` at CRIU's post-dump
-        point. Before the commit was sent, an exception there makes CRIU resume the tree and is
-        re-raised by the dump. Once the commit was sent the source must never resume: post-dump
-        answers success whatever happens (the tree stays stopped, ``leave_stopped``) and the
-        exception is kept in :attr:`deferred` for :meth:`settle_source`."""
+        """A dump's notify callback (:meth:`Custody.criu_notify`): marks the freeze and runs
+        ``post_dump`` at CRIU's post-dump point, unless the caller gave up meanwhile."""
 
-        def callback(action: str, pid: int) -> bool:
-            if action == "pre-dump":
-                self.t_freeze = time.monotonic()
-                self.phase_start("freeze+dump")
-            elif action == "post-dump":
-                self.phase_end("freeze+dump")
-                self.dumped = True
-                try:
-                    self.check_cancelled()
-                    if post_dump is not None:
-                        post_dump()
-                except BaseException as exc:
-                    if self.client is not None and self.client.commit_sent:
-                        self.deferred = exc
-                        return True
-                    raise
-            return True
+        def freeze() -> None:
+            self.t_freeze = time.monotonic()
+            self.phase_start("freeze+dump")
 
-        return callback
+        def post() -> None:
+            self.check_cancelled()
+            if post_dump is not None:
+                post_dump()
+
+        def dumped() -> None:
+            self.phase_end("freeze+dump")
+
+        return self.custody.criu_notify(post, on_freeze=freeze, on_dumped=dumped)
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
@@ -513,8 +498,7 @@ class MigrationRun:
             reply = self.client.restore(name, lazy=lazy, page_server=page_server, flags=self.m.flags,
                                         tls=bool(page_server is not None and self.criu_tls_options()))
         t_reply = time.monotonic()
-        self.report.destination_pid = reply["pid"]
-        self.report.destination_state = "stopped (not committed)"  # the agent resumes it at the commit
+        self.custody.restored(reply["pid"])  # held stopped: the agent resumes it at the commit
         if reply["stats"] is not None:
             self.report.criu_stats["restore"] = reply["stats"]
         if reply["page_server_wait"]:
@@ -523,9 +507,17 @@ class MigrationRun:
         if reply["lazy_daemon_seconds"] is not None:
             self.note(f"starting the lazy-pages daemon took {reply['lazy_daemon_seconds'] * 1000:.0f} ms of the "
                       "restore phase")
-        ack = self.client.commit()
+        self.custody.commit_sending()
+        try:
+            ack = self.client.commit()
+        finally:  # what the channel knows, also when the call raised (Ctrl-C right after the ack)
+            if self.client.committed:
+                self.custody.commit_acknowledged()
+                if lazy:
+                    self.custody.serving()  # the destination runs; this frozen source serves its pages
+            elif not self.client.commit_sent:  # no whole frame left, or the agent refused it
+                self.custody.commit_not_delivered()
         t_ack = time.monotonic()
-        self.report.destination_state = "running"
         if ack.get("resumed_ago") is not None:
             self.t_resume = t_ack - float(ack["resumed_ago"]) - self.client.rtt / 2
             how = ("source pre-dump notification (freeze) to the agent's SIGCONT of the restored tree at the "
@@ -540,53 +532,6 @@ class MigrationRun:
             self.report.downtime = round(max(0.0, self.t_resume - self.t_freeze), 6)
             self.report.downtime_method = how
 
-    def settle_source(self) -> None:
-        """After a dump that committed inside post-dump (the source was left stopped): kill the
-        source once the destination acknowledged the commit, then raise what post-dump deferred."""
-        assert self.client is not None
-        if self.client.committed:
-            self.kill_source()
-        self.raise_deferred()
-
-    def raise_deferred(self) -> None:
-        exc, self.deferred = self.deferred, None
-        if exc is not None:
-            raise exc
-
-    def kill_source(self) -> None:
-        """The destination owns the process: the stopped source tree goes. Its memory is freed
-        while the end of the session runs (:meth:`_finish` waits until it is gone)."""
-        if procs.kill_tree(self.pid) is not None:
-            self.source_killed = True
-
-    def drop_destination(self) -> None:
-        """The agent cannot be told to abort after it restored (the link is lost): its tree was
-        never resumed. The agent kills it (its guard, if the agent died); on this host
-        (``local``) the source also kills it itself if it is still there."""
-        pid = self.report.destination_pid
-        if pid is None or self.report.destination_state.startswith(("killed", "gone")):
-            return
-        if self.m.destination.kind != "local":
-            self.report.destination_state = "stopped (not committed)"
-            self.note(f"the agent could not be told to abort: its restored tree (pid {pid} on the destination) "
-                      "was never resumed; the agent kills it when it notices the lost link (or after its "
-                      "--commit-timeout), and its guard does if the agent died")
-            return
-        state = procs.tree_state(pid)
-        if state == "gone":
-            self.report.destination_state = "gone"
-        elif state == "stopped" and procs.comm(pid) is not None and procs.comm(pid) == procs.comm(self.pid):
-            # (not the command line: it is read from the process's memory, which a lazily
-            # restored tree may not have yet)
-            procs.kill_tree(pid)
-            procs.wait_gone(pid)
-            self.report.destination_state = "killed"
-            self.note(f"the agent could not be told to abort: the source killed the destination's stopped, "
-                      f"uncommitted tree (pid {pid}, same host) itself")
-        else:
-            self.report.destination_state = "unknown (the agent was unreachable)"
-            self.note(f"the agent could not be told to abort and pid {pid} no longer looks like the restored tree: "
-                      "left alone")
 
     def dump_stats(self) -> DumpStats | None:
         return self.dump_result.stats if self.dump_result is not None else None
@@ -595,48 +540,7 @@ class MigrationRun:
 
     def _on_failure(self, exc: BaseException) -> None:
         self.report.error = _describe(exc)
-        if self.t_freeze is None and not self.touched:
-            self.report.outcome = "refused"
-            return
-        client = self.client
-        if client is not None and client.commit_sent:
-            # the destination may own the process: the source never resumes from here on
-            self._after_commit_failure(client.committed)
-            return
-        if client is not None:
-            # before the commit: roll back; the destination must not keep its (stopped) copy
-            reply = client.abort(f"source failed: {self.report.error}")
-            if reply is not None:
-                if reply["killed"]:
-                    self.report.destination_state = "killed"
-            elif self.report.destination_pid is not None:
-                self.drop_destination()
-            elif self.report.destination_state != "none":
-                self.report.destination_state = "unknown (the agent kills an uncommitted tree when the link drops)"
-        if (self.leave_stopped and not self.source_killed and procs.tree_state(self.pid) == "stopped"
-                and self.source_resumes_on_failure):
-            procs.resume_until_running(self.pid)
-            self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
-
-    def _after_commit_failure(self, committed: bool) -> None:
-        if not self.source_resumes_on_failure:
-            return  # a lazy flow already decided (failed-after-resume, or unknown)
-        self.source_resumes_on_failure = False
-        pid = self.report.destination_pid
-        if committed:
-            if procs.tree_state(self.pid) != "gone":
-                self.kill_source()
-            self.report.destination_state = "running"
-            self.report.outcome = "migrated"
-            self.note(f"the failure came after the destination acknowledged the commit: it owns the process "
-                      f"(pid {pid}) and the source was killed")
-            return
-        self.report.outcome = "unknown"
-        self.report.destination_state = "unknown (commit sent, not acknowledged)"
-        self.note(f"the commit was sent but not acknowledged: the source is left STOPPED (pid {self.pid}) so that "
-                  f"exactly one copy can run. Check the destination's pid {pid}: if it runs, the commit arrived: "
-                  f"`kill -KILL` the source tree; if it is stopped or gone, the commit did not arrive: kill what "
-                  f"is left of it and `kill -CONT` the source tree (every process of it). Resume only ONE copy")
+        self.custody.fail(self.report.error)
 
     def _final_error(self, exc: BaseException) -> BaseException:
         report = self.report
@@ -665,16 +569,11 @@ class MigrationRun:
                 pass
         self._collect_remote(error)
         report = self.report
-        if self.source_killed and not procs.wait_gone(self.pid):
-            self.note(f"the source tree (pid {self.pid}) was sent SIGKILL but had not exited after 5 s")
-        report.source_state = procs.tree_state(self.pid)
-        if report.outcome == "unknown" and error is not None:
-            if report.source_state == "running" and (report.destination_state in ("none", "killed", "gone",
-                                                                                  "stopped (not committed)")
-                                                     or report.destination_state.startswith("unknown")):
-                report.outcome = "rolled-back"
-        if report.outcome == "refused" and report.source_state != "gone":
-            report.source_state = "running (never frozen)" if report.source_state == "running" else report.source_state
+        report.source_state = self.custody.settle()
+        assert self.custody.outcome is not None
+        report.outcome = self.custody.outcome
+        report.destination_state = self.custody.destination_state
+        report.destination_pid = self.custody.destination_pid
         on_disk, in_memory = (dir_usage(self.scratch) + self.released).split()
         logs = dir_usage(self.log_dir / "source") if self.log_dir else None
         report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
@@ -728,6 +627,51 @@ class MigrationRun:
                 conn.close(timeout=max(30.0, self.m.lazy_timeout if self.report.mode in NEEDS_LAZY else 30.0))
             except Exception:  # noqa: BLE001
                 pass
+
+
+class AgentCopy:
+    """The destination's copy, reached through the run's agent (:class:`DestinationCopy`)."""
+
+    def __init__(self, run: MigrationRun) -> None:
+        self.run = run
+
+    def abort(self, reason: str) -> str:
+        run, state = self.run, self.run.custody.destination_state
+        if run.client is None:
+            return state
+        reply = run.client.abort(reason)  # only the first call talks to the agent
+        if reply is not None:
+            return "killed" if reply["killed"] else state
+        if run.custody.destination_pid is not None:
+            return self._drop(run.custody.destination_pid, state)
+        return state if state == "none" else "unknown (the agent kills an uncommitted tree when the link drops)"
+
+    def _drop(self, pid: int, state: str) -> str:
+        """The agent cannot be told to abort after it restored (the link is lost): its tree was
+        never resumed. The agent kills it (its guard, if the agent died); on this host
+        (``local``) the source also kills it itself if it is still there."""
+        run = self.run
+        if state.startswith(("killed", "gone")):
+            return state
+        if not run.m.destination.same_host:
+            run.note(f"the agent could not be told to abort: its restored tree (pid {pid} on the destination) "
+                     "was never resumed; the agent kills it when it notices the lost link (or after its "
+                     "--commit-timeout), and its guard does if the agent died")
+            return STOPPED_UNCOMMITTED
+        found = procs.tree_state(pid)
+        if found == "gone":
+            return "gone"
+        if found == "stopped" and procs.comm(pid) is not None and procs.comm(pid) == procs.comm(run.pid):
+            # (not the command line: it is read from the process's memory, which a lazily
+            # restored tree may not have yet)
+            procs.kill_tree(pid)
+            procs.wait_gone(pid)
+            run.note(f"the agent could not be told to abort: the source killed the destination's stopped, "
+                     f"uncommitted tree (pid {pid}, same host) itself")
+            return "killed"
+        run.note(f"the agent could not be told to abort and pid {pid} no longer looks like the restored tree: "
+                 "left alone")
+        return "unknown (the agent was unreachable)"
 
 
 def _describe(exc: BaseException) -> str:

@@ -81,6 +81,34 @@ class Destination:
                 raise InvalidOptionError("tcp:// destinations take no user name")
         return cls(parts.scheme, host, port, parts.username)
 
+    @property
+    def same_host(self) -> bool:
+        """The agent runs on this host (``local``): one PID space, one filesystem, one /dev/shm."""
+        return self.kind == "local"
+
+    @property
+    def needs_credentials(self) -> bool:
+        """The connection authenticates nobody by itself (``tcp://``): a shared secret or TLS
+        certificates must be given. (``ssh://`` is authenticated by SSH, ``local`` by the pipe.)"""
+        return self.kind == "tcp"
+
+    @property
+    def pages_leave_host(self) -> bool:
+        """CRIU's page connections cross a network: TLS for them is on by default."""
+        return not self.same_host
+
+    @property
+    def has_own_address(self) -> bool:
+        """The source's address towards the agent is the control connection's own local
+        address (a direct TCP connection; ssh's may go through a jump host or a proxy)."""
+        return self.kind == "tcp"
+
+    def transport(self, tls: bool) -> str:
+        """The report's name of the transport: ``local``, ``ssh``, ``tcp+tls`` or ``tcp+secret``."""
+        if self.kind == "tcp":
+            return "tcp+tls" if tls else "tcp+secret"
+        return self.kind
+
     def __str__(self) -> str:
         if self.kind == "local":
             return "local"
@@ -284,10 +312,7 @@ class Connection:
 
     @property
     def transport(self) -> str:
-        kind = self.destination.kind
-        if kind == "tcp":
-            return "tcp+tls" if self.tls else "tcp+secret"
-        return kind
+        return self.destination.transport(self.tls)
 
     def kill_agent(self) -> None:
         """Kill the agent process this connection started (local and ssh transports)."""

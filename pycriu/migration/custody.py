@@ -1,0 +1,335 @@
+"""Custody of the source tree: the one owner of the rule "exactly one copy of the process runs".
+
+A migration moves through stages, and each stage allows exactly one answer to a failure:
+
+==============  ====================================================  ===========================
+stage           where the process is                                   a failure there
+==============  ====================================================  ===========================
+untouched       the source runs; nothing was ever stopped              ``refused``
+pre-copied      pre-dumps freeze and resume it; the source runs         rolled back
+frozen          CRIU's dump froze it                                    rolled back: CRIU resumes
+                                                                        it, or custody does
+dumped          images complete; kept stopped (``leave_stopped``)       rolled back: the destination
+                until the destination acknowledges the commit           drops its copy, the source
+                                                                        is resumed
+commit sent     the destination may own it; the source never resumes    ``unknown``: the source
+                again (a commit the agent refused goes back to dumped)  stays stopped
+committed       the destination acknowledged: it owns the process       ``migrated``: the source is
+                                                                        killed
+serving         (lazy flows) committed; the frozen source still serves  decided by what the
+                the destination's missing pages                         destination reports
+handed over     the source was killed: one copy, the destination's      ``migrated``
+==============  ====================================================  ===========================
+
+The flows and the run only *report* events (CRIU's notifications, the commit, the lazy transfer's
+end) to a :class:`Custody`; it alone decides whether the source is resumed, killed or left
+stopped, and what the outcome is. Both copies are reached through two small interfaces,
+:class:`SourceTree` and :class:`DestinationCopy`, so that the whole table is tested without root
+(``tests/test_migration_custody.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Protocol
+
+from . import procs
+
+__all__ = ["Custody", "Stage", "Outcome", "SourceTree", "DestinationCopy", "ProcTree", "CustodyError",
+           "UNCOMMITTED", "STOPPED_UNCOMMITTED"]
+
+#: The destination's copy is restored, stopped, and waits for the commit.
+STOPPED_UNCOMMITTED = "stopped (not committed)"
+#: What the destination's copy can be after an abort without it ever having run.
+UNCOMMITTED = frozenset({"none", "killed", "gone", STOPPED_UNCOMMITTED})
+
+
+class Outcome(enum.StrEnum):
+    """How a migration ended (``MigrationReport.outcome``)."""
+
+    MIGRATED = "migrated"  # the destination runs it, the source is gone
+    ROLLED_BACK = "rolled-back"  # the destination never took over; the source runs, memory intact
+    REFUSED = "refused"  # stopped before anything was frozen
+    FAILED_AFTER_RESUME = "failed-after-resume"  # a lazy flow broke after the destination resumed
+    UNKNOWN = "unknown"  # the source is left stopped: the operator decides (the report says how)
+
+
+class Stage(enum.Enum):
+    UNTOUCHED = "untouched"
+    PRE_COPIED = "pre-copied"
+    FROZEN = "frozen"
+    DUMPED = "dumped"
+    COMMIT_SENT = "commit sent"
+    COMMITTED = "committed"
+    SERVING = "serving"
+    HANDED_OVER = "handed over"
+    RESUMED = "resumed"  # after a failure: the source runs again
+    LEFT_STOPPED = "left stopped"  # after a failure: the source stays stopped
+
+
+#: Every allowed move. Anything else is a bug in a flow, raised as :class:`CustodyError`.
+TRANSITIONS: dict[Stage, frozenset[Stage]] = {
+    Stage.UNTOUCHED: frozenset({Stage.PRE_COPIED, Stage.FROZEN}),
+    Stage.PRE_COPIED: frozenset({Stage.PRE_COPIED, Stage.FROZEN, Stage.RESUMED}),
+    Stage.FROZEN: frozenset({Stage.DUMPED, Stage.RESUMED}),
+    Stage.DUMPED: frozenset({Stage.COMMIT_SENT, Stage.RESUMED}),
+    Stage.COMMIT_SENT: frozenset({Stage.COMMITTED, Stage.DUMPED, Stage.LEFT_STOPPED}),
+    Stage.COMMITTED: frozenset({Stage.SERVING, Stage.HANDED_OVER}),
+    Stage.SERVING: frozenset({Stage.HANDED_OVER, Stage.RESUMED, Stage.LEFT_STOPPED}),
+    Stage.HANDED_OVER: frozenset(),
+    Stage.RESUMED: frozenset(),
+    Stage.LEFT_STOPPED: frozenset(),
+}
+#: From here on the destination may own the process: the source must never resume on its own.
+MAY_BE_OWNED = frozenset({Stage.COMMIT_SENT, Stage.COMMITTED, Stage.SERVING, Stage.HANDED_OVER})
+
+
+class CustodyError(AssertionError):
+    """A flow reported an event that its stage does not allow (a bug in pycriu, not a failure
+    of the migration)."""
+
+
+class SourceTree(Protocol):
+    """The source's process tree."""
+
+    pid: int
+
+    def state(self) -> str:
+        """``running``, ``stopped`` or ``gone``."""
+        ...
+
+    def resume(self) -> None:
+        """SIGCONT every process of it, until it runs."""
+        ...
+
+    def kill(self) -> bool:
+        """SIGKILL every process of it; whether it existed."""
+        ...
+
+    def wait_gone(self) -> bool:
+        """Wait (a few seconds) until a killed tree is gone; whether it is."""
+        ...
+
+
+class DestinationCopy(Protocol):
+    """The destination's copy, through the agent."""
+
+    def abort(self, reason: str) -> str:
+        """Have the destination drop its uncommitted copy (best effort); return what it is now:
+        ``none``, ``killed``, ``gone``, ``stopped (not committed)`` or ``unknown (...)``."""
+        ...
+
+
+class ProcTree:
+    """:class:`SourceTree` of a real process tree (:mod:`.procs`)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def state(self) -> str:
+        return procs.tree_state(self.pid)
+
+    def resume(self) -> None:
+        procs.resume_until_running(self.pid)
+
+    def kill(self) -> bool:
+        return procs.kill_tree(self.pid) is not None
+
+    def wait_gone(self) -> bool:
+        return procs.wait_gone(self.pid)
+
+
+class Custody:
+    """Who holds the process, from the first freeze to the end of the run."""
+
+    def __init__(self, source: SourceTree, destination: DestinationCopy, note: Callable[[str], None]) -> None:
+        self.source = source
+        self.destination = destination
+        self.note = note
+        self.stage = Stage.UNTOUCHED
+        self.outcome: Outcome | None = None  # decided; None until then
+        self.destination_state = "none"
+        self.destination_pid: int | None = None
+        self.deferred: BaseException | None = None  # raised in post-dump once the commit was sent
+        self._killed = False
+
+    def __repr__(self) -> str:
+        return f"<Custody {self.stage.value} outcome={self.outcome} destination={self.destination_state!r}>"
+
+    def _to(self, stage: Stage) -> None:
+        if stage not in TRANSITIONS[self.stage]:
+            raise CustodyError(f"custody cannot go from {self.stage.value} to {stage.value}")
+        self.stage = stage
+
+    @property
+    def may_be_owned(self) -> bool:
+        """The commit may have reached the destination: the source must not resume on its own."""
+        return self.stage in MAY_BE_OWNED
+
+    @property
+    def committed(self) -> bool:
+        return self.stage in (Stage.COMMITTED, Stage.SERVING, Stage.HANDED_OVER)
+
+    # -- events of a healthy migration ------------------------------------------------------------
+
+    def pre_copying(self) -> None:
+        """A pre-dump is about to freeze the tree briefly (CRIU resumes it)."""
+        self._to(Stage.PRE_COPIED)
+
+    def criu_notify(self, post_dump: Callable[[], None] | None, *, on_freeze: Callable[[], None],
+                    on_dumped: Callable[[], None]) -> Callable[[str, int], bool]:
+        """The notify callback of a dump. At ``pre-dump`` the tree is frozen; at ``post-dump`` its
+        images are complete and ``post_dump`` runs (the flows send the images, restore and
+        commit there). Before the commit was sent, an exception there makes CRIU resume the tree
+        and is re-raised by the dump. Once it was sent, post-dump answers success whatever
+        happens (the tree stays stopped, ``leave_stopped``) and the exception waits in
+        :attr:`deferred` for :meth:`dump_returned`."""
+
+        def callback(action: str, pid: int) -> bool:
+            if action == "pre-dump":
+                self._to(Stage.FROZEN)
+                on_freeze()
+            elif action == "post-dump":
+                on_dumped()
+                self._to(Stage.DUMPED)
+                try:
+                    if post_dump is not None:
+                        post_dump()
+                except BaseException as exc:
+                    if self.may_be_owned:
+                        self.deferred = exc
+                        return True
+                    raise
+            return True
+
+        return callback
+
+    def restored(self, pid: int) -> None:
+        """The destination restored its copy, held stopped until the commit."""
+        self.destination_pid = pid
+        self.destination_state = STOPPED_UNCOMMITTED
+
+    def commit_sending(self) -> None:
+        """The commit is about to be sent: from now on assume it may arrive."""
+        self._to(Stage.COMMIT_SENT)
+
+    def commit_not_delivered(self) -> None:
+        """No whole commit left this host, or the agent refused it (and did not resume its copy):
+        the source may be resumed again."""
+        self._to(Stage.DUMPED)
+
+    def commit_acknowledged(self) -> None:
+        """The destination resumed its copy: it owns the process."""
+        self._to(Stage.COMMITTED)
+        self.destination_state = "running"
+
+    def dump_returned(self) -> None:
+        """A non-lazy dump returned (the commit was inside its post-dump): kill the source once
+        the destination acknowledged the commit, then raise what post-dump deferred."""
+        if self.committed:
+            self.hand_over()
+        self.raise_deferred()
+
+    def raise_deferred(self) -> None:
+        exc, self.deferred = self.deferred, None
+        if exc is not None:
+            raise exc
+
+    def serving(self) -> None:
+        """(lazy flows) The destination runs; the frozen source serves its missing pages."""
+        self._to(Stage.SERVING)
+
+    def hand_over(self) -> None:
+        """The destination owns the process: the stopped source tree goes."""
+        self._to(Stage.HANDED_OVER)
+        self._killed = self.source.kill()
+        self.destination_state = "running"
+
+    def succeeded(self) -> None:
+        """The flow finished: it must have handed the process over."""
+        if self.stage is not Stage.HANDED_OVER:
+            raise CustodyError(f"a flow ended without handing the process over (custody: {self.stage.value})")
+        self.outcome = Outcome.MIGRATED
+
+    # -- what the destination reports after it resumed (lazy flows) -------------------------------
+
+    def destination_failed(self, killed: bool) -> None:
+        """The destination resumed, then failed (its page supply broke) and the agent killed its
+        copy (``killed``): the source resumes from the checkpoint; what the destination did since
+        the freeze is lost."""
+        self.destination_state = "killed" if killed else "failed"
+        self._resume(Outcome.FAILED_AFTER_RESUME)
+
+    def destination_lost(self, *, source_done: bool, source_failed: bool) -> None:
+        """The agent cannot be asked any more: decide from what the source's CRIU knows.
+        ``source_done``: CRIU stopped serving pages; ``source_failed``: it saw the page
+        connection fail (the destination's daemon is gone, so the agent killed its copy)."""
+        if source_done and source_failed:
+            self.destination_state = "killed (lazy-pages daemon failed)"
+            self._resume(Outcome.FAILED_AFTER_RESUME)
+            return
+        if source_done:
+            self.destination_state = "unknown (probably running)"
+        self._leave_stopped()
+
+    # -- failure ------------------------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Something failed: apply the one answer the current stage allows."""
+        if self.outcome is not None or self.stage in (Stage.RESUMED, Stage.LEFT_STOPPED):
+            return  # already decided (a lazy flow's end)
+        if self.stage is Stage.UNTOUCHED:
+            self.outcome = Outcome.REFUSED
+        elif self.stage is Stage.COMMIT_SENT:
+            self.destination_state = "unknown (commit sent, not acknowledged)"
+            self._leave_stopped()
+            pid = self.destination_pid
+            self.note(f"the commit was sent but not acknowledged: the source is left STOPPED (pid "
+                      f"{self.source.pid}) so that exactly one copy can run. Check the destination's pid {pid}: "
+                      f"if it runs, the commit arrived: `kill -KILL` the source tree; if it is stopped or gone, "
+                      f"the commit did not arrive: kill what is left of it and `kill -CONT` the source tree "
+                      f"(every process of it). Resume only ONE copy")
+        elif self.committed:
+            if self.stage is not Stage.HANDED_OVER:
+                self.hand_over()
+            self.outcome = Outcome.MIGRATED
+            self.note(f"the failure came after the destination acknowledged the commit: it owns the process "
+                      f"(pid {self.destination_pid}) and the source was killed")
+        else:  # pre-copied, frozen, dumped: roll back
+            self.abort_destination(f"source failed: {reason}")
+            if self.source.state() == "stopped":
+                self.source.resume()
+                self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
+            self._to(Stage.RESUMED)
+
+    def abort_destination(self, reason: str) -> None:
+        """Before the commit: the destination must not keep its (stopped) copy."""
+        self.destination_state = self.destination.abort(reason)
+
+    def _resume(self, outcome: Outcome) -> None:
+        self.source.resume()  # CRIU left it stopped (or resumed it itself)
+        self._to(Stage.RESUMED)
+        self.outcome = outcome
+
+    def _leave_stopped(self) -> None:
+        self._to(Stage.LEFT_STOPPED)
+        self.outcome = Outcome.UNKNOWN
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def settle(self) -> str:
+        """At the end of the run: wait for a killed source to be gone, read where it is, and
+        decide an outcome not decided yet from what is measured. Returns the source's state."""
+        if self._killed and not self.source.wait_gone():
+            self.note(f"the source tree (pid {self.source.pid}) was sent SIGKILL but had not exited after 5 s")
+        state = self.source.state()
+        if self.outcome is None or self.outcome is Outcome.UNKNOWN:
+            uncommitted = self.destination_state in UNCOMMITTED or self.destination_state.startswith("unknown")
+            if state == "running" and uncommitted and self.stage is not Stage.LEFT_STOPPED:
+                self.outcome = Outcome.ROLLED_BACK
+            elif self.outcome is None:
+                self.outcome = Outcome.UNKNOWN
+        if self.outcome is Outcome.REFUSED and state == "running":
+            return "running (never frozen)"
+        return state
