@@ -179,23 +179,17 @@ def diagnose(binary: str | None = None) -> Diagnosis:
     d.add("userfaultfd", "ok" if uffd else "info", "/dev/userfaultfd present" if uffd else "/dev/userfaultfd absent",
           "lazy migration falls back to the userfaultfd syscall; check vm.unprivileged_userfaultfd")
 
-    base = "available" if check_ok else "unavailable: criu check failed"
-    d.flows["classic"] = base
-    d.flows["page-server"] = base
-    if not check_ok:
-        lazy = base
-    elif features is not None and not features.lazy_pages:
-        lazy = "unavailable: no lazy pages (userfaultfd)"
-    elif not pipe_ok:
-        lazy = f"unavailable: fs.pipe-max-size {pipe_max} < {PIPE_MAX_NEEDED}"
-    else:
-        lazy = "available"
-    d.flows["lazy"] = lazy
-    d.flows["page-server-on-source"] = lazy
-    track = "available" if check_ok and features is not None and features.mem_track else \
-        "unavailable: kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY)"
-    d.flows["pre-copy"] = track
-    d.flows["hybrid"] = track if lazy == "available" else lazy
+    # every flow's availability, from its own description (pycriu.migration.modes.FLOWS)
+    from .migration.modes import FLOWS
+
+    failed = None if check_ok else "unavailable: criu check failed"
+    no_lazy = ("unavailable: no lazy pages (userfaultfd)" if features is not None and not features.lazy_pages
+               else f"unavailable: fs.pipe-max-size {pipe_max} < {PIPE_MAX_NEEDED}" if not pipe_ok else None)
+    no_track = (None if features is not None and features.mem_track
+                else "unavailable: kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY)")
+    for name, flow in FLOWS.items():
+        why = failed or (flow.needs_lazy_pages and no_lazy) or (flow.needs_mem_track and no_track) or None
+        d.flows[name] = why or "available"
     return d
 
 

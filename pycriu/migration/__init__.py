@@ -9,8 +9,9 @@
 Modules, one job each: :mod:`~pycriu.migration.protocol` (frames, messages, authentication, file
 streaming), :mod:`~pycriu.migration.transport` (local / ssh / tcp connections),
 :mod:`~pycriu.migration.agent` (the destination side), :mod:`~pycriu.migration.client` (the
-source's requests), :mod:`~pycriu.migration.flows` (the CRIU memory-transfer flows),
-:mod:`~pycriu.migration.migration` (checks, mode choice, rollback, cleanup),
+source's requests), :mod:`~pycriu.migration.flows` (the CRIU memory-transfer flows, one module
+each), :mod:`~pycriu.migration.custody` (who holds the process: resume, kill or leave stopped),
+:mod:`~pycriu.migration.migration` (checks, directories, CRIU options, the end of a run),
 :mod:`~pycriu.migration.report`, :mod:`~pycriu.migration.policy` (pre-copy convergence),
 :mod:`~pycriu.migration.images` and :mod:`~pycriu.migration.procs` (what is on disk and in /proc),
 :mod:`~pycriu.migration.modes` (the flows and which one ``auto`` picks),
@@ -26,7 +27,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agent import AgentConfig, AgentSession, serve_stdio, serve_tcp
+    from .agent import AgentConfig, serve_stdio, serve_tcp
+    from .custody import Outcome
     from .errors import AgentError, AuthenticationError, MigrationError, ProtocolError, TransportError
     from .migration import MODES, Migration, Progress
     from .policy import PreCopyDecision, PreCopyPolicy
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 # which needs none of the source's side, starts without importing it: the local agent's
 # start-up is part of every local migration's time.
 _EXPORTS = {
-    "AgentConfig": "agent", "AgentSession": "agent", "serve_stdio": "agent", "serve_tcp": "agent",
+    "AgentConfig": "agent", "serve_stdio": "agent", "serve_tcp": "agent", "Outcome": "custody",
     "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors",
     "ProtocolError": "errors", "TransportError": "errors",
     "MODES": "migration", "Migration": "migration", "Progress": "migration",
@@ -47,9 +49,9 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Migration", "MigrationReport", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
+    "Migration", "MigrationReport", "Outcome", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
     "TLSConfig", "Destination", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
-    "TransportError", "AgentConfig", "AgentSession", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
+    "TransportError", "AgentConfig", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
 ]
 
 

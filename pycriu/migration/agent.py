@@ -58,7 +58,7 @@ from . import checks, pagetls
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .guard import Guard
 from .images import dir_usage, memory_dir
-from .modes import choose_mode
+from .modes import FLOWS, choose_mode
 from .procs import kill_tree, resume_tree
 from .protocol import (
     LOG_NAME,
@@ -81,8 +81,6 @@ __all__ = ["AgentConfig", "AgentSession", "serve_stdio", "serve_tcp", "main", "a
 log = logging.getLogger("pycriu.agent")
 
 #: CRIU options the source may ask the restore to use (booleans only, nothing path-like).
-#: Flows whose images on the destination hold only CRIU's non-lazy pages (kept in memory).
-IMAGES_IN_MEMORY = frozenset({"lazy", "page-server-on-source"})
 
 RESTORE_FLAGS = frozenset({"tcp_established", "tcp_close", "shell_job", "ext_unix_sk", "file_locks",
                            "link_remap", "evasive_devices", "skip_file_rwx_check", "weak_sysctls"})
@@ -334,7 +332,8 @@ class AgentSession:
                                   local["features"]["lazy_pages"], local["features"]["mem_track"])
         except KernelUnsupportedError:
             mode = msg.get("mode", "")  # the source refuses it after this hello
-        memory = memory_dir() if self.config.memory_images and mode in IMAGES_IN_MEMORY else None
+        flow = FLOWS.get(mode)  # the flow's own description says where its images belong
+        memory = memory_dir() if self.config.memory_images and flow and flow.destination_images_in_memory else None
         if memory is not None:
             self._memory_dir = Path(tempfile.mkdtemp(prefix=f"pycriu-agent-{self.name}-", dir=memory))
             self.guard.remove_at_exit(self._memory_dir)  # RAM: never left behind, even if this agent dies
@@ -845,9 +844,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
                                                            "127.0.0.1, PORT 0 picks a free one")
     parser.add_argument("--root", metavar="DIR", help="directory for session data (default: a new temporary one)")
     parser.add_argument("--secret-file", metavar="FILE", help="shared secret for tcp:// clients")
-    parser.add_argument("--tls-cert", metavar="PEM", help="this agent's certificate (TLS)")
-    parser.add_argument("--tls-key", metavar="PEM", help="its private key")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA that signs accepted client certificates")
+    TLSConfig.add_arguments(parser, own="this agent's", ca="CA that signs accepted client certificates")
     parser.add_argument("--data-address", metavar="IP", help="address CRIU's page servers listen on "
                                                              "(default: the address the source reached)")
     parser.add_argument("--once", action="store_true", help="with --listen: exit after one session")
@@ -882,12 +879,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run an agent from parsed :func:`add_arguments` options; returns the exit status."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="pycriu-agent[%(process)d] %(levelname)s %(message)s")
-    tls = None
-    if args.tls_cert or args.tls_key or args.tls_ca:
-        if not (args.tls_cert and args.tls_key and args.tls_ca):
-            print("pycriu agent: TLS needs --tls-cert, --tls-key and --tls-ca", file=sys.stderr)
-            return 2
-        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    try:
+        tls = TLSConfig.from_args(args)
+    except InvalidOptionError as exc:
+        print(f"pycriu agent: {exc}", file=sys.stderr)
+        return 2
     if args.same_host and not args.stdio:
         print("pycriu agent: --same-host is for --stdio (an agent the source starts on its own host)",
               file=sys.stderr)

@@ -52,9 +52,7 @@ def register(subparsers: Any) -> None:
                    help="memory-transfer flow (default auto: lazy when both hosts support it, else page-server)")
     auth = p.add_argument_group("tcp:// authentication")
     auth.add_argument("--secret-file", metavar="FILE", help="shared secret (the agent's --secret-file)")
-    auth.add_argument("--tls-cert", metavar="PEM", help="this host's certificate")
-    auth.add_argument("--tls-key", metavar="PEM", help="its private key")
-    auth.add_argument("--tls-ca", metavar="PEM", help="CA that signed the agent's certificate")
+    TLSConfig.add_arguments(auth, own="this host's", ca="CA that signed the agent's certificate")
     auth.add_argument("--no-criu-tls", action="store_true",
                       help="send the pages over CRIU's own connections in the clear (default: TLS for ssh:// and "
                            "tcp://, with --tls-* certificates or one-migration ones)")
@@ -138,11 +136,7 @@ def _migration(args: argparse.Namespace) -> Migration:
     secret = None
     if args.secret_file:
         secret = agent_mod.read_secret(args.secret_file)
-    tls = None
-    if args.tls_cert or args.tls_key or args.tls_ca:
-        if not (args.tls_cert and args.tls_key and args.tls_ca):
-            raise InvalidOptionError("TLS needs --tls-cert, --tls-key and --tls-ca")
-        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    tls = TLSConfig.from_args(args)
     progress = None
     if not args.quiet and sys.stderr.isatty():
         progress = ProgressDisplay(sys.stderr)

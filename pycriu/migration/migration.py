@@ -42,15 +42,13 @@ from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
 from .errors import AgentError, MigrationError
 from .images import DirUsage, dir_usage, memory_dir
-from .modes import MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
+from .modes import FLOWS, MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
 from .transport import Connection, Destination, TLSConfig, connect
 
 __all__ = ["Migration", "MODES", "Progress"]
 
-#: Flows whose source images hold no page CRIU serves lazily: kept in memory (tmpfs), not on disk.
-SOURCE_IMAGES_IN_MEMORY = frozenset({"lazy", "hybrid"})
 
 
 def lazy_daemon_reads(name: str) -> bool:
@@ -208,6 +206,24 @@ class MigrationRun:
         self._lock = threading.Lock()
         self.cleanups: list[Callable[[], object]] = []
 
+    # -- what the flows read of the migration's settings (flows.base.FlowContext) ------------------
+
+    @property
+    def timeout(self) -> float:
+        return self.m.timeout
+
+    @property
+    def lazy_timeout(self) -> float:
+        return self.m.lazy_timeout
+
+    @property
+    def policy(self) -> PreCopyPolicy:
+        return self.m.policy
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        return self.m.flags
+
     # -- progress and phases ---------------------------------------------------------------------
 
     def emit(self, phase: str, event: str, **kw: Any) -> None:
@@ -248,8 +264,6 @@ class MigrationRun:
     # -- the whole run ---------------------------------------------------------------------------
 
     def execute(self) -> MigrationReport:
-        from . import flows
-
         error: BaseException | None = None
         try:
             self._prepare_dirs()
@@ -258,8 +272,10 @@ class MigrationRun:
             self.report.mode = mode
             self._prepare_scratch(mode)
             self.emit("mode", "info", message=f"{mode}: {self.report.mode_reason}")
-            flows.FLOWS[mode](self)
+            result = FLOWS[mode].load().run(self)
             self.custody.succeeded()
+            self.report.pages = result.pages
+            self.page_bytes = result.page_bytes
         except BaseException as exc:  # noqa: BLE001 - re-raised below with the report
             error = exc
             self._on_failure(exc)
@@ -284,7 +300,7 @@ class MigrationRun:
         images hold only CRIU's few non-lazy pages, a memory filesystem when there is one (so
         that no page touches a disk); else the temporary directory."""
         where = self.m.scratch_dir
-        if where is None and mode in SOURCE_IMAGES_IN_MEMORY:
+        if where is None and FLOWS[mode].source_images_in_memory:
             where = memory_dir()
             if where is None:
                 self.note("no memory filesystem with room at /dev/shm: the source's non-lazy pages are written "

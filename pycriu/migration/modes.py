@@ -1,19 +1,62 @@
-"""The migration modes, what each needs from the two hosts, and which one ``auto`` picks.
+"""The migration modes: what each flow needs from the two hosts and where its images live (one
+:class:`FlowSpec` per flow, the one description that ``auto``, the agent, ``pycriu doctor`` and
+the flow itself read), and which one ``auto`` picks.
 
-Both sides use this: the source to choose the flow, the agent to know it from the ``hello``
-(where the source names the mode it was asked for, before it knows the destination).
+Both sides use this: the source to choose and load the flow, the agent to know from the
+``hello`` where the session's images belong (the source names the mode it was asked for, before
+it knows the destination). Loading this module loads no flow: the agent's start-up is in every
+local migration's time.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from ..errors import KernelUnsupportedError
 
-__all__ = ["MODES", "NEEDS_LAZY", "NEEDS_MEM_TRACK", "NO_MEM_TRACK", "choose_mode"]
+if TYPE_CHECKING:
+    from .flows.base import Flow
 
-#: Every flow, in the order ``auto`` would consider them.
-MODES = ("classic", "page-server", "lazy", "page-server-on-source", "pre-copy", "hybrid")
-NEEDS_LAZY = frozenset({"lazy", "page-server-on-source", "hybrid"})
-NEEDS_MEM_TRACK = frozenset({"pre-copy", "hybrid"})
+__all__ = ["FlowSpec", "FLOWS", "MODES", "NEEDS_LAZY", "NEEDS_MEM_TRACK", "NO_MEM_TRACK", "choose_mode"]
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """What a flow needs and where its images live; :meth:`load` gives the flow itself."""
+
+    name: str
+    #: the module in :mod:`pycriu.migration.flows` that implements it (its ``FLOW`` class)
+    module: str
+    #: needs CRIU's lazy pages (userfaultfd) on both hosts
+    needs_lazy_pages: bool = False
+    #: needs dirty-memory tracking (soft-dirty) on both hosts
+    needs_mem_track: bool = False
+    #: the source's images hold only CRIU's few non-lazy pages: kept in a memory filesystem
+    source_images_in_memory: bool = False
+    #: the same for the destination's images
+    destination_images_in_memory: bool = False
+
+    def load(self) -> Flow:
+        flow: Flow = importlib.import_module(f"{__package__}.flows.{self.module}").FLOW()
+        return flow
+
+
+#: Every flow, in the order ``auto`` would consider them. A new flow: a module in flows/, a line here.
+FLOWS: dict[str, FlowSpec] = {spec.name: spec for spec in (
+    FlowSpec("classic", "classic"),
+    FlowSpec("page-server", "page_server"),
+    FlowSpec("lazy", "lazy", needs_lazy_pages=True, source_images_in_memory=True, destination_images_in_memory=True),
+    FlowSpec("page-server-on-source", "page_server_on_source", needs_lazy_pages=True,
+             destination_images_in_memory=True),
+    FlowSpec("pre-copy", "pre_copy", needs_mem_track=True),
+    FlowSpec("hybrid", "hybrid", needs_lazy_pages=True, needs_mem_track=True, source_images_in_memory=True),
+)}
+
+MODES = tuple(FLOWS)
+NEEDS_LAZY = frozenset(name for name, flow in FLOWS.items() if flow.needs_lazy_pages)
+NEEDS_MEM_TRACK = frozenset(name for name, flow in FLOWS.items() if flow.needs_mem_track)
 NO_MEM_TRACK = "kernel has no dirty-memory tracking (CONFIG_MEM_SOFT_DIRTY not set): pre-dump unavailable"
 
 

@@ -63,6 +63,7 @@ _HEADER = struct.Struct(">BI")
 MAC_SIZE = 32
 MAX_CONTROL = 1 << 20
 MAX_DATA = 1 << 20
+_FRAME_LIMITS = {KIND_CONTROL: MAX_CONTROL, KIND_DATA: MAX_DATA}
 CHUNK = 1 << 20
 
 #: CRIU image file names: lowercase words joined by '-' or '_', dot-separated parts, ``.img`` at
@@ -75,6 +76,11 @@ LOG_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\.log")
 DIR_NAME = re.compile(r"images|pre-[1-9][0-9]{0,3}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FLAG_NAME = re.compile(r"[a-z][a-z_]{0,31}")
+
+
+def agent_error(msg: Mapping[str, Any]) -> AgentError:
+    """The agent's ``error`` message (validated) as the exception the source raises."""
+    return AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
 
 
 def check_image_name(name: Any, pattern: re.Pattern[str] = IMAGE_NAME) -> str:
@@ -349,17 +355,26 @@ class Channel:
             raise TransportError(f"connection to the {self.peer} broke while sending: {exc}") from exc
         return sum(len(p) for p in parts)
 
-    def _recv_frame(self, timeout: float | None) -> tuple[int, bytes]:
+    def _read_header(self, timeout: float | None) -> tuple[bytes, int, int]:
+        """The next frame's header, its kind and length, both checked (the one header reader)."""
         header = self._read(_HEADER.size, timeout)
         kind, length = _HEADER.unpack(header)
-        if kind == KIND_CONTROL:
-            limit = MAX_CONTROL
-        elif kind == KIND_DATA:
-            limit = MAX_DATA
-        else:
+        limit = _FRAME_LIMITS.get(kind)
+        if limit is None:
             raise ProtocolError(f"unknown frame kind {kind}")
         if length > limit:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+        return header, kind, length
+
+    def _not_data(self, payload: bytes) -> Exception:
+        """What a control frame where file data was due means: the agent's error, or a protocol error."""
+        msg = decode(payload)
+        if isinstance(msg, dict) and msg.get("type") == "error" and self.peer == "agent":
+            return agent_error(validate(msg, sender="agent"))
+        return ProtocolError("expected file data, got a control message")
+
+    def _recv_frame(self, timeout: float | None) -> tuple[int, bytes]:
+        header, kind, length = self._read_header(timeout)
         payload = self._read(length, timeout) if length else b""
         size = _HEADER.size + length
         if self._key is not None:
@@ -462,21 +477,11 @@ class Channel:
                 view = view[n:]
                 done += n
             return done
-        header = self._read(_HEADER.size, wait)
-        kind, length = _HEADER.unpack(header)
+        _, kind, length = self._read_header(wait)  # zero copy: never with frame MACs
         if kind == KIND_CONTROL:
-            if length > MAX_CONTROL:
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_CONTROL}")
-            msg = decode(self._read(length, wait) if length else b"")
+            payload = self._read(length, wait) if length else b""
             self.stats.control_received += _HEADER.size + length
-            if isinstance(msg, dict) and msg.get("type") == "error" and self.peer == "agent":
-                validate(msg, sender="agent")
-                raise AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
-            raise ProtocolError("expected file data, got a control message")
-        if kind != KIND_DATA:
-            raise ProtocolError(f"unknown frame kind {kind}")
-        if length > MAX_DATA:
-            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_DATA}")
+            raise self._not_data(payload)
         if length > room:
             raise ProtocolError("more data than announced")
         if not length:
@@ -497,7 +502,7 @@ class Channel:
             raise ProtocolError("unexpected data frame (no file transfer in progress)")
         msg = validate(decode(payload), sender=self.peer)
         if msg["type"] == "error" and "error" not in expected:
-            raise AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
+            raise agent_error(msg)
         if expected and msg["type"] not in expected:
             raise ProtocolError(f"expected {' or '.join(expected)}, got {msg['type']!r}")
         return msg
@@ -506,11 +511,7 @@ class Channel:
         wait = self.timeout if timeout == -1.0 else timeout
         kind, payload = self._recv_frame(wait)
         if kind != KIND_DATA:
-            msg = decode(payload)
-            if isinstance(msg, dict) and msg.get("type") == "error" and self.peer == "agent":
-                validate(msg, sender="agent")
-                raise AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
-            raise ProtocolError("expected file data, got a control message")
+            raise self._not_data(payload)
         return payload
 
     def peer_gone(self) -> bool:

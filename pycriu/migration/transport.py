@@ -135,6 +135,25 @@ class TLSConfig:
                 raise InvalidOptionError(f"TLS {name} file {value!r} does not exist")
             object.__setattr__(self, name, os.path.abspath(value))
 
+    @staticmethod
+    def add_arguments(group: Any, *, own: str, ca: str) -> None:
+        """``--tls-cert``, ``--tls-key`` and ``--tls-ca`` on an argparse parser or group
+        (``pycriu migrate`` and ``pycriu agent``); :meth:`from_args` reads them back."""
+        group.add_argument("--tls-cert", metavar="PEM", help=f"{own} certificate (TLS)")
+        group.add_argument("--tls-key", metavar="PEM", help="its private key")
+        group.add_argument("--tls-ca", metavar="PEM", help=ca)
+
+    @classmethod
+    def from_args(cls, args: Any) -> TLSConfig | None:
+        """The :meth:`add_arguments` options as a TLSConfig, ``None`` without them; all three
+        or none (:class:`InvalidOptionError` names them)."""
+        given = (args.tls_cert, args.tls_key, args.tls_ca)
+        if not any(given):
+            return None
+        if not all(given):
+            raise InvalidOptionError("TLS needs --tls-cert, --tls-key and --tls-ca")
+        return cls(*given)
+
     def criu_options(self) -> dict[str, Any]:
         """The CRIU options (``DumpOptions``, ``PageServerOptions``, ...) that hand these files to
         CRIU for its own page connections; CRIU then checks that the certificates name the hosts."""
