@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 STATE_SIZE = 4096
+#: What a workload started with ``fifo`` leaves in its FIFO.
+FIFO_DATA = b"fifo-data-survives\n"
 
 
 def _fill(mib: int, seed: int) -> bytearray:
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--children", type=int, default=0, help="child processes echoing over pipes")
     ap.add_argument("--threads", type=int, default=0, help="threads counting in the background")
     ap.add_argument("--listen", type=int, default=None, help="listen on 127.0.0.1:PORT (0: any)")
+    ap.add_argument("--unix", default=None, help="listen on a Unix socket bound to this path")
+    ap.add_argument("--fifo", default=None, help="make this FIFO, hold it open and leave FIFO_DATA in it")
     ap.add_argument("--interval", type=float, default=0.01, help="seconds between beats")
     ap.add_argument("--touch", type=float, default=0.0,
                     help="fraction of memory rewritten per second (dirty rate); changes the checksum")
@@ -106,6 +110,24 @@ def main(argv: list[str] | None = None) -> None:
                     conn.sendall(f"alive {checksum0}\n".encode())
 
         threading.Thread(target=serve, daemon=True).start()
+
+    if args.unix is not None:
+        usk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        usk.bind(args.unix)
+        usk.listen(8)
+
+        def serve_unix() -> None:
+            while True:
+                conn, _ = usk.accept()
+                with conn:
+                    conn.sendall(f"alive {checksum0}\n".encode())
+
+        threading.Thread(target=serve_unix, daemon=True).start()
+
+    if args.fifo is not None:
+        os.mkfifo(args.fifo)
+        fifo_fd = os.open(args.fifo, os.O_RDWR)  # kept open: the data waits in the pipe for a reader
+        os.write(fifo_fd, FIFO_DATA)
 
     want_check = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: want_check.set())
@@ -235,7 +257,8 @@ class Workload:
     """
 
     def __init__(self, state_path: str | os.PathLike[str], *, mib: int = 16, children: int = 0,
-                 threads: int = 0, listen: int | None = None, touch: float = 0.0,
+                 threads: int = 0, listen: int | None = None, unix: str | os.PathLike[str] | None = None,
+                 fifo: str | os.PathLike[str] | None = None, touch: float = 0.0,
                  interval: float = 0.01, python: str | None = None) -> None:
         self.state_path = Path(state_path)
         argv = [python or sys.executable, "-m", "pycriu.workload", "--state", str(self.state_path),
@@ -243,6 +266,10 @@ class Workload:
                 "--interval", str(interval), "--touch", str(touch)]
         if listen is not None:
             argv += ["--listen", str(listen)]
+        if unix is not None:
+            argv += ["--unix", os.fspath(unix)]
+        if fifo is not None:
+            argv += ["--fifo", os.fspath(fifo)]
         self.state_path.unlink(missing_ok=True)
         # CRIU's parasite mounts a scratch proc in the dumped task's working directory
         # ("proc.crtools"): each workload gets its own, so two dumps at once do not collide.

@@ -14,7 +14,8 @@ PACKAGE = Path(pycriu.__file__).parent
 #: docs and the release notes, then update this list.
 MIGRATION_API = [
     "Migration", "MigrationReport", "Outcome", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
-    "TLSConfig", "Destination", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
+    "TLSConfig", "Destination", "MigrationError", "PreflightError", "AgentError", "AuthenticationError",
+    "ProtocolError",
     "TransportError", "AgentConfig", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
 ]
 

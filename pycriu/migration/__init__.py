@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .agent import AgentConfig, serve_stdio, serve_tcp
     from .custody import Outcome
-    from .errors import AgentError, AuthenticationError, MigrationError, ProtocolError, TransportError
+    from .errors import AgentError, AuthenticationError, MigrationError, PreflightError, ProtocolError, TransportError
     from .migration import MODES, Migration, Progress
     from .policy import PreCopyDecision, PreCopyPolicy
     from .protocol import PROTOCOL_VERSION
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 # start-up is part of every local migration's time.
 _EXPORTS = {
     "AgentConfig": "agent", "serve_stdio": "agent", "serve_tcp": "agent", "Outcome": "custody",
-    "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors",
+    "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors", "PreflightError": "errors",
     "ProtocolError": "errors", "TransportError": "errors",
     "MODES": "migration", "Migration": "migration", "Progress": "migration",
     "PreCopyDecision": "policy", "PreCopyPolicy": "policy", "PROTOCOL_VERSION": "protocol",
@@ -50,7 +50,8 @@ _EXPORTS = {
 
 __all__ = [
     "Migration", "MigrationReport", "Outcome", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
-    "TLSConfig", "Destination", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
+    "TLSConfig", "Destination", "MigrationError", "PreflightError", "AgentError", "AuthenticationError",
+    "ProtocolError",
     "TransportError", "AgentConfig", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
 ]
 

@@ -12,6 +12,9 @@ frozen          CRIU's dump froze it                                    rolled b
 dumped          images complete; kept stopped (``leave_stopped``)       rolled back: the destination
                 until the destination acknowledges the commit           drops its copy, the source
                                                                         is resumed
+checkpointed    (one host, a tree holding host-wide names: ports,       rolled back: the destination
+                bound sockets, FIFOs) the dump ended the source; its    drops its copy, the source
+                complete images on this host are the rollback           is restored from its images
 commit sent     the destination may own it; the source never resumes    ``unknown``: the source
                 again (a commit the agent refused goes back to dumped)  stays stopped
 committed       the destination acknowledged: it owns the process       ``migrated``: the source is
@@ -60,12 +63,13 @@ class Stage(enum.Enum):
     PRE_COPIED = "pre-copied"
     FROZEN = "frozen"
     DUMPED = "dumped"
+    CHECKPOINTED = "checkpointed"  # the dump ended the source; its images are the rollback
     COMMIT_SENT = "commit sent"
     COMMITTED = "committed"
     SERVING = "serving"
     HANDED_OVER = "handed over"
     RESUMED = "resumed"  # after a failure: the source runs again
-    LEFT_STOPPED = "left stopped"  # after a failure: the source stays stopped
+    LEFT_STOPPED = "left stopped"  # after a failure: the source stays stopped (or, ended by its dump, in its images)
 
 
 #: Every allowed move. Anything else is a bug in a flow, raised as :class:`CustodyError`.
@@ -73,8 +77,9 @@ TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     Stage.UNTOUCHED: frozenset({Stage.PRE_COPIED, Stage.FROZEN}),
     Stage.PRE_COPIED: frozenset({Stage.PRE_COPIED, Stage.FROZEN, Stage.RESUMED}),
     Stage.FROZEN: frozenset({Stage.DUMPED, Stage.RESUMED}),
-    Stage.DUMPED: frozenset({Stage.COMMIT_SENT, Stage.RESUMED}),
-    Stage.COMMIT_SENT: frozenset({Stage.COMMITTED, Stage.DUMPED, Stage.LEFT_STOPPED}),
+    Stage.DUMPED: frozenset({Stage.COMMIT_SENT, Stage.CHECKPOINTED, Stage.RESUMED}),
+    Stage.CHECKPOINTED: frozenset({Stage.COMMIT_SENT, Stage.RESUMED, Stage.LEFT_STOPPED}),
+    Stage.COMMIT_SENT: frozenset({Stage.COMMITTED, Stage.DUMPED, Stage.CHECKPOINTED, Stage.LEFT_STOPPED}),
     Stage.COMMITTED: frozenset({Stage.SERVING, Stage.HANDED_OVER}),
     Stage.SERVING: frozenset({Stage.HANDED_OVER, Stage.RESUMED, Stage.LEFT_STOPPED}),
     Stage.HANDED_OVER: frozenset(),
@@ -111,6 +116,10 @@ class SourceTree(Protocol):
         """Wait (a few seconds) until a killed tree is gone; whether it is."""
         ...
 
+    def restore_from_images(self) -> int:
+        """Restore the tree on this host from the source's own images (its new root pid)."""
+        ...
+
 
 class DestinationCopy(Protocol):
     """The destination's copy, through the agent."""
@@ -124,8 +133,9 @@ class DestinationCopy(Protocol):
 class ProcTree:
     """:class:`SourceTree` of a real process tree (:mod:`.procs`)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, restore: Callable[[], int] | None = None) -> None:
         self.pid = pid
+        self._restore = restore
 
     def state(self) -> str:
         return procs.tree_state(self.pid)
@@ -138,6 +148,12 @@ class ProcTree:
 
     def wait_gone(self) -> bool:
         return procs.wait_gone(self.pid)
+
+    def restore_from_images(self) -> int:
+        if self._restore is None:
+            raise CustodyError("this tree has no images to be restored from")
+        self.pid = self._restore()
+        return self.pid
 
 
 class Custody:
@@ -152,7 +168,10 @@ class Custody:
         self.destination_state = "none"
         self.destination_pid: int | None = None
         self.deferred: BaseException | None = None  # raised in post-dump once the commit was sent
+        self.rollback = ""  # how the source came back, when it did
+        self.images_kept_for: str | None = None  # why the source's images must outlive the run
         self._killed = False
+        self._before_commit = Stage.DUMPED
 
     def __repr__(self) -> str:
         return f"<Custody {self.stage.value} outcome={self.outcome} destination={self.destination_state!r}>"
@@ -210,14 +229,19 @@ class Custody:
         self.destination_pid = pid
         self.destination_state = STOPPED_UNCOMMITTED
 
+    def checkpointed(self) -> None:
+        """The dump ended (killed) the source; its complete images on this host are the rollback."""
+        self._to(Stage.CHECKPOINTED)
+
     def commit_sending(self) -> None:
         """The commit is about to be sent: from now on assume it may arrive."""
+        self._before_commit = self.stage
         self._to(Stage.COMMIT_SENT)
 
     def commit_not_delivered(self) -> None:
         """No whole commit left this host, or the agent refused it (and did not resume its copy):
-        the source may be resumed again."""
-        self._to(Stage.DUMPED)
+        the source may come back again."""
+        self._to(self._before_commit)
 
     def commit_acknowledged(self) -> None:
         """The destination resumed its copy: it owns the process."""
@@ -281,6 +305,14 @@ class Custody:
             return  # already decided (a lazy flow's end)
         if self.stage is Stage.UNTOUCHED:
             self.outcome = Outcome.REFUSED
+        elif self.stage is Stage.COMMIT_SENT and self._before_commit is Stage.CHECKPOINTED:
+            self.destination_state = "unknown (commit sent, not acknowledged)"
+            self._to(Stage.LEFT_STOPPED)
+            self.outcome = Outcome.UNKNOWN
+            self.images_kept_for = "the commit was sent but not acknowledged"
+            self.note(f"the commit was sent but not acknowledged, and the source was ended by its dump (one host, "
+                      f"host-wide names): check the destination's pid {self.destination_pid}; if it does not run, "
+                      f"restore the source from its images, which are kept (the report's log directory says where)")
         elif self.stage is Stage.COMMIT_SENT:
             self.destination_state = "unknown (commit sent, not acknowledged)"
             self._leave_stopped()
@@ -296,11 +328,30 @@ class Custody:
             self.outcome = Outcome.MIGRATED
             self.note(f"the failure came after the destination acknowledged the commit: it owns the process "
                       f"(pid {self.destination_pid}) and the source was killed")
+        elif self.stage is Stage.CHECKPOINTED:  # roll back from the source's images
+            self.abort_destination(f"source failed: {reason}")
+            old = self.source.pid
+            try:
+                pid = self.source.restore_from_images()
+            except Exception as exc:  # noqa: BLE001 - the images stay for the operator
+                self._to(Stage.LEFT_STOPPED)
+                self.outcome = Outcome.UNKNOWN
+                self.images_kept_for = f"restoring the source from them failed: {exc}"
+                self.note(f"the source (pid {old}) was ended by its dump and restoring it from its images failed "
+                          f"({exc}); the images are kept: restore them with `criu restore`")
+                return
+            self.rollback = f"restored from the source's own images on this host (new pid {pid})"
+            self.note(f"the source tree (pid {old}) was {self.rollback}")
+            self._to(Stage.RESUMED)
         else:  # pre-copied, frozen, dumped: roll back
             self.abort_destination(f"source failed: {reason}")
-            if self.source.state() == "stopped":
+            state = self.source.state()
+            if state == "stopped":
                 self.source.resume()
+                self.rollback = "the stopped source was resumed (SIGCONT)"
                 self.note("the source tree was left stopped by CRIU and has been resumed (SIGCONT)")
+            elif state == "running":
+                self.rollback = "the source kept running (never stopped, or CRIU resumed it)"
             self._to(Stage.RESUMED)
 
     def abort_destination(self, reason: str) -> None:
@@ -309,6 +360,7 @@ class Custody:
 
     def _resume(self, outcome: Outcome) -> None:
         self.source.resume()  # CRIU left it stopped (or resumed it itself)
+        self.rollback = "the source resumed from the checkpoint (SIGCONT); the destination's work since is lost"
         self._to(Stage.RESUMED)
         self.outcome = outcome
 

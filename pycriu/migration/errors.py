@@ -14,7 +14,7 @@ from ..errors import CriuError
 if TYPE_CHECKING:
     from .report import MigrationReport
 
-__all__ = ["MigrationError", "ProtocolError", "AuthenticationError", "AgentError", "TransportError"]
+__all__ = ["MigrationError", "PreflightError", "ProtocolError", "AuthenticationError", "AgentError", "TransportError"]
 
 
 class MigrationError(CriuError):
@@ -29,6 +29,15 @@ class MigrationError(CriuError):
         state = {"operation": self.operation, "errno": self.errno, "criu_message": self.criu_message,
                  "log_path": self.log_path, "hint": self.hint, "code": getattr(self, "code", None)}
         return (_rebuild, (type(self), self.message, state))
+
+
+class PreflightError(MigrationError):
+    """Found before anything was frozen: this migration cannot work as asked. ``resources``
+    names what is in the way (a port, a socket path, a FIFO, ...); the message says the fix."""
+
+    def __init__(self, message: str, *, resources: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.resources = resources
 
 
 def _rebuild(cls: type[MigrationError], message: str, state: dict[str, Any]) -> MigrationError:

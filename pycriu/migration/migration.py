@@ -34,13 +34,13 @@ from .._threads import spawn
 from ..criu import Criu
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
-from ..options import DumpOptions, PageServerAddress
+from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
 from . import checks, pagetls, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
-from .errors import AgentError, MigrationError
+from .errors import AgentError, MigrationError, PreflightError
 from .images import DirUsage, dir_usage, memory_dir
 from .modes import FLOWS, MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
 from .policy import PreCopyPolicy
@@ -194,7 +194,9 @@ class MigrationRun:
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
         self.t_resume: float | None = None
-        self.custody = Custody(ProcTree(m.pid), AgentCopy(self), self.note)  # who holds the process
+        self.custody = Custody(ProcTree(m.pid, self._restore_source), AgentCopy(self), self.note)
+        #: one host, and the tree holds host-wide names: the dump ends the source, its images are the rollback
+        self.rollback_from_images = False
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
         self.released = DirUsage()  # page images removed from the scratch directory once sent
@@ -372,8 +374,42 @@ class MigrationRun:
         self.source_address = self._source_address(remote)
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
+        if m.destination.same_host:
+            mode, reason = self._same_host_names(requested, mode, reason)
         self.report.mode_reason = reason
         return mode
+
+    def _same_host_names(self, requested: str, mode: str, reason: str) -> tuple[str, str]:
+        """On one host a source kept stopped still holds its listening ports, bound Unix sockets
+        and FIFOs while the destination restores them. A flow that can end the source at the dump
+        and roll back from its images takes such a tree (``auto`` picks one); the others are
+        refused here, before anything is frozen."""
+        names = procs.host_names(self.pid)
+        if not names:
+            return mode, reason
+        able = [name for name, spec in FLOWS.items() if spec.same_host_names]
+        if not FLOWS[mode].same_host_names:
+            if requested != "auto":
+                raise PreflightError(
+                    f"on one host the {mode} flow keeps the source holding {', '.join(names)} while the destination "
+                    f"restores it, which CRIU cannot do (\"Address already in use\")", resources=tuple(names),
+                    hint=f"use mode={able[0]!r} (the dump ends the source and a failure restores it from its own "
+                         "images), or migrate to another host or network namespace")
+            mode, reason = able[0], (f"auto on one host with a tree holding {', '.join(names)}: {able[0]} ends the "
+                                     "source at the dump and rolls back from its images")
+        self.rollback_from_images = True
+        self.note(f"one host, and the tree holds {', '.join(names)}: the dump ends the source; its images are kept "
+                  "until the destination runs, and a failure restores it from them")
+        return mode, reason
+
+    def _restore_source(self) -> int:
+        """The rollback on one host: restore the source from its own images (its new root pid)."""
+        assert self.images is not None and self.src_logs is not None
+        flags: dict[str, Any] = dict(self.m.flags)
+        result = self.criu.restore(RestoreOptions(images_dir=self.images, work_dir=self.src_logs,
+                                                  log_file="rollback-restore.log", log_level=LogLevel.INFO, **flags))
+        self.report.logs["source rollback-restore"] = str(result.log_path)
+        return result.pid
 
     def _page_tls_authority(self, directory: Path) -> pagetls.Authority:
         """This migration's CA, and the source's own certificate from it in ``directory`` (0700,
@@ -590,11 +626,15 @@ class MigrationRun:
         report.outcome = self.custody.outcome
         report.destination_state = self.custody.destination_state
         report.destination_pid = self.custody.destination_pid
+        report.rollback = self.custody.rollback
+        report.source_pid = self.custody.source.pid
         on_disk, in_memory = (dir_usage(self.scratch) + self.released).split()
         logs = dir_usage(self.log_dir / "source") if self.log_dir else None
         report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
         report.memory["source"] = in_memory
-        if self.scratch is not None:
+        if self.scratch is not None and self.custody.images_kept_for:
+            self.note(f"the source's images are kept in {self.images} ({self.custody.images_kept_for})")
+        elif self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
         if self.tls_dir is not None:
             if self._authority is not None:

@@ -37,6 +37,9 @@ class FlowSpec:
     source_images_in_memory: bool = False
     #: the same for the destination's images
     destination_images_in_memory: bool = False
+    #: on one host, a tree holding host-wide names (ports, bound sockets, FIFOs) can move: the
+    #: dump ends the source, and a failure restores it from its own images
+    same_host_names: bool = False
 
     def load(self) -> Flow:
         flow: Flow = importlib.import_module(f"{__package__}.flows.{self.module}").FLOW()
@@ -45,7 +48,7 @@ class FlowSpec:
 
 #: Every flow, in the order ``auto`` would consider them. A new flow: a module in flows/, a line here.
 FLOWS: dict[str, FlowSpec] = {spec.name: spec for spec in (
-    FlowSpec("classic", "classic"),
+    FlowSpec("classic", "classic", same_host_names=True),
     FlowSpec("page-server", "page_server"),
     FlowSpec("lazy", "lazy", needs_lazy_pages=True, source_images_in_memory=True, destination_images_in_memory=True),
     FlowSpec("page-server-on-source", "page_server_on_source", needs_lazy_pages=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
@@ -102,6 +103,47 @@ def descendants(pid: int) -> list[int]:
                     seen.add(c)
                     pids.append(c)
     return pids
+
+
+TCP_LISTEN = 10
+
+
+def host_names(pid: int) -> list[str]:
+    """What the tree holds that only one process on a host can hold: listening TCP ports, Unix
+    sockets bound to a path, FIFOs opened by path. On one host a source kept stopped still holds
+    them while the destination restores, and CRIU's restore fails ("Address already in use",
+    "Error splicing data"). Each as a phrase naming the resource and the process."""
+    found: list[str] = []
+    sockets: dict[int, int] = {}
+    for p in descendants(pid):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            path = f"/proc/{p}/fd/{fd}"
+            try:
+                target = os.readlink(path)
+                if target.startswith("socket:["):
+                    sockets[int(target[8:-1])] = p
+                elif target.startswith("/") and stat.S_ISFIFO(os.stat(path).st_mode):
+                    found.append(f"FIFO {target} (pid {p}, fd {fd})")
+            except (OSError, ValueError):
+                continue
+    if not sockets:
+        return found
+    for port, _, inode in tcp_sockets(TCP_LISTEN):
+        if inode in sockets:
+            found.append(f"listening TCP port {port} (pid {sockets[inode]})")
+    try:
+        unix = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        unix = []
+    for line in unix:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith("/") and int(fields[6]) in sockets:
+            found.append(f"Unix socket bound to {fields[7]} (pid {sockets[int(fields[6])]})")
+    return found
 
 
 def kill_tree(pid: int) -> int | None:

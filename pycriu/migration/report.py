@@ -37,6 +37,10 @@ class MigrationReport:
             never took over; the source runs again with its memory intact), ``refused`` (stopped
             before anything was frozen), ``failed-after-resume`` (a lazy flow broke after the
             destination resumed; see ``source_state``), or ``unknown``.
+        rollback: how the source came back after a failure (resumed, or restored from its own
+            images on one host), empty when it did not
+        source_pid: the source tree's root pid at the end: ``pid``, or the new pid of a source
+            restored from its images
         source_state / destination_state: where the process is now, measured at the end
             (``running``, ``stopped``, ``gone``, ``killed``, ``none``, ``unknown``).
         downtime: seconds from the freeze on the source to the resume on the destination, or
@@ -65,6 +69,8 @@ class MigrationReport:
     source_state: str = "unknown"
     destination_state: str = "none"
     destination_pid: int | None = None
+    rollback: str = ""
+    source_pid: int | None = None
     error: str | None = None
     downtime: float | None = None
     downtime_method: str = ""
@@ -120,6 +126,8 @@ class MigrationReport:
         if self.error:
             lines.append(f"  error:           {self.error}")
         lines.append(f"  source:          {self.source_state}")
+        if self.rollback:
+            lines.append(f"  rollback:        {self.rollback}")
         dest = self.destination_state + (f", pid {self.destination_pid}" if self.destination_pid else "")
         lines.append(f"  destination:     {dest}")
         if self.downtime is not None:

@@ -60,6 +60,7 @@ class FlowContext(Protocol):
     scratch: Path | None
     src_logs: Path | None
     source_address: str
+    rollback_from_images: bool
     cancel: threading.Event
     cleanups: list[Callable[[], object]]
 
