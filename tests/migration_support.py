@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,11 +216,12 @@ class Relay:
 class TcpAgent:
     """``python -m pycriu.migration.agent --listen 127.0.0.1:0 ...`` as a subprocess."""
 
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, wrap: Sequence[str] = ()) -> None:
+        """``wrap``: a command prefix the agent runs under (``unshare ...``: another view of the host)."""
         self.root = root
         self.log = open(root.parent / f"{root.name}-agent.log", "wb")  # noqa: SIM115
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        self.proc = subprocess.Popen([*AGENT, "--listen", "127.0.0.1:0", "--root", str(root), *args],
+        self.proc = subprocess.Popen([*wrap, *AGENT, "--listen", "127.0.0.1:0", "--root", str(root), *args],
                                      stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()

@@ -54,7 +54,7 @@ from ..daemons import LazyPages, PageServer
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
 from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
-from . import checks, pagetls
+from . import checks, pagetls, preflight
 from .errors import AgentError, MigrationError, ProtocolError, TransportError
 from .guard import Guard
 from .images import dir_usage, memory_dir
@@ -369,6 +369,12 @@ class AgentSession:
 
     def _ping(self, msg: dict[str, Any]) -> None:
         self.channel.send({"type": "pong", "t": msg["t"]})
+
+    def _preflight(self, msg: dict[str, Any]) -> None:
+        """What the source's live tree needs from this host, checked before it freezes
+        (:mod:`.preflight`)."""
+        found = preflight.problems(msg, same_host=self.config.same_host)
+        self.channel.send({"type": "preflight-ok", "problems": found})
 
     def _subdir(self, name: str) -> int:
         name = check_dir_name(name)
@@ -710,7 +716,7 @@ class AgentSession:
         return False
 
     _HANDLERS: dict[str, Any] = {
-        "hello": _hello, "page-tls": _page_tls, "ping": _ping, "lazy-pages": _lazy_pages,
+        "hello": _hello, "page-tls": _page_tls, "ping": _ping, "preflight": _preflight, "lazy-pages": _lazy_pages,
         "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
         "file-link": _file_link, "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
@@ -718,7 +724,7 @@ class AgentSession:
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
-        "ready": frozenset({"page-tls",
+        "ready": frozenset({"page-tls", "preflight",
                             "ping", "prepare-dir", "page-server", "file", "file-link", "files-done", "lazy-pages",
                             "restore",
                             "abort", "logs", "bye"}),

@@ -74,6 +74,9 @@ def register(subparsers: Any) -> None:
     pre.add_argument("--max-iterations", type=int, default=8)
     pre.add_argument("--min-pages", type=int, default=64)
     pre.add_argument("--max-growth", type=float, default=0.10)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything that can be known before the freeze (both hosts, the mode auto would "
+                        "pick, the destination's files, ports and socket paths) and stop: nothing is frozen")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     if not _has_option(p, "--json"):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -161,7 +164,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         migration = _migration(args)
         if not args.quiet and sys.stderr.isatty():
             print(f"pycriu migrate: pid {args.pid} -> {args.to}, mode {args.mode}", file=sys.stderr)
-        report = migration.run()
+        report = migration.dry_run() if args.dry_run else migration.run()
     except InvalidOptionError as exc:
         print(f"pycriu migrate: {exc}", file=sys.stderr)
         return 2

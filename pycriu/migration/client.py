@@ -56,6 +56,11 @@ class AgentClient:
         self.rtt = best
         return best
 
+    def preflight(self, request: dict[str, Any]) -> list[str]:
+        """Ask the agent what it cannot provide of what the live tree needs (:mod:`.preflight`)."""
+        self.channel.send(request)
+        return [str(p) for p in self.channel.recv("preflight-ok")["problems"]]
+
     def prepare_dir(self, name: str, parent: str | None = None) -> None:
         self.channel.send({"type": "prepare-dir", "dir": name, "parent": parent})
         self.channel.recv("dir-ready")

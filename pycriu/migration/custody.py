@@ -56,6 +56,7 @@ class Outcome(enum.StrEnum):
     REFUSED = "refused"  # stopped before anything was frozen
     FAILED_AFTER_RESUME = "failed-after-resume"  # a lazy flow broke after the destination resumed
     UNKNOWN = "unknown"  # the source is left stopped: the operator decides (the report says how)
+    CHECKED = "checked"  # a dry run: everything before the freeze passed; nothing was frozen
 
 
 class Stage(enum.Enum):
@@ -270,6 +271,12 @@ class Custody:
         self._killed = self.source.kill()
         self.destination_state = "running"
 
+    def checked(self) -> None:
+        """A dry run ended after the checks: nothing was ever frozen."""
+        if self.stage is not Stage.UNTOUCHED:
+            raise CustodyError(f"a dry run froze the tree (custody: {self.stage.value})")
+        self.outcome = Outcome.CHECKED
+
     def succeeded(self) -> None:
         """The flow finished: it must have handed the process over."""
         if self.stage is not Stage.HANDED_OVER:
@@ -382,6 +389,6 @@ class Custody:
                 self.outcome = Outcome.ROLLED_BACK
             elif self.outcome is None:
                 self.outcome = Outcome.UNKNOWN
-        if self.outcome is Outcome.REFUSED and state == "running":
+        if self.outcome in (Outcome.REFUSED, Outcome.CHECKED) and state == "running":
             return "running (never frozen)"
         return state

@@ -36,7 +36,7 @@ from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
 from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
-from . import checks, pagetls, procs
+from . import checks, pagetls, preflight, procs
 from .agent import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
@@ -172,6 +172,14 @@ class Migration:
         """Migrate; return the report, or raise :class:`MigrationError` (with ``.report``)."""
         return MigrationRun(self).execute()
 
+    def dry_run(self) -> MigrationReport:
+        """Everything a migration does before the freeze, and nothing after: both hosts'
+        checks, the agent's handshake, the mode ``auto`` would pick, and the pre-flight (the
+        destination has the files, ports and paths the tree needs). Returns the report
+        (``outcome="checked"``, ``mode`` and ``mode_reason`` say what would run), or raises what
+        :meth:`run` would raise before freezing (:class:`PreflightError` naming each problem)."""
+        return MigrationRun(self).execute(dry_run=True)
+
 
 class MigrationRun:
     """The state of one :meth:`Migration.run`; the flows drive it."""
@@ -265,13 +273,16 @@ class MigrationRun:
 
     # -- the whole run ---------------------------------------------------------------------------
 
-    def execute(self) -> MigrationReport:
+    def execute(self, *, dry_run: bool = False) -> MigrationReport:
         error: BaseException | None = None
         try:
             self._prepare_dirs()
             with self.phase("checks"):
                 mode = self._checks()
             self.report.mode = mode
+            if dry_run:
+                self.custody.checked()
+                return self.report
             self._prepare_scratch(mode)
             self.emit("mode", "info", message=f"{mode}: {self.report.mode_reason}")
             result = FLOWS[mode].load().run(self)
@@ -374,17 +385,26 @@ class MigrationRun:
         self.source_address = self._source_address(remote)
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
+        resources = procs.tree_resources(self.pid)
         if m.destination.same_host:
-            mode, reason = self._same_host_names(requested, mode, reason)
+            mode, reason = self._same_host_names(requested, mode, reason, resources.host_names())
+        problems = self.client.preflight(preflight.request(resources))
+        if problems:
+            raise PreflightError(f"the destination cannot restore this tree: {'; '.join(problems)}",
+                                 resources=tuple(problems),
+                                 hint="make the destination provide these (the same files, free ports), or choose "
+                                      "another destination; nothing was frozen")
+        self.note(f"pre-flight: the destination has the {len(resources.files)} files, "
+                  f"{len(resources.tcp_ports)} listening ports and {len(resources.unix_paths)} socket paths "
+                  "the tree needs")
         self.report.mode_reason = reason
         return mode
 
-    def _same_host_names(self, requested: str, mode: str, reason: str) -> tuple[str, str]:
+    def _same_host_names(self, requested: str, mode: str, reason: str, names: list[str]) -> tuple[str, str]:
         """On one host a source kept stopped still holds its listening ports, bound Unix sockets
         and FIFOs while the destination restores them. A flow that can end the source at the dump
         and roll back from its images takes such a tree (``auto`` picks one); the others are
         refused here, before anything is frozen."""
-        names = procs.host_names(self.pid)
         if not names:
             return mode, reason
         able = [name for name, spec in FLOWS.items() if spec.same_host_names]

@@ -8,6 +8,7 @@ import socket
 import stat
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["tree_state", "comm", "descendants", "kill_tree", "wait_gone", "resume_tree", "resume_until_running",
@@ -108,33 +109,72 @@ def descendants(pid: int) -> list[int]:
 TCP_LISTEN = 10
 
 
-def host_names(pid: int) -> list[str]:
-    """What the tree holds that only one process on a host can hold: listening TCP ports, Unix
-    sockets bound to a path, FIFOs opened by path. On one host a source kept stopped still holds
-    them while the destination restores, and CRIU's restore fails ("Address already in use",
-    "Error splicing data"). Each as a phrase naming the resource and the process."""
-    found: list[str] = []
+@dataclass
+class TreeResources:
+    """What a live tree needs from the host it is restored on (the pre-flight's questions)."""
+
+    #: regular files it holds open or maps (executables and libraries included): path -> size
+    files: dict[str, int] = field(default_factory=dict)
+    #: listening TCP ports -> the pid that holds each
+    tcp_ports: dict[int, int] = field(default_factory=dict)
+    #: Unix sockets bound to a path -> pid
+    unix_paths: dict[str, int] = field(default_factory=dict)
+    #: FIFOs opened by path -> (pid, fd)
+    fifos: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def host_names(self) -> list[str]:
+        """The names only one process on a host can hold, as phrases naming each and its process."""
+        return ([f"FIFO {path} (pid {pid}, fd {fd})" for path, (pid, fd) in self.fifos.items()]
+                + [f"listening TCP port {port} (pid {pid})" for port, pid in self.tcp_ports.items()]
+                + [f"Unix socket bound to {path} (pid {pid})" for path, pid in self.unix_paths.items()])
+
+
+def _regular(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def tree_resources(pid: int) -> TreeResources:
+    """Read off ``/proc`` (fds, maps, exe), the kernel's TCP socket table and ``/proc/net/unix``
+    what the tree rooted at ``pid`` holds. Deleted files, anonymous and special files are left
+    out: CRIU carries those in its images."""
+    found = TreeResources()
     sockets: dict[int, int] = {}
     for p in descendants(pid):
+        paths: list[str] = []
         try:
-            fds = os.listdir(f"/proc/{p}/fd")
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{p}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        sockets[int(target[8:-1])] = p
+                    elif target.startswith("/") and stat.S_ISFIFO(os.stat(f"/proc/{p}/fd/{fd}").st_mode):
+                        found.fifos.setdefault(target, (p, fd))
+                    else:
+                        paths.append(target)
+                except (OSError, ValueError):
+                    continue
+            paths.append(os.readlink(f"/proc/{p}/exe"))
+            for line in Path(f"/proc/{p}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6:
+                    paths.append(fields[5])
         except OSError:
             continue
-        for fd in fds:
-            path = f"/proc/{p}/fd/{fd}"
-            try:
-                target = os.readlink(path)
-                if target.startswith("socket:["):
-                    sockets[int(target[8:-1])] = p
-                elif target.startswith("/") and stat.S_ISFIFO(os.stat(path).st_mode):
-                    found.append(f"FIFO {target} (pid {p}, fd {fd})")
-            except (OSError, ValueError):
-                continue
+        for path in paths:
+            if path.startswith("/") and not path.endswith(" (deleted)") and path not in found.files \
+                    and not path.startswith(("/proc/", "/sys/", "/dev/", "/memfd:")):
+                size = _regular(path)
+                if size is not None:
+                    found.files[path] = size
     if not sockets:
         return found
     for port, _, inode in tcp_sockets(TCP_LISTEN):
         if inode in sockets:
-            found.append(f"listening TCP port {port} (pid {sockets[inode]})")
+            found.tcp_ports[port] = sockets[inode]
     try:
         unix = Path("/proc/net/unix").read_text().splitlines()[1:]
     except OSError:
@@ -142,8 +182,15 @@ def host_names(pid: int) -> list[str]:
     for line in unix:
         fields = line.split()
         if len(fields) >= 8 and fields[7].startswith("/") and int(fields[6]) in sockets:
-            found.append(f"Unix socket bound to {fields[7]} (pid {sockets[int(fields[6])]})")
+            found.unix_paths[fields[7]] = sockets[int(fields[6])]
     return found
+
+
+def host_names(pid: int) -> list[str]:
+    """What the tree holds that only one process on a host can hold (:meth:`TreeResources.host_names`).
+    On one host a source kept stopped still holds them while the destination restores, and
+    CRIU's restore fails ("Address already in use", "Error splicing data")."""
+    return tree_resources(pid).host_names()
 
 
 def kill_tree(pid: int) -> int | None:

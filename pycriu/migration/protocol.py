@@ -144,6 +144,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "restored": {"pid": (_INT, True), "resumed_ago": (_NUM, True), "restore_seconds": (_NUM, True),
                  "lazy_daemon_seconds": ((int, float, _Opt), True), "stats": ((dict, _Opt), True),
                  "page_server_wait": (_NUM, True)},
+    # before the freeze: what the live tree needs from the destination, checked there
+    "preflight": {"files": (list, True), "tcp_ports": (list, True), "unix_paths": (list, True)},
+    "preflight-ok": {"problems": (list, True)},
     "commit": {},
     "committed": {"pid": (_INT, True), "resumed_ago": (_NUM, False)},
     "abort": {"reason": (_STR, True)},
@@ -158,12 +161,12 @@ MESSAGES: dict[str, dict[str, Any]] = {
 }
 
 #: Who may send which message (the receiver refuses the rest).
-FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping",
+FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping", "preflight",
                          "prepare-dir", "page-server", "file", "file-link", "files-done", "files-ok",
                          "lazy-pages",
                          "restore", "commit",
                          "abort", "lazy-wait", "logs", "bye"})
-FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "page-tls-ok",
+FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "page-tls-ok", "preflight-ok",
                         "pong", "dir-ready", "page-server", "file", "files-done",
                         "files-ok", "restored", "committed", "aborted", "lazy-done", "bye", "error"})
 
