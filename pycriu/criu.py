@@ -125,8 +125,9 @@ class Criu:
 
     # -- the worker and one operation ------------------------------------------------------------
 
-    def _spawn(self, show_output: bool) -> _Spawned:
-        """Start ``criu swrk`` in its own session, on one end of a new socket pair."""
+    def _spawn(self, show_output: bool, pass_fds: tuple[int, ...] = ()) -> _Spawned:
+        """Start ``criu swrk`` in its own session, on one end of a new socket pair; ``pass_fds``
+        (the options' own fds: inherited fds, a pidfd store socket) keep their numbers in it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # CRIU reports what fails before its log is open (a bad config-file option) on stderr.
         stderr = tempfile.TemporaryFile()
@@ -134,7 +135,7 @@ class Criu:
             with _threads.children_get_signals():
                 proc = subprocess.Popen(
                     [self.binary, "swrk", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),),
+                    pass_fds=(theirs.fileno(), *pass_fds),
                     stdin=subprocess.DEVNULL,
                     stdout=None if show_output else subprocess.DEVNULL,  # `criu check` prints "Looks good." there
                     stderr=stderr,
@@ -167,7 +168,7 @@ class Criu:
             old.close()
 
     @contextmanager
-    def _worker(self, *, show_output: bool = False) -> Iterator[socket.socket]:
+    def _worker(self, *, show_output: bool = False, pass_fds: tuple[int, ...] = ()) -> Iterator[socket.socket]:
         """A ``criu swrk`` in its own session (the prestarted one if any); yield our end of its
         socket.
 
@@ -180,14 +181,14 @@ class Criu:
         by 30 s).
         """
         spawned = None
-        if not show_output:
+        if not show_output and not pass_fds:  # the prestarted worker has none of the options' fds
             with self._spare_lock:
                 spawned, self._spare = self._spare, None
             if spawned is not None and spawned.proc.poll() is not None:  # it died meanwhile
                 spawned.close()
                 spawned = None
         if spawned is None:
-            spawned = self._spawn(show_output)
+            spawned = self._spawn(show_output, pass_fds)
         ours, proc, stderr = spawned.sock, spawned.proc, spawned.stderr
         try:
             yield ours
@@ -222,6 +223,9 @@ class Criu:
         images_dir = _existing_dir(opts.images_dir, "images_dir")
         work_dir = _existing_dir(opts.work_dir, "work_dir") if opts.work_dir is not None else images_dir
         log_path = opts.log_path
+        fds = opts.passed_fds()
+        for fd in fds:  # before this opens fds of its own, which could take a closed one's number
+            _check_open_fd(fd)
         log_path.unlink(missing_ok=True)  # CRIU truncates it anyway; never read a stale error
         with ExitStack() as stack:
             images_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -239,9 +243,11 @@ class Criu:
                 raw.apply("set_config_file", cfg)
             if raw_operation == "restore-child":
                 # libcriu's restore_child always spawns its own worker, `criu` from PATH, so that
-                # the restored tree becomes its caller's child: it cannot use ours.
+                # the restored tree becomes its caller's child: it cannot use ours. That worker
+                # inherits what is inheritable: the options' fds are, for the call.
+                stack.enter_context(_inheritable(fds))
                 return raw.run(raw_operation, log_path=str(log_path), notify=opts.notify)
-            worker = stack.enter_context(self._worker(show_output=bool(opts.display_stats)))
+            worker = stack.enter_context(self._worker(show_output=bool(opts.display_stats), pass_fds=fds))
             return raw.run(raw_operation, log_path=str(log_path), notify=opts.notify, more=more,
                            service_fd=worker.detach())
 
@@ -453,6 +459,28 @@ class _Spawned:
         self.sock.close()
         _reap(self.proc)
         self.stderr.close()
+
+
+def _check_open_fd(fd: int) -> None:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise InvalidOptionError(f"fd {fd} given to CRIU is not open in this process",
+                                 hint="pass an fd this process holds open (InheritFd(fd, key), pidfd_store_sk)",
+                                 ) from None
+
+
+@contextmanager
+def _inheritable(fds: tuple[int, ...]) -> Iterator[None]:
+    """``fds`` inheritable (no close-on-exec) inside the block, as they were after it."""
+    before = [(fd, os.get_inheritable(fd)) for fd in fds]
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        yield
+    finally:
+        for fd, was in before:
+            os.set_inheritable(fd, was)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

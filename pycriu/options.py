@@ -354,6 +354,10 @@ class _CriuOptions:
         """Where CRIU's log of this operation will be."""
         return Path(self.work_dir or self.images_dir) / self.log_name
 
+    def passed_fds(self) -> tuple[int, ...]:
+        """This process's fds that CRIU's worker must hold too (none but a restore's)."""
+        return ()
+
     def setter_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
         """The libcriu setter calls for every field that is set, in field order."""
         calls: list[tuple[str, tuple[Any, ...]]] = []
@@ -519,6 +523,14 @@ class RestoreOptions(_CriuOptions):
             raise _bad("restore_sibling", self.restore_sibling, "True, False or None")
         if self.pidfd_store_sk is not None and (not isinstance(self.pidfd_store_sk, int) or self.pidfd_store_sk < 0):
             raise _bad("pidfd_store_sk", self.pidfd_store_sk, "an open socket fd")
+
+    def passed_fds(self) -> tuple[int, ...]:
+        """This process's fds that CRIU's worker must hold too (the same numbers): the inherited
+        fds and the pidfd store socket."""
+        fds = [ifd.fd for ifd in self.inherit_fds or ()]
+        if self.pidfd_store_sk is not None:
+            fds.append(self.pidfd_store_sk)
+        return tuple(dict.fromkeys(fds))
 
     def _extra_setter_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
         calls: list[tuple[str, tuple[Any, ...]]] = []
