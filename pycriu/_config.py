@@ -97,6 +97,35 @@ def check_config_entry(key: str, value: str | None) -> None:
     check_config_value(key, value)
 
 
+def read_config_file(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """The entries of a CRIU configuration file written for the ``criu`` command (runc's
+    ``org.criu.config``, crun's ``crun.conf``): one option per line, ``name``, ``name value`` or
+    ``name=value``, with or without the leading ``--``; ``#`` starts a comment. Every entry
+    passes the same checks as ``criu_options``: an option pycriu sets itself, or a value CRIU's
+    parser would not read back as written, is refused naming the file and line."""
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115 - small, read whole
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidOptionError(f"CRIU config file {os.fspath(path)!r} cannot be read: {exc}") from None
+    entries: list[tuple[str, str | None]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        word, _, rest = line.partition(" ") if " " in line or "\t" not in line else line.partition("\t")
+        if "=" in word:
+            word, _, inline = word.partition("=")
+            rest = f"{inline} {rest}"
+        key, value = word.removeprefix("--"), rest.strip() or None
+        try:
+            check_config_entry(key, value)
+        except InvalidOptionError as exc:
+            raise InvalidOptionError(f"{os.fspath(path)}, line {number}: {exc.message}",
+                                     hint="remove the line, or use pycriu's typed option for it") from None
+        entries.append((key, value))
+    return entries
+
+
 def render(entries: Sequence[tuple[str, str | None]]) -> str:
     """The config file text for ``(option, value or None)`` entries, each checked again."""
     lines = []

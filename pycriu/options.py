@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ._config import check_config_entry, check_config_key, check_config_value
+from ._config import check_config_entry, check_config_key, check_config_value, read_config_file
 from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, PreDumpMode
 from .errors import InvalidOptionError
 
@@ -304,6 +304,9 @@ class _CriuOptions:
     tls_no_cn_verify: bool | None = _opt("bool", config="tls-no-cn-verify")
     criu_options: Mapping[str, str | int | bool] | None = _opt(
         "special", doc="any other CRIU long option, written to the config file (name -> value, or True)")
+    config_file: PathArg | None = _opt(
+        "special", doc="a CRIU configuration file (runc's org.criu.config, crun's crun.conf): its options are "
+                       "honoured together with pycriu's own; one that pycriu sets itself is refused by name")
 
     _operation: ClassVar[str] = "criu"
 
@@ -336,6 +339,9 @@ class _CriuOptions:
                 if value is not True and (isinstance(value, bool) or not isinstance(value, (str, int))):
                     raise _bad(f"criu_options[{key!r}]", value, "True (a flag), a string or an integer")
                 check_config_entry(key, None if value is True else str(value))
+        if self.config_file is not None:
+            object.__setattr__(self, "config_file", _as_path("config_file", self.config_file))
+            read_config_file(self.config_file)  # refused now, by file and line, not at the operation
         for f in dataclasses.fields(self):
             via = f.metadata.get("via")
             value = getattr(self, f.name)
@@ -386,7 +392,8 @@ class _CriuOptions:
         A boolean set to ``False`` is sent as CRIU's ``no-`` form where CRIU has one, and
         otherwise simply left out (CRIU's default for those flags is off).
         """
-        entries: list[tuple[str, str | None]] = []
+        # the user's file first: CRIU takes the last of repeated options, so pycriu's own win
+        entries: list[tuple[str, str | None]] = read_config_file(self.config_file) if self.config_file else []
         for f in dataclasses.fields(self):
             via: _Via | None = f.metadata.get("via")
             value = getattr(self, f.name)
