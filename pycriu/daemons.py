@@ -62,6 +62,21 @@ class _NativeDaemon:
     def _on_ready(self) -> None:
         pass
 
+    def _status_fd(self) -> int | None:
+        return None
+
+    def _tell_ready(self) -> None:
+        """As CRIU does with ``--status-fd``: one zero byte to the caller's fd once the daemon is
+        ready (pycriu reads CRIU's own byte first; the caller's fd stays the caller's)."""
+        fd = self._status_fd()
+        if fd is None:
+            return
+        try:
+            os.write(fd, b"\0")
+        except OSError as exc:
+            raise self._error(f"cannot write to status_fd {fd}: {exc.strerror}", operation=self._command,
+                              hint="pass an fd open for writing (the write end of a pipe)") from None
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
@@ -94,6 +109,7 @@ class _NativeDaemon:
                 os.close(wfd)
             self._wait_ready(rfd)
             self._on_ready()
+            self._tell_ready()
         except BaseException:
             self.stop()
             raise
@@ -226,6 +242,9 @@ class PageServer(_NativeDaemon):
             argv.append("--lazy-pages")
         return argv + self._tls_argv(o)
 
+    def _status_fd(self) -> int | None:
+        return self.opts.status_fd
+
     def _on_ready(self) -> None:
         if self._port == 0:
             match = _PORT_LINE.search(self.log_path.read_text(errors="replace"))
@@ -254,6 +273,9 @@ class LazyPages(_NativeDaemon):
             raise InvalidOptionError(
                 f"lazy-pages needs the dump's images in {images} (no pstree.img there)",
                 hint="copy the non-page images of a lazy dump there first")
+
+    def _status_fd(self) -> int | None:
+        return self.opts.status_fd
 
     def _argv(self, status_fd: int) -> list[str]:
         o = self.opts

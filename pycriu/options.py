@@ -578,9 +578,14 @@ class _DaemonOptions:
     tls_key: PathArg | None = None
     tls_no_cn_verify: bool | None = None
     timeout: float = 30.0
+    #: an fd of this process that gets one zero byte when the daemon is ready (``--status-fd``)
+    status_fd: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "images_dir", _as_path("images_dir", self.images_dir))
+        if self.status_fd is not None and (isinstance(self.status_fd, bool) or not isinstance(self.status_fd, int)
+                                           or self.status_fd < 0):
+            raise _bad("status_fd", self.status_fd, "an fd (int >= 0) open for writing")
         if self.work_dir is not None:
             object.__setattr__(self, "work_dir", _as_path("work_dir", self.work_dir))
         object.__setattr__(self, "log_level", _validate_value("log_level", _Via("enum", enum=LogLevel), self.log_level))

@@ -83,6 +83,26 @@ def test_a_fixed_port_is_used_as_given(criu: pycriu.Criu, src_dst: tuple[Path, P
             pass  # it listens there
 
 
+def test_a_status_fd_gets_one_byte_once_the_server_listens(criu: pycriu.Criu, src_dst: tuple[Path, Path]) -> None:
+    """``status_fd``, as ``criu page-server --status-fd``: one zero byte when it is ready (a
+    runtime waits on it); by then a connection succeeds."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        with criu.page_server(pycriu.PageServerOptions(images_dir=src_dst[1], status_fd=w)) as ps:
+            assert os.read(r, 16) == b"\0"
+            with socket.create_connection(("127.0.0.1", ps.port), timeout=5):
+                pass
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_status_fd_that_is_not_an_fd_is_refused(src_dst: tuple[Path, Path]) -> None:
+    with pytest.raises(pycriu.InvalidOptionError, match="status_fd"):
+        pycriu.PageServerOptions(images_dir=src_dst[1], status_fd=-1)
+
+
 def test_the_page_server_is_stopped_and_reaped_after_the_with_block(
         criu: pycriu.Criu, src_dst: tuple[Path, Path]) -> None:
     ps = criu.page_server(pycriu.PageServerOptions(images_dir=src_dst[1], port=0))
