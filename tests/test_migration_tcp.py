@@ -206,3 +206,28 @@ def test_the_agent_listens_on_loopback_by_default(tmp_path: Path) -> None:
         assert proc.stdout is not None
         proc.stdout.close()
     assert sys.executable
+
+
+def test_silent_and_slow_peers_do_not_delay_an_authenticated_migration(
+        workload: Callable[..., Workload], private_tmp: Path, secret_agent: TcpAgent) -> None:
+    """Peers that connect and say nothing, or send one byte now and then, each hold only their
+    own handshake: a migration that authenticates is served while they are all still waiting
+    (each would otherwise hold the agent for its 30 s authentication timeout)."""
+    silent = [socket.create_connection(("127.0.0.1", secret_agent.port), timeout=5) for _ in range(6)]
+    slow = socket.create_connection(("127.0.0.1", secret_agent.port), timeout=5)
+    try:
+        slow.recv(4096)  # the welcome
+        slow.sendall(b"\x01")  # the first byte of a frame header, and nothing more
+        w = workload(mib=8)
+        report = Migration(w.pid, to=secret_agent.url, mode="classic", secret=SECRET,
+                           log_dir=private_tmp.parent / "logs").run()
+        assert report.outcome == "migrated"
+        assert_moved(w, report)
+        for peer in [*silent, slow]:  # still waiting for their handshake: none was served first
+            peer.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                while peer.recv(4096):  # the welcome, then nothing: not closed, not refused
+                    pass
+    finally:
+        for peer in [*silent, slow]:
+            peer.close()

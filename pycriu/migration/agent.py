@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import platform
+import queue
 import secrets
 import shutil
 import signal
@@ -781,10 +782,22 @@ def _agent_name() -> str:
     return f"pycriu {__version__} agent on {socket.gethostname()}"
 
 
+#: Connections that may be authenticating at once; more are closed at once (and logged).
+MAX_HANDSHAKES = 32
+#: Seconds a connection has to finish TLS and authentication.
+HANDSHAKE_TIMEOUT = 30.0
+
+
 def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, once: bool = False,
               announce: Any = None) -> int:
-    """Accept sessions on ``host:port`` one after another (authenticated); return the exit status.
+    """Accept sessions on ``host:port`` (authenticated); return the exit status.
 
+    Every connection does its TLS handshake and authentication in a thread of its own (at most
+    :data:`MAX_HANDSHAKES` at once, each within :data:`HANDSHAKE_TIMEOUT`), so that a peer that
+    connects and says nothing, or one that sends a byte at a time, holds only its own thread:
+    it never delays an honest peer. Authenticated sessions are served one after another in the
+    main thread (where SIGTERM and Ctrl-C land, so a session always runs its cleanup); a second
+    authenticated peer waits for the first session to end. ``once``: exit after one session.
     ``announce(host, port)`` is called once listening (default: print it on stdout)."""
     if config.secret is None and config.tls is None:
         raise InvalidOptionError("refusing to listen without authentication: give --secret-file and/or "
@@ -798,44 +811,81 @@ def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, on
             announce(bound[0], bound[1])
         context = config.tls.server_context() if config.tls is not None else None
         config.prefetch()  # warm: the first session finds this host's checks done
+        ready: queue.Queue[_Authenticated] = queue.Queue()
+        Worker(_accept_loop, server, config, context, ready, name="pycriu-agent-accept").start()
         while True:
-            conn, addr = server.accept()
-            ok = _serve_connection(config, conn, addr, context)
+            peer = ready.get()
+            session = AgentSession(peer.channel, config, data_address=peer.local, peer_address=peer.address)
+            session.run()
             if once:
-                return 0 if ok else 1
+                return 0 if not session.failed else 1
     finally:
         server.close()
 
 
-def _serve_connection(config: AgentConfig, conn: socket.socket, addr: Any, context: ssl.SSLContext | None) -> bool:
+@dataclass
+class _Authenticated:
+    channel: Channel
+    address: str
+    local: str
+
+
+def _accept_loop(server: socket.socket, config: AgentConfig, context: ssl.SSLContext | None,
+                 ready: queue.Queue[_Authenticated]) -> None:
+    slots = threading.BoundedSemaphore(MAX_HANDSHAKES)
+    while True:
+        try:
+            conn, addr = server.accept()
+        except OSError:  # the server socket was closed: the agent is ending
+            return
+        if not slots.acquire(blocking=False):
+            log.warning("refused %s: %d connections are already authenticating", addr[0], MAX_HANDSHAKES)
+            conn.close()
+            continue
+        Worker(_handshake, config, conn, addr, context, ready, slots, name=f"pycriu-agent-auth-{addr[0]}").start()
+
+
+def _handshake(config: AgentConfig, conn: socket.socket, addr: Any, context: ssl.SSLContext | None,
+               ready: queue.Queue[_Authenticated], slots: threading.BoundedSemaphore) -> None:
+    try:
+        peer = _authenticate(config, conn, addr, context)
+    finally:
+        slots.release()
+    if peer is not None:
+        ready.put(peer)
+
+
+def _authenticate(config: AgentConfig, conn: socket.socket, addr: Any,
+                  context: ssl.SSLContext | None) -> _Authenticated | None:
+    """TLS (if configured) and the agent's authentication, within :data:`HANDSHAKE_TIMEOUT`;
+    the authenticated peer, or None when it was refused (logged)."""
     peer = addr[0]
     config.prefetch()  # this session's checks, while TLS and authentication run
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         local = conn.getsockname()[0]
         if context is not None:
-            conn.settimeout(30)
+            conn.settimeout(HANDSHAKE_TIMEOUT)
             try:
                 conn = context.wrap_socket(conn, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 log.warning("TLS handshake with %s failed: %s", peer, exc)
                 conn.close()
-                return False
+                return None
         channel = Channel(SocketStream(conn), role="agent", timeout=config.idle_timeout)
     except OSError as exc:
         log.warning("connection from %s failed: %s", peer, exc)
         conn.close()
-        return False
+        return None
     try:
-        agent_authenticate(channel, config.secret, _agent_name())
+        agent_authenticate(channel, config.secret, _agent_name(), timeout=max(0.1, deadline - time.monotonic()))
     except MigrationError as exc:
         log.warning("refused %s: %s", peer, exc.message)
         channel.close()
-        return False
-    session = AgentSession(channel, config, data_address=local, peer_address=peer)
-    session.run()
-    return not session.failed
+        return None
+    return _Authenticated(channel, peer, local)
 
 
 # --- Command line -------------------------------------------------------------------------------

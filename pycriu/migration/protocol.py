@@ -638,7 +638,7 @@ def _session_key(secret: bytes, a: str, b: str) -> bytes:
 
 
 def agent_authenticate(channel: Channel, secret: bytes | None, agent_name: str, *,
-                       failure_delay: float = 0.2) -> None:
+                       failure_delay: float = 0.2, timeout: float = 30.0) -> None:
     """Agent side: send ``welcome``; with a secret, run the challenge-response and switch to
     MAC'd frames. Raises :class:`AuthenticationError` (after telling the client) on failure."""
     nonce = secrets.token_hex(32) if secret is not None else None
@@ -648,7 +648,7 @@ def agent_authenticate(channel: Channel, secret: bytes | None, agent_name: str, 
         return
     assert nonce is not None
     try:
-        msg = channel.recv("auth", timeout=30.0)
+        msg = channel.recv("auth", timeout=timeout)
     except (ProtocolError, AgentError) as exc:
         _refuse(channel, failure_delay)
         raise AuthenticationError(f"client did not authenticate: {exc}") from None
