@@ -8,7 +8,9 @@
 
 Modules, one job each: :mod:`~pycriu.migration.protocol` (frames, messages, authentication, file
 streaming), :mod:`~pycriu.migration.transport` (local / ssh / tcp connections),
-:mod:`~pycriu.migration.agent` (the destination side), :mod:`~pycriu.migration.client` (the
+:mod:`~pycriu.migration.agent` (the destination's command line; its configuration, sessions and
+servers in :mod:`~pycriu.migration.agent_config`, :mod:`~pycriu.migration.agent_session`,
+:mod:`~pycriu.migration.agent_server`), :mod:`~pycriu.migration.client` (the
 source's requests), :mod:`~pycriu.migration.flows` (the CRIU memory-transfer flows, one module
 each), :mod:`~pycriu.migration.custody` (who holds the process: resume, kill or leave stopped),
 :mod:`~pycriu.migration.migration` (checks, directories, CRIU options, the end of a run),
@@ -27,7 +29,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agent import AgentConfig, serve_stdio, serve_tcp
+    from .agent_config import AgentConfig
+    from .agent_server import serve_stdio, serve_tcp
     from .custody import Outcome
     from .errors import AgentError, AuthenticationError, MigrationError, PreflightError, ProtocolError, TransportError
     from .migration import MODES, Migration, Progress
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 # which needs none of the source's side, starts without importing it: the local agent's
 # start-up is part of every local migration's time.
 _EXPORTS = {
-    "AgentConfig": "agent", "serve_stdio": "agent", "serve_tcp": "agent", "Outcome": "custody",
+    "AgentConfig": "agent_config", "serve_stdio": "agent_server", "serve_tcp": "agent_server", "Outcome": "custody",
     "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors", "PreflightError": "errors",
     "ProtocolError": "errors", "TransportError": "errors",
     "MODES": "migration", "Migration": "migration", "Progress": "migration",

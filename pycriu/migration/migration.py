@@ -37,7 +37,7 @@ from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSu
 from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
 from . import checks, pagetls, preflight, procs
-from .agent import RESTORE_FLAGS
+from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
 from .errors import AgentError, MigrationError, PreflightError
