@@ -13,6 +13,7 @@ restore on the same machine never collides on pids, and always cleans up.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--listen", type=int, default=None, help="listen on 127.0.0.1:PORT (0: any)")
     ap.add_argument("--unix", default=None, help="listen on a Unix socket bound to this path")
     ap.add_argument("--fifo", default=None, help="make this FIFO, hold it open and leave FIFO_DATA in it")
+    ap.add_argument("--lock", default=None, help="hold an exclusive flock on this file (created)")
     ap.add_argument("--interval", type=float, default=0.01, help="seconds between beats")
     ap.add_argument("--touch", type=float, default=0.0,
                     help="fraction of memory rewritten per second (dirty rate); changes the checksum")
@@ -128,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         os.mkfifo(args.fifo)
         fifo_fd = os.open(args.fifo, os.O_RDWR)  # kept open: the data waits in the pipe for a reader
         os.write(fifo_fd, FIFO_DATA)
+
+    if args.lock is not None:
+        lock_fd = os.open(args.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     want_check = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: want_check.set())
@@ -258,7 +264,8 @@ class Workload:
 
     def __init__(self, state_path: str | os.PathLike[str], *, mib: int = 16, children: int = 0,
                  threads: int = 0, listen: int | None = None, unix: str | os.PathLike[str] | None = None,
-                 fifo: str | os.PathLike[str] | None = None, touch: float = 0.0,
+                 fifo: str | os.PathLike[str] | None = None, lock: str | os.PathLike[str] | None = None,
+                 touch: float = 0.0,
                  interval: float = 0.01, python: str | None = None) -> None:
         self.state_path = Path(state_path)
         argv = [python or sys.executable, "-m", "pycriu.workload", "--state", str(self.state_path),
@@ -270,6 +277,8 @@ class Workload:
             argv += ["--unix", os.fspath(unix)]
         if fifo is not None:
             argv += ["--fifo", os.fspath(fifo)]
+        if lock is not None:
+            argv += ["--lock", os.fspath(lock)]
         self.state_path.unlink(missing_ok=True)
         # CRIU's parasite mounts a scratch proc in the dumped task's working directory
         # ("proc.crtools"): each workload gets its own, so two dumps at once do not collide.

@@ -232,6 +232,32 @@ def lazy(at: str | None) -> Callable[[World], None]:
     return flow
 
 
+def lazy_one_host(at: str | None) -> Callable[[World], None]:
+    """One host, host-wide names, post-copy (page-server-on-source): the dump ends the source;
+    the destination restores lazily from a page server over the source's images, commits, and
+    its missing pages are then served from those images."""
+
+    def flow(w: World) -> None:
+        w.criu.dump(w.custody.criu_notify(None, on_freeze=lambda: None, on_dumped=lambda: None))
+        w.tree.now = "gone"
+        w.custody.checkpointed()
+        if at == "restore":
+            raise Injected("the destination's restore failed")
+        w.custody.restored(w.agent.restore())
+        w.commit(lazy=True, lost=at == "commit-lost")
+        if at == "destination-failed":
+            w.agent.copy = "killed"
+            w.custody.destination_failed(killed=True)
+            raise Injected("lazy page transfer failed after the destination resumed")
+        if at and at.startswith("lost-"):
+            w.custody.destination_lost(source_done=at != "lost-still-serving",
+                                       source_failed=at == "lost-transfer-failed")
+            raise Injected("lost the agent")
+        w.custody.hand_over()
+
+    return flow
+
+
 # scenario -> (outcome, source at the end, destination's copy at the end)
 TABLE: dict[tuple[str, str | None], tuple[Outcome, str, str]] = {
     ("classic", None): (Outcome.MIGRATED, "gone", "running"),
@@ -256,8 +282,16 @@ TABLE: dict[tuple[str, str | None], tuple[Outcome, str, str]] = {
     ("lazy", "lost-still-serving"): (Outcome.UNKNOWN, "stopped", "running"),
     ("lazy", "lost-served-all"): (Outcome.UNKNOWN, "stopped", "running"),
     ("lazy", "lost-transfer-failed"): (Outcome.FAILED_AFTER_RESUME, "running", "running"),
+    ("lazy-one-host", None): (Outcome.MIGRATED, "gone", "running"),
+    ("lazy-one-host", "restore"): (Outcome.ROLLED_BACK, "running", "none"),
+    ("lazy-one-host", "commit-lost"): (Outcome.UNKNOWN, "gone", "stopped"),
+    ("lazy-one-host", "destination-failed"): (Outcome.FAILED_AFTER_RESUME, "running", "killed"),
+    ("lazy-one-host", "lost-still-serving"): (Outcome.UNKNOWN, "gone", "running"),
+    ("lazy-one-host", "lost-served-all"): (Outcome.UNKNOWN, "gone", "running"),
+    ("lazy-one-host", "lost-transfer-failed"): (Outcome.FAILED_AFTER_RESUME, "running", "running"),
 }
-FLOWS = {"classic": classic, "one-host": classic_one_host, "pre-copy": pre_copy, "lazy": lazy}
+FLOWS = {"classic": classic, "one-host": classic_one_host, "pre-copy": pre_copy, "lazy": lazy,
+         "lazy-one-host": lazy_one_host}
 
 
 @pytest.mark.parametrize(("flow", "at"), list(TABLE), ids=[f"{f}-{a or 'ok'}" for f, a in TABLE])
@@ -266,7 +300,7 @@ def test_every_failure_point_has_one_outcome(flow: str, at: str | None) -> None:
     outcome = w.run(FLOWS[flow](at))
     expected, source, copy = TABLE[flow, at]
     assert (outcome, w.tree.now, w.agent.copy) == (expected, source, copy), w.notes
-    if flow == "lazy" and at == "lost-transfer-failed":
+    if flow in ("lazy", "lazy-one-host") and at == "lost-transfer-failed":
         # the fake agent cannot kill its copy: in the real world its lazy-pages daemon died and
         # the agent killed the restored tree; custody says so and resumes the source
         assert w.custody.destination_state == "killed (lazy-pages daemon failed)"
@@ -275,7 +309,7 @@ def test_every_failure_point_has_one_outcome(flow: str, at: str | None) -> None:
 
 
 @pytest.mark.parametrize(("flow", "at"), [k for k, v in TABLE.items()
-                                          if v[0] is Outcome.ROLLED_BACK and k[0] != "one-host"])
+                                          if v[0] is Outcome.ROLLED_BACK and not k[0].endswith("one-host")])
 def test_a_source_that_vanished_meanwhile_is_never_called_rolled_back(flow: str, at: str) -> None:
     """Someone killed the source while the migration failed: nothing is resumed, nothing
     claims the process survived."""
@@ -365,3 +399,27 @@ def test_images_that_are_the_only_copy_are_kept(at: str) -> None:
     w = World(tree=FakeTree(restorable=False))
     assert w.run(classic_one_host(at)) is Outcome.UNKNOWN
     assert w.custody.images_kept_for
+
+
+@pytest.mark.parametrize("flow", [classic_one_host, lazy_one_host])
+def test_a_source_ended_by_its_dump_is_never_signalled_again(
+        flow: Callable[[str | None], Callable[[World], None]]) -> None:
+    """Its pids may belong to other processes by the time the destination takes over."""
+    w = World()
+    assert w.run(flow(None)) is Outcome.MIGRATED
+    assert "kill" not in w.tree.actions and "resume" not in w.tree.actions
+
+
+def test_a_post_copy_that_fails_after_the_resume_restores_an_ended_source_from_its_images() -> None:
+    w = World()
+    assert w.run(lazy_one_host("destination-failed")) is Outcome.FAILED_AFTER_RESUME
+    assert w.tree.actions == ["restore"]
+    assert w.custody.rollback.startswith("restored from the source's own images on this host (new pid 101)")
+    assert "work since the freeze is lost" in w.custody.rollback
+
+
+@pytest.mark.parametrize("at", ["lost-still-serving", "lost-served-all"])
+def test_an_ended_source_whose_destination_is_unknown_keeps_its_images(at: str) -> None:
+    w = World()
+    assert w.run(lazy_one_host(at)) is Outcome.UNKNOWN
+    assert w.custody.images_kept_for and "kill" not in w.tree.actions

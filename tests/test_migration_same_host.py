@@ -1,11 +1,14 @@
 """On one host, a tree that holds host-wide names (a listening TCP port, a Unix socket bound to
-a path, a FIFO with data in it) migrates as it does with the CLI (dump, then restore): the dump
-ends the source, and its own images are the rollback. Flows that must keep the source stopped
-while the destination restores are refused before anything is frozen, naming what is in the way.
+a path, a FIFO with data in it, a file lock) migrates in every flow the CLI can run with it: the
+dump ends the source, and its own images on this host are the rollback (page-server gets its
+pages back from the destination's page server first). Lazy, which would serve pages from the
+frozen source's memory while it still holds them, runs as page-server-on-source (post-copy from
+the images). Whatever fails, exactly one copy runs, with its memory and its name.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -14,17 +17,28 @@ from pathlib import Path
 import pytest
 from conftest import needs_lazy_pages, needs_root
 
-from pycriu.migration import Migration, PreflightError, Progress
+from pycriu.migration import Migration, Progress, procs
 from pycriu.workload import FIFO_DATA, Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
 
-NAMES = ["listen", "unix", "fifo"]
+NAMES = ["listen", "unix", "fifo", "lock"]
+LAZY_MODES = [pytest.param("lazy", marks=needs_lazy_pages),
+              pytest.param("page-server-on-source", marks=needs_lazy_pages)]
+#: requested mode -> the flow that runs
+MODES = {"classic": "classic", "page-server": "page-server", "lazy": "page-server-on-source",
+         "page-server-on-source": "page-server-on-source", "auto": "page-server-on-source"}
 
 
 def _workload(workload: Callable[..., Workload], tmp: Path, name: str) -> Workload:
-    kwargs = {"listen": {"listen": 0}, "unix": {"unix": tmp / "sock"}, "fifo": {"fifo": tmp / "fifo"}}[name]
+    kwargs = {"listen": {"listen": 0}, "unix": {"unix": tmp / "sock"}, "fifo": {"fifo": tmp / "fifo"},
+              "lock": {"lock": tmp / "lock"}}[name]
     return workload(mib=8, **kwargs)
+
+
+def _migration(w: Workload, tmp: Path, name: str, mode: str, **kw: object) -> Migration:
+    flags = {"file_locks": True} if name == "lock" else None
+    return Migration(w.pid, to="local", mode=mode, log_dir=tmp / "logs", flags=flags, **kw)  # type: ignore[arg-type]
 
 
 def _name_works(w: Workload, tmp: Path, name: str) -> None:
@@ -33,6 +47,15 @@ def _name_works(w: Workload, tmp: Path, name: str) -> None:
         fd = os.open(tmp / "fifo", os.O_RDONLY | os.O_NONBLOCK)
         try:
             assert os.read(fd, 4096) == FIFO_DATA
+        finally:
+            os.close(fd)
+        return
+    if name == "lock":
+        fd = os.open(tmp / "lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # the restored copy holds it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert procs.tree_resources(w.pid).locks, "the migrated tree holds no lock"
         finally:
             os.close(fd)
         return
@@ -47,52 +70,40 @@ def _name_works(w: Workload, tmp: Path, name: str) -> None:
         assert sock.recv(100).startswith(b"alive ")
 
 
-@pytest.mark.parametrize("mode", ["classic", "auto"])
+@pytest.mark.parametrize("mode", ["classic", "page-server", *LAZY_MODES, pytest.param("auto", marks=needs_lazy_pages)])
 @pytest.mark.parametrize("name", NAMES)
 def test_a_tree_holding_a_host_wide_name_migrates_on_one_host(
         workload: Callable[..., Workload], private_tmp: Path, mode: str, name: str) -> None:
-    w = _workload(workload, private_tmp.parent, name)
-    report = Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs").run()
-    assert (report.outcome, report.mode, report.source_state) == ("migrated", "classic", "gone")
+    tmp = private_tmp.parent
+    w = _workload(workload, tmp, name)
+    report = _migration(w, tmp, name, mode).run()
+    assert (report.outcome, report.mode, report.source_state) == ("migrated", MODES[mode], "gone"), report
     assert report.destination_pid is not None
     w.adopt(report.destination_pid)
     w.wait_beats(3)
     assert w.checksum() == w.expected_checksum
-    _name_works(w, private_tmp.parent, name)
+    _name_works(w, tmp, name)
+    if mode == "page-server":
+        assert any("page images came back" in n for n in report.notes), report.notes
+    if mode in ("lazy", "auto"):
+        assert "page-server-on-source restores lazily too" in report.mode_reason
 
 
-@pytest.mark.parametrize("mode", ["page-server", pytest.param("lazy", marks=needs_lazy_pages),
-                                  pytest.param("page-server-on-source", marks=needs_lazy_pages)])
-@pytest.mark.parametrize("name", NAMES)
-def test_flows_that_keep_the_source_stopped_are_refused_before_the_freeze(
-        workload: Callable[..., Workload], private_tmp: Path, mode: str, name: str) -> None:
-    w = _workload(workload, private_tmp.parent, name)
-    before = w.wait_beats(1)
-    with pytest.raises(PreflightError, match="on one host the .* flow keeps the source holding") as info:
-        Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs").run()
-    assert info.value.hint is not None and "mode='classic'" in info.value.hint
-    assert len(info.value.resources) == 1
-    report = info.value.report  # type: ignore[attr-defined]
-    assert (report.outcome, report.source_state) == ("refused", "running (never frozen)")
-    after = w.wait_beats(3)
-    assert after["beat"] > before["beat"]
-    _name_works(w, private_tmp.parent, name)
-
-
+@pytest.mark.parametrize("mode", ["classic", "page-server", *LAZY_MODES])
 @pytest.mark.parametrize("name", NAMES)
 def test_a_failure_after_the_dump_brings_the_source_back_from_its_own_images(
-        workload: Callable[..., Workload], private_tmp: Path, name: str) -> None:
+        workload: Callable[..., Workload], private_tmp: Path, mode: str, name: str) -> None:
     """Ctrl-C as the destination's restore begins, after the dump ended the source: the source is
     restored from its images on this host, with its memory and its name, and only that copy runs."""
-    w = _workload(workload, private_tmp.parent, name)
+    tmp = private_tmp.parent
+    w = _workload(workload, tmp, name)
 
     def fail_at_restore(e: Progress) -> None:
         if e.phase == "restore" and e.event == "start":
             raise KeyboardInterrupt  # (a progress callback's Exception is ignored; Ctrl-C is not)
 
     with pytest.raises(KeyboardInterrupt) as info:
-        Migration(w.pid, to="local", mode="classic", log_dir=private_tmp.parent / "logs",
-                  progress=fail_at_restore).run()
+        _migration(w, tmp, name, mode, progress=fail_at_restore).run()
     report = info.value.report  # type: ignore[attr-defined]
     assert report.outcome == "rolled-back", report
     assert report.rollback.startswith("restored from the source's own images"), report.rollback
@@ -102,4 +113,43 @@ def test_a_failure_after_the_dump_brings_the_source_back_from_its_own_images(
     assert report.source_state == "running"
     w.wait_beats(3)
     assert w.checksum() == w.expected_checksum
-    _name_works(w, private_tmp.parent, name)
+    _name_works(w, tmp, name)
+
+
+@pytest.mark.parametrize("mode", ["classic", "page-server", *LAZY_MODES])
+def test_a_restore_that_cannot_bind_brings_the_source_back(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str) -> None:
+    """Another process takes the port after the dump ended the source: CRIU's restore on the
+    destination fails ("Address already in use"); once the port is free again the source comes
+    back from its own images, still serving it."""
+    tmp = private_tmp.parent
+    w = _workload(workload, tmp, "listen")
+    port = int(w.wait_beats(1)["port"])
+    squatter: list[socket.socket] = []
+
+    def squat(e: Progress) -> None:
+        if e.phase == "restore" and e.event == "start":
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1)
+            squatter.append(sock)
+        elif e.phase == "restore" and e.event == "end":
+            for sock in squatter:
+                sock.close()
+
+    try:
+        with pytest.raises(Exception, match="restore") as info:
+            _migration(w, tmp, "listen", mode, progress=squat).run()
+    finally:
+        for sock in squatter:
+            sock.close()
+    assert squatter, "the restore never started"
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.outcome == "rolled-back", report
+    assert report.rollback.startswith("restored from the source's own images"), report.rollback
+    assert report.destination_state in ("none", "killed", "gone")
+    assert report.source_pid is not None
+    w.adopt(report.source_pid)
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+    _name_works(w, tmp, "listen")

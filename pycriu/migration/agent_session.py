@@ -31,6 +31,7 @@ from .modes import FLOWS, choose_mode
 from .procs import kill_tree, resume_tree
 from .protocol import (
     LOG_NAME,
+    PAGE_IMAGE,
     PROTOCOL_VERSION,
     Channel,
     Limits,
@@ -589,6 +590,23 @@ class AgentSession:
                  if LOG_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
         send_files(self.channel, "images", files, pattern=LOG_NAME)
 
+    def _page_images(self, msg: dict[str, Any]) -> None:
+        """Hand the source back the page images its dump sent to this session's page server (by
+        hard link on this host's filesystem, else as data): on one host, with the source ended
+        by its dump, they complete its own images, its rollback until the commit."""
+        name = check_dir_name(msg["dir"])
+        ps = self.page_servers.get(name)
+        if ps is None:
+            raise ProtocolError(f"no page server received pages into {name!r} in this session")
+        try:
+            ps.wait(timeout=60)
+        except (CriuError, TimeoutError) as exc:
+            raise AgentError(f"the page server did not receive the dump: {exc}", code="page-server-failed") from None
+        images = self._path(name)
+        files = [(p.name, p, None) for p in sorted(images.iterdir())
+                 if PAGE_IMAGE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+        send_files(self.channel, name, files, pattern=PAGE_IMAGE, link=self.config.same_host)
+
     def _bye(self, msg: dict[str, Any]) -> bool:
         assert self.dir is not None
         # what this side wrote: files the source handed over by hard link were written there
@@ -604,13 +622,13 @@ class AgentSession:
         "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
         "file-link": _file_link, "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
-        "bye": _bye,
+        "page-images": _page_images, "bye": _bye,
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
         "ready": frozenset({"page-tls", "preflight",
                             "ping", "prepare-dir", "page-server", "file", "file-link", "files-done", "lazy-pages",
-                            "restore",
+                            "page-images", "restore",
                             "abort", "logs", "bye"}),
         "restored": frozenset({"ping", "commit", "abort"}),
         "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),

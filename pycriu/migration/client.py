@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 from ..options import PageServerAddress
 from .errors import AgentError, ProtocolError, TransportError
-from .protocol import LOG_NAME, PROTOCOL_VERSION, Limits, receive_file, send_files
+from .protocol import LOG_NAME, PAGE_IMAGE, PROTOCOL_VERSION, Limits, accept_link, receive_file, send_files
 from .transport import Connection
 
 __all__ = ["AgentClient"]
@@ -139,19 +141,39 @@ class AgentClient:
         into.mkdir(parents=True, exist_ok=True)
         self.channel.send({"type": "logs"})
         limits = Limits(max_file_size=256 << 20, max_total_bytes=1 << 30, max_files=64, min_free_bytes=0)
+        return self._receive_files(into, LOG_NAME, limits, replace=True)
+
+    def fetch_page_images(self, name: str, into: Path, *, link: bool) -> tuple[int, int, int]:
+        """Receive back the page images the dump sent to the agent's page server for ``name``
+        into ``into`` (which must not have them yet); ``link``: the agent is on this host and
+        may hand them by hard link. Returns (files, bytes linked, bytes copied)."""
+        self.channel.send({"type": "page-images", "dir": name})
+        limits = Limits(max_files=100_000, min_free_bytes=0)
+        got = self._receive_files(into, PAGE_IMAGE, limits, link=link)
+        return len(got), limits.linked_bytes, limits.received_bytes
+
+    def _receive_files(self, into: Path, pattern: re.Pattern[str], limits: Limits, *, replace: bool = False,
+                       link: bool = False) -> list[Path]:
+        """Take ``file`` (and with ``link``, ``file-link``) messages into ``into`` until
+        ``files-done``, and confirm them; ``replace``: a file of that name here is replaced."""
         got: list[Path] = []
         fd = os.open(into, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             while True:
-                msg = self.channel.recv("file", "files-done")
+                msg = self.channel.recv("file", "file-link", "files-done")
                 if msg["type"] == "files-done":
-                    self.channel.send({"type": "files-ok", "count": len(got), "bytes": limits.received_bytes})
+                    self.channel.send({"type": "files-ok", "count": len(got),
+                                       "bytes": limits.received_bytes + limits.linked_bytes})
                     return got
-                try:
-                    os.unlink(msg["name"], dir_fd=fd) if LOG_NAME.fullmatch(msg["name"]) else None
-                except FileNotFoundError:
-                    pass
-                receive_file(self.channel, msg, fd, limits, pattern=LOG_NAME)
+                if replace and pattern.fullmatch(msg["name"]):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(msg["name"], dir_fd=fd)
+                if msg["type"] == "file-link":
+                    if not link:
+                        raise ProtocolError("the agent offered a file by hard link, but it is not on this host")
+                    accept_link(msg, fd, limits, pattern=pattern)
+                else:
+                    receive_file(self.channel, msg, fd, limits, pattern=pattern)
                 got.append(into / msg["name"])
         finally:
             os.close(fd)

@@ -266,10 +266,17 @@ class Custody:
         self._to(Stage.SERVING)
 
     def hand_over(self) -> None:
-        """The destination owns the process: the stopped source tree goes."""
+        """The destination owns the process: the stopped source tree goes (one ended by its
+        dump is not signalled again: its pids may belong to others by now)."""
         self._to(Stage.HANDED_OVER)
-        self._killed = self.source.kill()
+        if not self.ended_by_dump:
+            self._killed = self.source.kill()
         self.destination_state = "running"
+
+    @property
+    def ended_by_dump(self) -> bool:
+        """The dump ended the source (one host, host-wide names): its images are all there is of it."""
+        return self.stage is Stage.CHECKPOINTED or self._before_commit is Stage.CHECKPOINTED
 
     def checked(self) -> None:
         """A dry run ended after the checks: nothing was ever frozen."""
@@ -337,19 +344,7 @@ class Custody:
                       f"(pid {self.destination_pid}) and the source was killed")
         elif self.stage is Stage.CHECKPOINTED:  # roll back from the source's images
             self.abort_destination(f"source failed: {reason}")
-            old = self.source.pid
-            try:
-                pid = self.source.restore_from_images()
-            except Exception as exc:  # noqa: BLE001 - the images stay for the operator
-                self._to(Stage.LEFT_STOPPED)
-                self.outcome = Outcome.UNKNOWN
-                self.images_kept_for = f"restoring the source from them failed: {exc}"
-                self.note(f"the source (pid {old}) was ended by its dump and restoring it from its images failed "
-                          f"({exc}); the images are kept: restore them with `criu restore`")
-                return
-            self.rollback = f"restored from the source's own images on this host (new pid {pid})"
-            self.note(f"the source tree (pid {old}) was {self.rollback}")
-            self._to(Stage.RESUMED)
+            self._restore_from_images("")
         else:  # pre-copied, frozen, dumped: roll back
             self.abort_destination(f"source failed: {reason}")
             state = self.source.state()
@@ -366,14 +361,38 @@ class Custody:
         self.destination_state = self.destination.abort(reason)
 
     def _resume(self, outcome: Outcome) -> None:
+        if self.ended_by_dump:
+            if self._restore_from_images("; the destination's work since the freeze is lost"):
+                self.outcome = outcome
+            return
         self.source.resume()  # CRIU left it stopped (or resumed it itself)
         self.rollback = "the source resumed from the checkpoint (SIGCONT); the destination's work since is lost"
         self._to(Stage.RESUMED)
         self.outcome = outcome
 
+    def _restore_from_images(self, lost: str) -> bool:
+        """The source was ended by its dump: bring it back from its images on this host; if that
+        fails, they are kept for the operator. Whether it runs again."""
+        old = self.source.pid
+        try:
+            pid = self.source.restore_from_images()
+        except Exception as exc:  # noqa: BLE001 - the images stay for the operator
+            self._to(Stage.LEFT_STOPPED)
+            self.outcome = Outcome.UNKNOWN
+            self.images_kept_for = f"restoring the source from them failed: {exc}"
+            self.note(f"the source (pid {old}) was ended by its dump and restoring it from its images failed "
+                      f"({exc}); the images are kept: restore them with `criu restore`")
+            return False
+        self.rollback = f"restored from the source's own images on this host (new pid {pid}){lost}"
+        self.note(f"the source tree (pid {old}) was {self.rollback}")
+        self._to(Stage.RESUMED)
+        return True
+
     def _leave_stopped(self) -> None:
         self._to(Stage.LEFT_STOPPED)
         self.outcome = Outcome.UNKNOWN
+        if self.ended_by_dump and self.images_kept_for is None:
+            self.images_kept_for = "the destination's state is unknown and the source was ended by its dump"
 
     # -- the end ------------------------------------------------------------------------------------
 

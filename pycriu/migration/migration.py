@@ -401,24 +401,30 @@ class MigrationRun:
         return mode
 
     def _same_host_names(self, requested: str, mode: str, reason: str, names: list[str]) -> tuple[str, str]:
-        """On one host a source kept stopped still holds its listening ports, bound Unix sockets
-        and FIFOs while the destination restores them. A flow that can end the source at the dump
-        and roll back from its images takes such a tree (``auto`` picks one); the others are
-        refused here, before anything is frozen."""
+        """On one host a source kept stopped still holds its listening ports, bound Unix sockets,
+        FIFOs and file locks while the destination restores them. Flows that can end the source
+        at the dump (its complete images on this host are then the rollback) take such a tree;
+        lazy, which serves pages from the frozen source's memory, runs as page-server-on-source
+        (post-copy from the images); the rest (pre-copy, hybrid) are refused here, before
+        anything is frozen."""
         if not names:
             return mode, reason
-        able = [name for name, spec in FLOWS.items() if spec.same_host_names]
-        if not FLOWS[mode].same_host_names:
-            if requested != "auto":
+        held = ", ".join(names)
+        spec = FLOWS[mode]
+        if not spec.same_host_names:
+            instead = spec.same_host_names_instead
+            if instead is None:
+                able = [name for name, flow in FLOWS.items() if flow.same_host_names]
                 raise PreflightError(
-                    f"on one host the {mode} flow keeps the source holding {', '.join(names)} while the destination "
+                    f"on one host the {mode} flow keeps the source holding {held} while the destination "
                     f"restores it, which CRIU cannot do (\"Address already in use\")", resources=tuple(names),
-                    hint=f"use mode={able[0]!r} (the dump ends the source and a failure restores it from its own "
-                         "images), or migrate to another host or network namespace")
-            mode, reason = able[0], (f"auto on one host with a tree holding {', '.join(names)}: {able[0]} ends the "
-                                     "source at the dump and rolls back from its images")
+                    hint=f"use mode={able[0]!r} or one of {', '.join(able[1:])} (the dump ends the source and a "
+                         "failure restores it from its own images), or migrate to another host or network namespace")
+            mode, reason = instead, (f"{requested} on one host with a tree holding {held}: {mode} would keep the "
+                                     f"frozen source holding them while the destination restores; {instead} "
+                                     "restores lazily too, its pages served from the source's images")
         self.rollback_from_images = True
-        self.note(f"one host, and the tree holds {', '.join(names)}: the dump ends the source; its images are kept "
+        self.note(f"one host, and the tree holds {held}: the dump ends the source; its images are kept "
                   "until the destination runs, and a failure restores it from them")
         return mode, reason
 

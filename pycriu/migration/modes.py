@@ -40,6 +40,9 @@ class FlowSpec:
     #: on one host, a tree holding host-wide names (ports, bound sockets, FIFOs) can move: the
     #: dump ends the source, and a failure restores it from its own images
     same_host_names: bool = False
+    #: when it cannot (it serves pages from the frozen source's memory), the flow that does the
+    #: same job from the source's images and runs instead
+    same_host_names_instead: str | None = None
 
     def load(self) -> Flow:
         flow: Flow = importlib.import_module(f"{__package__}.flows.{self.module}").FLOW()
@@ -49,10 +52,11 @@ class FlowSpec:
 #: Every flow, in the order ``auto`` would consider them. A new flow: a module in flows/, a line here.
 FLOWS: dict[str, FlowSpec] = {spec.name: spec for spec in (
     FlowSpec("classic", "classic", same_host_names=True),
-    FlowSpec("page-server", "page_server"),
-    FlowSpec("lazy", "lazy", needs_lazy_pages=True, source_images_in_memory=True, destination_images_in_memory=True),
+    FlowSpec("page-server", "page_server", same_host_names=True),
+    FlowSpec("lazy", "lazy", needs_lazy_pages=True, source_images_in_memory=True, destination_images_in_memory=True,
+             same_host_names_instead="page-server-on-source"),
     FlowSpec("page-server-on-source", "page_server_on_source", needs_lazy_pages=True,
-             destination_images_in_memory=True),
+             destination_images_in_memory=True, same_host_names=True),
     FlowSpec("pre-copy", "pre_copy", needs_mem_track=True),
     FlowSpec("hybrid", "hybrid", needs_lazy_pages=True, needs_mem_track=True, source_images_in_memory=True),
 )}

@@ -121,12 +121,15 @@ class TreeResources:
     unix_paths: dict[str, int] = field(default_factory=dict)
     #: FIFOs opened by path -> (pid, fd)
     fifos: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: files it holds a lock on (flock, POSIX or OFD: ``lock:`` lines of fdinfo) -> (pid, kind)
+    locks: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def host_names(self) -> list[str]:
         """The names only one process on a host can hold, as phrases naming each and its process."""
         return ([f"FIFO {path} (pid {pid}, fd {fd})" for path, (pid, fd) in self.fifos.items()]
                 + [f"listening TCP port {port} (pid {pid})" for port, pid in self.tcp_ports.items()]
-                + [f"Unix socket bound to {path} (pid {pid})" for path, pid in self.unix_paths.items()])
+                + [f"Unix socket bound to {path} (pid {pid})" for path, pid in self.unix_paths.items()]
+                + [f"{kind} lock on {path} (pid {pid})" for path, (pid, kind) in self.locks.items()])
 
 
 def _regular(path: str) -> int | None:
@@ -135,6 +138,20 @@ def _regular(path: str) -> int | None:
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _lock_kind(pid: int, fd: str) -> str | None:
+    """The kind of the first lock held through ``fd`` (``FLOCK``, ``POSIX``, ``OFDLCK``), from
+    the ``lock:`` lines the kernel adds to fdinfo; None when it holds none."""
+    try:
+        text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("lock:"):
+            fields = line.split()
+            return fields[2] if len(fields) > 2 else "file"
+    return None
 
 
 def tree_resources(pid: int) -> TreeResources:
@@ -155,6 +172,9 @@ def tree_resources(pid: int) -> TreeResources:
                         found.fifos.setdefault(target, (p, fd))
                     else:
                         paths.append(target)
+                        kind = _lock_kind(p, fd)
+                        if kind is not None and target.startswith("/"):
+                            found.locks.setdefault(target, (p, kind))
                 except (OSError, ValueError):
                     continue
             paths.append(os.readlink(f"/proc/{p}/exe"))

@@ -72,6 +72,8 @@ CHUNK = 1 << 20
 IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}(?:\.[a-z0-9_-]{1,31}){0,4}\.img")
 #: CRIU log file names the agent sends back.
 LOG_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\.log")
+#: CRIU's page images (what a page server writes), the only files ``page-images`` hands back.
+PAGE_IMAGE = re.compile(r"(?:pagemap|pages)-[0-9]{1,10}\.img")
 #: Directories inside a session: the final images, and one per pre-dump iteration.
 DIR_NAME = re.compile(r"images|pre-[1-9][0-9]{0,3}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -156,6 +158,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
                   "killed": ((int, _Opt), True), "seconds": (_NUM, True), "pages": ((int, _Opt), True),
                   "uncork": ((str, _Opt), False)},
     "logs": {},
+    # one host, the source ended by its dump: the pages its CRIU sent to the destination's page
+    # server come back (by hard link where the filesystem allows) as the source's rollback
+    "page-images": {"dir": (_STR, True)},
     "bye": {"disk": ((dict, _Opt), False), "memory": ((dict, _Opt), False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
 }
@@ -165,9 +170,9 @@ FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping", "preflight",
                          "prepare-dir", "page-server", "file", "file-link", "files-done", "files-ok",
                          "lazy-pages",
                          "restore", "commit",
-                         "abort", "lazy-wait", "logs", "bye"})
+                         "abort", "lazy-wait", "logs", "page-images", "bye"})
 FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "page-tls-ok", "preflight-ok",
-                        "pong", "dir-ready", "page-server", "file", "files-done",
+                        "pong", "dir-ready", "page-server", "file", "file-link", "files-done",
                         "files-ok", "restored", "committed", "aborted", "lazy-done", "bye", "error"})
 
 

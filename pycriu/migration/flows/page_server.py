@@ -18,19 +18,44 @@ def dump_to_page_server(run: FlowContext, *, parent: str | None = None, **dump_k
     assert run.client is not None
     with run.phase("page server start"):
         address = run.client.start_page_server("images", parent=parent, tls=bool(run.criu_tls_options()))
+    ending = run.rollback_from_images
 
     def post_dump() -> None:
         run.send_images("images", all_images(run))
-        run.restore_and_commit(lazy=False, page_server=None)
+        if ending:
+            _take_pages_back(run)
+        else:
+            run.restore_and_commit(lazy=False, page_server=None)
 
     target = run.relay(address)
+    if ending:
+        dump_kw["leave_stopped"] = False
     with Uncork(target.port) as uncork:  # CRIU 4.2 would stall 200 ms, frozen, at the end of the dump
         run.record_dump(run.criu.dump(run.dump_options(page_server=target, notify=run.notify(post_dump), **dump_kw)))
     if not uncork.done:
         run.note(f"{uncork.note}: the dump may have waited 200 ms for CRIU's corked socket")
     stats = run.dump_stats()
-    run.custody.dump_returned()
+    if ending:
+        run.custody.checkpointed()
+        run.restore_and_commit(lazy=False, page_server=None)
+        run.custody.hand_over()  # already gone: CRIU ended it
+    else:
+        run.custody.dump_returned()
     return FlowResult.counted(image_pages=0, server_pages=stats.pages_written if stats else 0, lazy_pages=0)
+
+
+def _take_pages_back(run: FlowContext) -> None:
+    """One host, a tree holding host-wide names: the dump will end the source (so that it lets
+    go of its ports before the destination restores), and its images must then be complete
+    here, pages included, to be its rollback. The pages went to the destination's page server:
+    they come back by hard link (the same filesystem), else as a copy, before the source ends."""
+    assert run.client is not None and run.images is not None
+    with run.phase("page images back"):
+        files, linked, copied = run.client.fetch_page_images("images", run.images,
+                                                             link=run.client.info.get("link_dev") is not None)
+    run.note(f"one host: the {files} page images came back from the destination's page server ({linked} bytes "
+             f"by hard link, {copied} copied), so that the source's own images are complete before its dump "
+             "ends it")
 
 
 class PageServer(Flow):

@@ -33,6 +33,9 @@ def _run(run: FlowContext) -> FlowResult:
     holder: dict[str, Any] = {}
     sizes: dict[str, int] = {}
     port = procs.free_port(run.source_address)
+    # one host, a tree holding host-wide names: the dump ends the source and the destination
+    # restores after it (the complete images here are the rollback, and what the page server serves)
+    ending = run.rollback_from_images
     pages_from = run.relay(PageServerAddress(run.source_address, port))
 
     def start_page_server() -> None:
@@ -66,9 +69,10 @@ def _run(run: FlowContext) -> FlowResult:
             run.phase_end("page server start", "concurrent with the image transfer" if starter.exception() is None
                           else "(failed)")
         starter.result()  # raises what the start raised
-        run.restore_and_commit(lazy=True, page_server=pages_from)
+        if not ending:
+            run.restore_and_commit(lazy=True, page_server=pages_from)
 
-    run.record_dump(run.criu.dump(run.dump_options(leave_stopped=True, notify=run.notify(post_dump))))
+    run.record_dump(run.criu.dump(run.dump_options(leave_stopped=not ending, notify=run.notify(post_dump))))
     ps = holder["ps"]
     run.report.logs["source page-server"] = str(ps.log_path)
 
@@ -81,7 +85,15 @@ def _run(run: FlowContext) -> FlowResult:
             holder["failed"] = True
         return True
 
-    if run.custody.deferred is not None:  # post-dump failed after the commit was sent
+    if ending:
+        run.custody.checkpointed()
+        try:
+            run.restore_and_commit(lazy=True, page_server=pages_from)
+        except BaseException:
+            if run.custody.may_be_owned:  # the destination may run on pages this page server serves
+                after_lazy_commit(run, wait_source, lambda: bool(holder.get("failed")))
+            raise
+    elif run.custody.deferred is not None:  # post-dump failed after the commit was sent
         try:
             after_lazy_commit(run, wait_source, lambda: bool(holder.get("failed")))
         finally:
