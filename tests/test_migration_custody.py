@@ -210,6 +210,21 @@ def pre_copy(at: str | None) -> Callable[[World], None]:
     return flow
 
 
+def _restore_lazily(w: World, at: str | None) -> None:
+    """Restore, commit, then the pages are served: the end of every lazy flow."""
+    w.custody.restored(w.agent.restore())
+    w.commit(lazy=True, lost=at == "commit-lost")
+    if at == "destination-failed":
+        w.agent.copy = "killed"
+        w.custody.destination_failed(killed=True)
+        raise Injected("lazy page transfer failed after the destination resumed")
+    if at and at.startswith("lost-"):
+        w.custody.destination_lost(source_done=at != "lost-still-serving",
+                                   source_failed=at == "lost-transfer-failed")
+        raise Injected("lost the agent")
+    w.custody.hand_over()
+
+
 def lazy(at: str | None) -> Callable[[World], None]:
     """Post-dump answers at once; restore and commit after it; then the pages are served."""
 
@@ -217,17 +232,7 @@ def lazy(at: str | None) -> Callable[[World], None]:
         w.criu.dump(w.custody.criu_notify(None, on_freeze=lambda: None, on_dumped=lambda: None))
         if at == "restore":
             raise Injected("restore failed (tree left stopped by CRIU)")
-        w.custody.restored(w.agent.restore())
-        w.commit(lazy=True, lost=at == "commit-lost")
-        if at == "destination-failed":
-            w.agent.copy = "killed"
-            w.custody.destination_failed(killed=True)
-            raise Injected("lazy page transfer failed after the destination resumed")
-        if at and at.startswith("lost-"):
-            w.custody.destination_lost(source_done=at != "lost-still-serving",
-                                       source_failed=at == "lost-transfer-failed")
-            raise Injected("lost the agent")
-        w.custody.hand_over()
+        _restore_lazily(w, at)
 
     return flow
 
@@ -243,17 +248,7 @@ def lazy_one_host(at: str | None) -> Callable[[World], None]:
         w.custody.checkpointed()
         if at == "restore":
             raise Injected("the destination's restore failed")
-        w.custody.restored(w.agent.restore())
-        w.commit(lazy=True, lost=at == "commit-lost")
-        if at == "destination-failed":
-            w.agent.copy = "killed"
-            w.custody.destination_failed(killed=True)
-            raise Injected("lazy page transfer failed after the destination resumed")
-        if at and at.startswith("lost-"):
-            w.custody.destination_lost(source_done=at != "lost-still-serving",
-                                       source_failed=at == "lost-transfer-failed")
-            raise Injected("lost the agent")
-        w.custody.hand_over()
+        _restore_lazily(w, at)
 
     return flow
 
