@@ -148,9 +148,13 @@ class Snapshot:
 class Relay:
     """A TCP relay on 127.0.0.1 for one connection to ``target``: throttle it, or cut it."""
 
-    def __init__(self, target: tuple[str, int], *, rate: float | None = None) -> None:
+    def __init__(self, target: tuple[str, int], *, rate: float | None = None, record: bool = False) -> None:
+        """``record``: keep every byte that crosses, both ways (:attr:`sent`, :attr:`received`)."""
         self.target = target
         self.rate = rate
+        self.record = record
+        self.sent = bytearray()  # from the connecting side to the target
+        self.received = bytearray()  # back
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.forwarded = 0
@@ -181,6 +185,8 @@ class Relay:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
                     return
+                if self.record:
+                    (self.received if count else self.sent).extend(data)
                 if not count:
                     self.first = self.first or data[:16]
                     self.returned += len(data)

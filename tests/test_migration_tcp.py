@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from migration_support import (
 )
 
 from pycriu import AuthenticationError, InvalidOptionError, Migration, PageServerAddress, TLSConfig, TransportError
+from pycriu.migration import controltls
 from pycriu.workload import Workload
 
 pytestmark = [needs_root, pytest.mark.criu]
@@ -66,7 +68,7 @@ def test_migrate_over_tcp_with_a_shared_secret(workload: Callable[..., Workload]
                                                secret_agent: TcpAgent, mode: str) -> None:
     w = workload(mib=16)
     report = Migration(w.pid, to=secret_agent.url, mode=mode, secret=SECRET, log_dir=private_tmp.parent / "logs").run()
-    assert report.transport == "tcp+secret"
+    assert report.transport == "tcp+secret+tls"
     assert_moved(w, report)
     assert_disk_figures(report, mode, 16)
     # the secret protects the control channel; CRIU's page connections get this migration's own TLS
@@ -122,7 +124,8 @@ def test_a_wrong_secret_is_refused_before_anything_is_frozen(workload: Callable[
 
 
 def test_a_raw_peer_that_skips_authentication_is_refused(secret_agent: TcpAgent) -> None:
-    with socket.create_connection(("127.0.0.1", secret_agent.port), timeout=10) as s:
+    raw = socket.create_connection(("127.0.0.1", secret_agent.port), timeout=10)
+    with controltls.client_context().wrap_socket(raw) as s:  # the agent speaks TLS first
         f = s.makefile("rb")
         kind, length = f.read(1)[0], int.from_bytes(f.read(4), "big")
         welcome = json.loads(f.read(length))
@@ -214,20 +217,23 @@ def test_silent_and_slow_peers_do_not_delay_an_authenticated_migration(
     own handshake: a migration that authenticates is served while they are all still waiting
     (each would otherwise hold the agent for its 30 s authentication timeout)."""
     silent = [socket.create_connection(("127.0.0.1", secret_agent.port), timeout=5) for _ in range(6)]
-    slow = socket.create_connection(("127.0.0.1", secret_agent.port), timeout=5)
+    half_tls = socket.create_connection(("127.0.0.1", secret_agent.port), timeout=5)
+    slow = controltls.client_context().wrap_socket(socket.create_connection(("127.0.0.1", secret_agent.port),
+                                                                            timeout=5))
     try:
-        slow.recv(4096)  # the welcome
+        half_tls.sendall(b"\x16\x03")  # the start of a TLS record, and nothing more
+        slow.recv(4096)  # the welcome, inside TLS
         slow.sendall(b"\x01")  # the first byte of a frame header, and nothing more
         w = workload(mib=8)
         report = Migration(w.pid, to=secret_agent.url, mode="classic", secret=SECRET,
                            log_dir=private_tmp.parent / "logs").run()
         assert report.outcome == "migrated"
         assert_moved(w, report)
-        for peer in [*silent, slow]:  # still waiting for their handshake: none was served first
+        for peer in [*silent, half_tls, slow]:  # none was served first
             peer.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                while peer.recv(4096):  # the welcome, then nothing: not closed, not refused
+            with pytest.raises((BlockingIOError, ssl.SSLWantReadError)):
+                while peer.recv(4096):  # nothing: not closed, not refused
                     pass
     finally:
-        for peer in [*silent, slow]:
+        for peer in [*silent, half_tls, slow]:
             peer.close()

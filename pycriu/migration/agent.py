@@ -60,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
     how.add_argument("--listen", metavar="HOST:PORT", help="serve sessions over TCP (tcp://); HOST defaults to "
                                                            "127.0.0.1, PORT 0 picks a free one")
     parser.add_argument("--root", metavar="DIR", help="directory for session data (default: a new temporary one)")
-    parser.add_argument("--secret-file", metavar="FILE", help="shared secret for tcp:// clients")
+    parser.add_argument("--secret-file", metavar="FILE", help="shared secret for tcp:// clients (the control "
+                                                              "channel then runs over TLS bound to it)")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="with --secret-file and no TLS certificates: serve the control channel WITHOUT "
+                             "encryption (authenticated and MAC'd only; in classic mode the process's memory "
+                             "is readable by anyone on the path)")
     TLSConfig.add_arguments(parser, own="this agent's", ca="CA that signs accepted client certificates")
     parser.add_argument("--data-address", metavar="IP", help="address CRIU's page servers listen on "
                                                              "(default: the address the source reached)")
@@ -101,6 +106,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     except InvalidOptionError as exc:
         print(f"pycriu agent: {exc}", file=sys.stderr)
         return 2
+    if args.insecure_plaintext and (tls is not None or not args.secret_file or args.stdio):
+        print("pycriu agent: --insecure-plaintext is for --listen with --secret-file and no TLS certificates",
+              file=sys.stderr)
+        return 2
     if args.same_host and not args.stdio:
         print("pycriu agent: --same-host is for --stdio (an agent the source starts on its own host)",
               file=sys.stderr)
@@ -109,6 +118,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="pycriu-agent-"))
     config = AgentConfig(root=root, memory_images=not args.images_on_disk, same_host=args.same_host,
                          secret=read_secret(args.secret_file) if args.secret_file else None, tls=tls,
+                         insecure_plaintext=args.insecure_plaintext,
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),
                          commit_timeout=args.commit_timeout,
                          max_file_size=args.max_file_size, max_files=args.max_files,

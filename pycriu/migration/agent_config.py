@@ -43,6 +43,9 @@ class AgentConfig:
     same_host: bool = False
     secret: bytes | None = None
     tls: TLSConfig | None = None
+    #: With only a shared secret, serve the control channel without TLS (MAC'd, readable by
+    #: anyone on the path: the explicit opt-out of :mod:`.controltls`)
+    insecure_plaintext: bool = False
     data_address: str | None = None
     #: Addresses besides the peer's own where a source's page server may be (multi-homed sources).
     page_server_addresses: tuple[str, ...] = ()

@@ -17,6 +17,7 @@ from typing import Any
 from .. import __version__
 from .._threads import Worker
 from ..errors import InvalidOptionError
+from . import controltls
 from .agent_config import AgentConfig
 from .agent_session import AgentSession
 from .errors import MigrationError
@@ -90,10 +91,10 @@ def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, on
             print(f"pycriu agent listening on {bound[0]}:{bound[1]}", flush=True)
         else:
             announce(bound[0], bound[1])
-        context = config.tls.server_context() if config.tls is not None else None
+        context, binding = _server_tls(config)
         config.prefetch()  # warm: the first session finds this host's checks done
         ready: queue.Queue[_Authenticated] = queue.Queue()
-        Worker(_accept_loop, server, config, context, ready, name="pycriu-agent-accept").start()
+        Worker(_accept_loop, server, config, _Tls(context, binding), ready, name="pycriu-agent-accept").start()
         while True:
             peer = ready.get()
             session = AgentSession(peer.channel, config, data_address=peer.local, peer_address=peer.address)
@@ -104,6 +105,27 @@ def serve_tcp(config: AgentConfig, host: str = "127.0.0.1", port: int = 0, *, on
         server.close()
 
 
+def _server_tls(config: AgentConfig) -> tuple[ssl.SSLContext | None, str | None]:
+    """The TLS context every connection starts with, and the binding the secret's proofs cover:
+    the user's certificates; else, with a shared secret, a throw-away certificate of this agent
+    (:mod:`.controltls`); plain TCP only with ``insecure_plaintext``."""
+    if config.tls is not None:
+        binding = controltls.binding_of_file(config.tls.cert) if config.secret is not None else None
+        return config.tls.server_context(), binding
+    if config.insecure_plaintext:
+        log.warning("--insecure-plaintext: the control channel (in classic mode the process's memory) crosses "
+                    "the network in the clear; it is only authenticated and MAC'd by the shared secret")
+        return None, None
+    identity = controltls.AgentIdentity()
+    return identity.server_context(), identity.binding
+
+
+@dataclass(frozen=True)
+class _Tls:
+    context: ssl.SSLContext | None
+    binding: str | None
+
+
 @dataclass
 class _Authenticated:
     channel: Channel
@@ -111,7 +133,7 @@ class _Authenticated:
     local: str
 
 
-def _accept_loop(server: socket.socket, config: AgentConfig, context: ssl.SSLContext | None,
+def _accept_loop(server: socket.socket, config: AgentConfig, tls: _Tls,
                  ready: queue.Queue[_Authenticated]) -> None:
     slots = threading.BoundedSemaphore(MAX_HANDSHAKES)
     while True:
@@ -123,21 +145,20 @@ def _accept_loop(server: socket.socket, config: AgentConfig, context: ssl.SSLCon
             log.warning("refused %s: %d connections are already authenticating", addr[0], MAX_HANDSHAKES)
             conn.close()
             continue
-        Worker(_handshake, config, conn, addr, context, ready, slots, name=f"pycriu-agent-auth-{addr[0]}").start()
+        Worker(_handshake, config, conn, addr, tls, ready, slots, name=f"pycriu-agent-auth-{addr[0]}").start()
 
 
-def _handshake(config: AgentConfig, conn: socket.socket, addr: Any, context: ssl.SSLContext | None,
+def _handshake(config: AgentConfig, conn: socket.socket, addr: Any, tls: _Tls,
                ready: queue.Queue[_Authenticated], slots: threading.BoundedSemaphore) -> None:
     try:
-        peer = _authenticate(config, conn, addr, context)
+        peer = _authenticate(config, conn, addr, tls)
     finally:
         slots.release()
     if peer is not None:
         ready.put(peer)
 
 
-def _authenticate(config: AgentConfig, conn: socket.socket, addr: Any,
-                  context: ssl.SSLContext | None) -> _Authenticated | None:
+def _authenticate(config: AgentConfig, conn: socket.socket, addr: Any, tls: _Tls) -> _Authenticated | None:
     """TLS (if configured) and the agent's authentication, within :data:`HANDSHAKE_TIMEOUT`;
     the authenticated peer, or None when it was refused (logged)."""
     peer = addr[0]
@@ -147,10 +168,10 @@ def _authenticate(config: AgentConfig, conn: socket.socket, addr: Any,
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         local = conn.getsockname()[0]
-        if context is not None:
+        if tls.context is not None:
             conn.settimeout(HANDSHAKE_TIMEOUT)
             try:
-                conn = context.wrap_socket(conn, server_side=True)
+                conn = tls.context.wrap_socket(conn, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 log.warning("TLS handshake with %s failed: %s", peer, exc)
                 conn.close()
@@ -161,7 +182,8 @@ def _authenticate(config: AgentConfig, conn: socket.socket, addr: Any,
         conn.close()
         return None
     try:
-        agent_authenticate(channel, config.secret, _agent_name(), timeout=max(0.1, deadline - time.monotonic()))
+        agent_authenticate(channel, config.secret, _agent_name(), binding=tls.binding,
+                           timeout=max(0.1, deadline - time.monotonic()))
     except MigrationError as exc:
         log.warning("refused %s: %s", peer, exc.message)
         channel.close()

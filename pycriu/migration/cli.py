@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     auth = p.add_argument_group("tcp:// authentication")
     auth.add_argument("--secret-file", metavar="FILE", help="shared secret (the agent's --secret-file)")
     TLSConfig.add_arguments(auth, own="this host's", ca="CA that signed the agent's certificate")
+    auth.add_argument("--insecure-plaintext", action="store_true",
+                      help="with --secret-file: talk to an agent started with --insecure-plaintext WITHOUT TLS "
+                           "(the control channel, in classic mode the process's memory, readable on the path)")
     auth.add_argument("--no-criu-tls", action="store_true",
                       help="send the pages over CRIU's own connections in the clear (default: TLS for ssh:// and "
                            "tcp://, with --tls-* certificates or one-migration ones)")
@@ -150,6 +153,7 @@ def _migration(args: argparse.Namespace) -> Migration:
         log_dir=args.log_dir, scratch_dir=args.scratch_dir, timeout=args.timeout, lazy_timeout=args.lazy_timeout,
         source_address=args.source_address, progress=progress, criu=Criu(criu_path) if criu_path else None,
         flags={name: True for name in args.flag}, criu_tls=False if args.no_criu_tls else None,
+        insecure_plaintext=args.insecure_plaintext,
         policy=PreCopyPolicy(max_iterations=args.max_iterations, min_pages=args.min_pages,
                              max_growth=args.max_growth))
 

@@ -109,6 +109,11 @@ class Migration:
             that they name the hosts' data addresses); otherwise each migration makes its own
             throw-away CA and certificates (:mod:`pycriu.migration.pagetls`). ``False`` sends
             the pages in the clear (a trusted, private link).
+        insecure_plaintext: with ``tcp://`` and only a ``secret``, talk to the agent without
+            TLS (the agent must be started with ``--insecure-plaintext`` too). The control
+            channel is then only authenticated and MAC'd: in classic mode it carries the
+            process's memory, readable by anyone on the path. Default: TLS bound to the secret
+            (:mod:`pycriu.migration.controltls`).
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -119,7 +124,8 @@ class Migration:
                  timeout: float = 120.0, lazy_timeout: float = 600.0, source_address: str | None = None,
                  relay: Callable[[PageServerAddress], PageServerAddress] | None = None,
                  progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
-                 flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None) -> None:
+                 flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None,
+                 insecure_plaintext: bool = False) -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
         if mode != "auto" and mode not in MODES:
@@ -164,6 +170,13 @@ class Migration:
         if criu_tls is not None and not isinstance(criu_tls, bool):
             raise InvalidOptionError("criu_tls must be True, False or None (the default: on unless to='local')")
         self.criu_tls = self.destination.pages_leave_host if criu_tls is None else criu_tls
+        if not isinstance(insecure_plaintext, bool):
+            raise InvalidOptionError("insecure_plaintext must be True or False")
+        if insecure_plaintext and (self.destination.kind != "tcp" or tls is not None or secret is None):
+            raise InvalidOptionError("insecure_plaintext is only for tcp:// with a shared secret and no tls",
+                                     hint="drop it: ssh:// and local are encrypted or never leave this host, "
+                                          "and tls=TLSConfig(...) always encrypts")
+        self.insecure_plaintext = insecure_plaintext
 
     def __repr__(self) -> str:
         return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
@@ -189,7 +202,8 @@ class MigrationRun:
         self.pid = m.pid
         self.t0 = time.monotonic()
         self.report = MigrationReport(mode=m.mode, requested_mode=m.mode, destination=str(m.destination),
-                                      transport=m.destination.transport(m.tls is not None), pid=m.pid)
+                                      transport=m.destination.transport(m.tls is not None, m.insecure_plaintext),
+                                      pid=m.pid)
         self.criu = m.criu or Criu()
         self.conn: Connection | None = None
         self.client: AgentClient | None = None
@@ -350,7 +364,8 @@ class MigrationRun:
         if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
             self._require_source_features(probe.result())
         try:
-            self.conn = connect(m.destination, secret=m.secret, tls=m.tls, ssh_options=m.ssh_options,
+            self.conn = connect(m.destination, secret=m.secret, tls=m.tls, insecure_plaintext=m.insecure_plaintext,
+                                ssh_options=m.ssh_options,
                                 identity_file=m.identity_file, agent_command=m.agent_command,
                                 stderr_path=self.log_dir / "agent.log" if self.log_dir else None,
                                 timeout=m.timeout)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from .._process import stop_process
 from ..errors import InvalidOptionError
+from . import controltls
 from .errors import TransportError
 from .protocol import Channel, client_authenticate
 
@@ -103,10 +104,14 @@ class Destination:
         address (a direct TCP connection; ssh's may go through a jump host or a proxy)."""
         return self.kind == "tcp"
 
-    def transport(self, tls: bool) -> str:
-        """The report's name of the transport: ``local``, ``ssh``, ``tcp+tls`` or ``tcp+secret``."""
+    def transport(self, tls: bool, insecure_plaintext: bool = False) -> str:
+        """The report's name of the transport: ``local``, ``ssh``, ``tcp+tls`` (the user's
+        certificates), ``tcp+secret+tls`` (a shared secret, over TLS bound to it: the default) or
+        ``tcp+secret+plaintext`` (the explicit opt-out)."""
         if self.kind == "tcp":
-            return "tcp+tls" if tls else "tcp+secret"
+            if tls:
+                return "tcp+tls"
+            return "tcp+secret+plaintext" if insecure_plaintext else "tcp+secret+tls"
         return self.kind
 
     def __str__(self) -> str:
@@ -319,19 +324,20 @@ class Connection:
 
     def __init__(self, destination: Destination, channel: Channel, *, process: subprocess.Popen[bytes] | None = None,
                  root: Path | None = None, tls: bool = False, stderr: IO[bytes] | None = None,
-                 local_address: str | None = None) -> None:
+                 local_address: str | None = None, insecure_plaintext: bool = False) -> None:
         self.destination = destination
         self.channel = channel
         self.process = process
         self.root = root
         self.tls = tls
+        self.insecure_plaintext = insecure_plaintext
         self.local_address = local_address
         self._stderr = stderr
         self.welcome: dict[str, object] = {}
 
     @property
     def transport(self) -> str:
-        return self.destination.transport(self.tls)
+        return self.destination.transport(self.tls, self.insecure_plaintext)
 
     def kill_agent(self) -> None:
         """Kill the agent process this connection started (local and ssh transports)."""
@@ -363,14 +369,15 @@ def _agent_env() -> dict[str, str]:
 def connect(destination: Destination, *, secret: bytes | None = None, tls: TLSConfig | None = None,
             ssh_options: tuple[str, ...] = (), identity_file: str | None = None,
             agent_command: tuple[str, ...] | None = None, stderr_path: Path | None = None,
-            timeout: float = 60.0, ssh_binary: str = "ssh") -> Connection:
-    """Reach the agent at ``destination`` and authenticate; the caller owns the result."""
+            timeout: float = 60.0, ssh_binary: str = "ssh", insecure_plaintext: bool = False) -> Connection:
+    """Reach the agent at ``destination`` and authenticate; the caller owns the result.
+    ``insecure_plaintext``: with only a shared secret, talk to the agent without TLS."""
     if destination.kind == "local":
         return _connect_local(destination, agent_command, stderr_path, timeout)
     if destination.kind == "ssh":
         return _connect_ssh(destination, ssh_options, identity_file, agent_command, stderr_path, timeout,
                             ssh_binary)
-    return _connect_tcp(destination, secret, tls, timeout)
+    return _connect_tcp(destination, secret, tls, timeout, insecure_plaintext)
 
 
 def _spawn(argv: list[str], stderr_path: Path | None, env: dict[str, str] | None) -> tuple[
@@ -439,7 +446,7 @@ def _connect_ssh(destination: Destination, ssh_options: tuple[str, ...], identit
 
 
 def _connect_tcp(destination: Destination, secret: bytes | None, tls: TLSConfig | None,
-                 timeout: float) -> Connection:
+                 timeout: float, insecure_plaintext: bool = False) -> Connection:
     assert destination.host is not None and destination.port is not None
     if secret is None and tls is None:
         raise InvalidOptionError(
@@ -453,6 +460,7 @@ def _connect_tcp(destination: Destination, secret: bytes | None, tls: TLSConfig 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         local_address = sock.getsockname()[0]
+        binding = None
         if tls is not None:
             try:
                 sock = tls.client_context().wrap_socket(sock, server_hostname=destination.host)
@@ -460,13 +468,25 @@ def _connect_tcp(destination: Destination, secret: bytes | None, tls: TLSConfig 
                 raise TransportError(f"TLS handshake with the agent at {destination} failed: {exc}",
                                      hint="check that both sides use certificates from the same CA and "
                                           "that the agent's certificate names the host you connect to") from exc
+        elif not insecure_plaintext:
+            sock.settimeout(timeout)
+            try:
+                sock = controltls.client_context().wrap_socket(sock)
+            except (ssl.SSLError, OSError) as exc:
+                raise TransportError(f"TLS handshake with the agent at {destination} failed: {exc}",
+                                     hint="an agent started with --insecure-plaintext speaks no TLS: restart it "
+                                          "without, or pass insecure_plaintext=True (pycriu migrate "
+                                          "--insecure-plaintext) to send the process's memory in the clear") from exc
+        if isinstance(sock, ssl.SSLSocket) and secret is not None:
+            binding = controltls.binding_of(sock)
         channel = Channel(SocketStream(sock), role="client", timeout=timeout)
     except BaseException:
         sock.close()
         raise
-    conn = Connection(destination, channel, tls=tls is not None, local_address=local_address)
+    conn = Connection(destination, channel, tls=tls is not None, local_address=local_address,
+                      insecure_plaintext=insecure_plaintext and tls is None)
     try:
-        conn.welcome = client_authenticate(channel, secret, require=tls is None)
+        conn.welcome = client_authenticate(channel, secret, require=tls is None, binding=binding)
     except BaseException:
         conn.close()
         raise
