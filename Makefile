@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-stress docs lint bench clean
+.PHONY: setup demo test test-stress fuzz docs lint bench clean
 
 setup:
 	bash scripts/provision.sh
@@ -16,6 +16,11 @@ test: setup
 # The suite again and again from a fresh clone: idle, CPUs busy, heavy I/O (scripts/stress.sh).
 test-stress: setup
 	bash scripts/stress.sh
+
+# The agent's fuzzing at a larger budget; the counts per message type go to fuzz-counts.json.
+fuzz: setup
+	PYCRIU_FUZZ_EXAMPLES=$${PYCRIU_FUZZ_EXAMPLES:-2000} PYCRIU_FUZZ_REPORT=$(CURDIR)/fuzz-counts.json \
+		$(PY) -m pytest -q tests/test_agent_fuzz.py
 
 docs: setup
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html

@@ -156,12 +156,13 @@ class AgentSession:
         if self._memory_dir is not None:
             shutil.rmtree(self._memory_dir, ignore_errors=True)
         if self.dir is not None and self.dir.exists():
-            if self.failed:
+            if self.failed and _criu_logs(self.dir / "work"):
                 for sub in self.dir.iterdir():
                     if sub.name != "work":
                         shutil.rmtree(sub, ignore_errors=True)
                 log.warning("%s: session failed; CRIU logs kept in %s", self.name, self.dir / "work")
-            else:
+                _prune_kept(self.config.root, KEEP_FAILED)
+            else:  # done, or refused before CRIU ran: nothing worth keeping (and no disk to fill)
                 shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_lazy(self) -> None:
@@ -636,6 +637,29 @@ class AgentSession:
         "failed": frozenset({"ping", "logs", "bye", "abort"}),
         "aborted": frozenset({"logs", "bye"}),
     }
+
+
+#: Failed sessions whose CRIU logs are kept for the operator; older ones are removed.
+KEEP_FAILED = 16
+
+
+def _criu_logs(work: Path) -> list[Path]:
+    """The CRIU logs a session's work directory holds (the guard's own log does not count)."""
+    try:
+        return [p for p in work.iterdir() if p.suffix == ".log" and p.name != "guard.log"]
+    except OSError:
+        return []
+
+
+def _prune_kept(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` failed sessions' directories under ``root``, remove the rest."""
+    try:
+        kept = sorted((p for p in root.iterdir() if p.name.startswith("s-") and p.is_dir()),
+                      key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    for old in kept[:-keep] if len(kept) > keep else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _compatibility(hello: dict[str, Any], local: dict[str, Any]) -> list[str]:
