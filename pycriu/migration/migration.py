@@ -31,12 +31,14 @@ from typing import Any
 
 from .. import __version__
 from .._threads import spawn
+from ..containers.options import ContainerOptions
+from ..containers.runc import RuncTarget
 from ..criu import Criu
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
 from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
-from . import checks, pagetls, preflight, procs
+from . import checks, containers, pagetls, preflight, procs
 from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
@@ -109,6 +111,13 @@ class Migration:
             that they name the hosts' data addresses); otherwise each migration makes its own
             throw-away CA and certificates (:mod:`pycriu.migration.pagetls`). ``False`` sends
             the pages in the clear (a trusted, private link).
+        container: the tree is a container: :class:`~pycriu.containers.ContainerOptions` for its
+            dump, whose restore half (remapped for the destination,
+            :meth:`~pycriu.containers.ContainerOptions.remap`) crosses to the agent, which
+            checks it before anything is frozen (:mod:`pycriu.migration.containers`).
+        runtime: with ``container``, a :class:`~pycriu.containers.RuncTarget`: the destination
+            restores with ``runc restore`` into that bundle, and runc owns the container there.
+            :meth:`pycriu.containers.RuncContainer.migrate` builds both from a runc container.
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -119,7 +128,8 @@ class Migration:
                  timeout: float = 120.0, lazy_timeout: float = 600.0, source_address: str | None = None,
                  relay: Callable[[PageServerAddress], PageServerAddress] | None = None,
                  progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
-                 flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None) -> None:
+                 flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None,
+                 container: ContainerOptions | None = None, runtime: RuncTarget | None = None) -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
         if mode != "auto" and mode not in MODES:
@@ -164,6 +174,18 @@ class Migration:
         if criu_tls is not None and not isinstance(criu_tls, bool):
             raise InvalidOptionError("criu_tls must be True, False or None (the default: on unless to='local')")
         self.criu_tls = self.destination.pages_leave_host if criu_tls is None else criu_tls
+        if container is not None and not isinstance(container, ContainerOptions):
+            raise InvalidOptionError("container must be a pycriu.containers.ContainerOptions")
+        if runtime is not None and (container is None or not isinstance(runtime, RuncTarget)):
+            raise InvalidOptionError("runtime must be a pycriu.containers.RuncTarget, given with container=")
+        if container is not None:
+            for key, value in flags.items():
+                if getattr(container, key, None) not in (None, value):
+                    raise InvalidOptionError(f"flag {key}={value} contradicts the container's {key}")
+        self.container = container
+        self.runtime = runtime
+        #: what crosses to the agent in the hello (refuses the source's own fds now)
+        self.container_hello = containers.hello_field(container, runtime)
 
     def __repr__(self) -> str:
         return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
@@ -367,7 +389,8 @@ class MigrationRun:
         self._require_source_features(host)
         self.report.transport = self.conn.transport
         self.client = AgentClient(self.conn, timeout=m.timeout)
-        remote = self.client.hello(self.local, requested, page_tls=authority is not None)
+        remote = self.client.hello(self.local, requested, page_tls=authority is not None,
+                                   container=m.container_hello)
         if authority is not None:
             ca = authority.result()
             if not remote.get("tls_csr"):
@@ -386,6 +409,8 @@ class MigrationRun:
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
         resources = procs.tree_resources(self.pid)
+        if m.container is not None:
+            resources = containers.preflight_resources(resources)
         if m.destination.same_host:
             mode, reason = self._same_host_names(requested, mode, reason, resources.host_names())
         problems = self.client.preflight(preflight.request(resources))
@@ -485,6 +510,9 @@ class MigrationRun:
         # killed only once the destination acknowledged the commit (custody.py).
         kw.setdefault("leave_stopped", True)
         flags: dict[str, Any] = dict(self.m.flags)
+        if self.m.container is not None:
+            return self.m.container.dump_options(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO,
+                                                 **flags, **kw)
         return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **flags, **kw)
 
     def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:
