@@ -1,0 +1,56 @@
+"""A real runc container migrates with ``Migration`` to a local agent in every flow this kernel
+allows, and runc owns it on the destination: ``runc restore`` on the images pycriu moved, held
+stopped until the commit. After each, the destination's runc lists it running in its own cgroup,
+the counter goes on from where the source stopped, the memory is intact, and the source's runc
+has forgotten it (exactly one copy)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from conftest import needs_lazy_pages
+from container_support import copy_bundle, dest_cgroup_of, gone, needs_runc, sites  # noqa: F401 - fixture
+
+from pycriu.containers import RuncTarget
+
+pytestmark = [needs_runc, pytest.mark.containers]
+
+FLOWS = ["classic", "page-server", pytest.param("lazy", marks=needs_lazy_pages),
+         pytest.param("page-server-on-source", marks=needs_lazy_pages)]
+
+
+def agent_command(*allowed: os.PathLike[str] | str) -> list[str]:
+    """A local agent that may restore runc containers whose paths are under ``allowed``."""
+    argv = [sys.executable, "-m", "pycriu.migration.agent", "--stdio", "--same-host", "--runc"]
+    for path in allowed:
+        argv += ["--container-path", str(path)]
+    return argv
+
+
+@pytest.mark.parametrize("mode", FLOWS)
+def test_runc_container_migrates(sites, mode: str) -> None:  # noqa: F811
+    source, dest = sites
+    ct = source.run(source.ids[0])
+    copy_bundle(source.bundle, dest.bundle, dest.shared, cgroups_path=dest_cgroup_of(dest))
+    pid = ct.pid
+
+    target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
+    report = ct.migrate("local", mode, target=target,
+                        remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}},
+                        agent_command=agent_command(dest.root))
+
+    assert report.outcome == "migrated", report
+    last = source.counter()  # the source stopped at the freeze: its last value
+    assert dest.running() == [ct.id]
+    assert source.runc.containers() == []
+    assert gone(pid)
+    assert dest.wait_counting(above=last) > last
+    sum0, now = dest.sums()
+    assert now == sum0, "the restored container's memory differs"
+    restored = dest.runc.state(ct.id)
+    assert restored is not None and restored["status"] == "running"
+    cgroup = open(f"/proc/{restored['pid']}/cgroup").read()
+    assert dest_cgroup_of(dest) in cgroup
+    assert source.counter() == last  # and nothing runs on at the source
