@@ -165,6 +165,7 @@ def sites(tmp_path: Path) -> Iterator[tuple[Site, Site]]:
         source.cleanup()
         dest.cleanup()
         _remove_cgroups(dest_cgroup)
+        _remove_cgroups(f"ct-{tag}")  # what a restore by pycriu itself (not runc's) left
 
 
 def dest_cgroup_of(dest: Site) -> str:
@@ -182,14 +183,21 @@ def gone(pid: int) -> bool:
 
 
 def _remove_cgroups(path: str) -> None:
-    base = Path("/sys/fs/cgroup")
-    for hierarchy in base.iterdir():
-        target = hierarchy / path.lstrip("/")
-        if target.is_dir():
-            for sub in sorted(target.rglob("*"), reverse=True):
-                if sub.is_dir():
-                    sub.rmdir()
-            try:
-                target.rmdir()
-            except OSError:
-                pass
+    """Remove the cgroup ``path`` (absolute, or relative to this process's own cgroup, as runc
+    places a container without cgroupsPath) from every hierarchy, children first."""
+    own = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, where = line.split(":", 2)
+        for name in names.split(","):
+            own[name.removeprefix("name=")] = where
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        base = own.get(hierarchy.name, "/") if not path.startswith("/") else "/"
+        target = hierarchy / base.lstrip("/") / path.lstrip("/")
+        if not target.is_dir():
+            continue
+        for sub in sorted((d for d in target.rglob("*") if d.is_dir()), reverse=True):
+            sub.rmdir()
+        try:
+            target.rmdir()
+        except OSError:
+            pass

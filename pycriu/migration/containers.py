@@ -163,13 +163,13 @@ def accept(field: Any, *, paths: Sequence[Path], cgroups: Sequence[str], interfa
 
 def _check_runc(target: RuncTarget, paths: Sequence[Path], runc_binary: str | None, criu_binary: str | None,
                 problems: list[str]) -> Runc | None:
+    before = len(problems)
     if runc_binary is None:
         problems.append("runtime runc: this agent does not restore runc containers (start it with --runc)")
-        return None
     for name, value in (("runtime.bundle", target.bundle), ("runtime.root", target.root)):
         if value is not None and not _under(value, paths):
             problems.append(_outside(name, value, paths))
-    if problems:
+    if len(problems) > before or runc_binary is None:
         return None
     runc = Runc(binary=runc_binary, root=target.root, criu=criu_binary)
     bundle = RuncBundle(target.bundle)
