@@ -13,13 +13,14 @@ from test_container_migration import agent_command
 
 from pycriu.containers import RuncTarget
 from pycriu.migration import MigrationError
+from pycriu.migration.runc import migrate_runc
 
 pytestmark = [needs_runc, pytest.mark.containers]
 
 
 def _migrate(source, dest, ct, agent):  # type: ignore[no-untyped-def]
     target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
-    return ct.migrate("local", "classic", target=target, agent_command=agent,
+    return migrate_runc(ct, "local", "classic", target=target, agent_command=agent,
                       remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}})
 
 

@@ -13,7 +13,9 @@ import pytest
 from conftest import needs_lazy_pages
 from container_support import copy_bundle, dest_cgroup_of, gone, needs_runc, sites  # noqa: F401 - fixture
 
+from pycriu import Migration
 from pycriu.containers import RuncTarget
+from pycriu.migration.runc import migrate_runc
 
 pytestmark = [needs_runc, pytest.mark.containers]
 
@@ -36,12 +38,16 @@ def test_runc_container_migrates(sites, mode: str) -> None:  # noqa: F811
     copy_bundle(source.bundle, dest.bundle, dest.shared, cgroups_path=dest_cgroup_of(dest))
     pid = ct.pid
 
+    # the options runc itself would use, their restore half remapped to the "destination host"
+    options = ct.options().remap(paths={str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)})
     target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
-    report = ct.migrate("local", mode, target=target,
-                        remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}},
-                        agent_command=agent_command(dest.root))
+
+    report = Migration(pid, "local", mode, container=options, runtime=target,
+                       agent_command=agent_command(dest.root)).run()
 
     assert report.outcome == "migrated", report
+    assert source.runc.state(ct.id)["status"] == "stopped"  # type: ignore[index]  # the source's runc saw it end
+    ct.delete()  # as runc checkpoint does: pycriu.migration.runc.migrate_runc does both
     last = source.counter()  # the source stopped at the freeze: its last value
     assert dest.running() == [ct.id]
     assert source.runc.containers() == []
@@ -54,3 +60,18 @@ def test_runc_container_migrates(sites, mode: str) -> None:  # noqa: F811
     cgroup = open(f"/proc/{restored['pid']}/cgroup").read()
     assert dest_cgroup_of(dest) in cgroup
     assert source.counter() == last  # and nothing runs on at the source
+
+
+def test_migrate_runc_does_runcs_bookkeeping(sites) -> None:  # noqa: F811
+    """``migrate_runc`` derives and remaps the options, migrates (``auto``: the best flow both
+    hosts support) and deletes the container from the source's runc once the destination runs it."""
+    source, dest = sites
+    ct = source.run(source.ids[0])
+    copy_bundle(source.bundle, dest.bundle, dest.shared, cgroups_path=dest_cgroup_of(dest))
+    target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
+    report = migrate_runc(ct, "local", target=target,
+                          remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}},
+                          agent_command=agent_command(dest.root))
+    assert report.outcome == "migrated"
+    assert source.runc.state(ct.id) is None and dest.running() == [ct.id]
+    dest.wait_counting(above=source.counter())

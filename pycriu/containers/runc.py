@@ -41,7 +41,6 @@ from .options import DESCRIPTORS_FILE, ContainerMount, ContainerOptions, Externa
 
 if TYPE_CHECKING:
     from ..criu import Criu
-    from ..migration import Migration, MigrationReport
     from ..results import DumpResult
 
 __all__ = ["Runc", "RuncContainer", "RuncBundle", "RuncTarget", "RuncError"]
@@ -465,36 +464,6 @@ class RuncContainer:
 
     def delete(self, *, force: bool = False) -> None:
         self.runc.delete(self.id, force=force)
-
-    # -- migration -----------------------------------------------------------------------------
-
-    def migration(self, to: str = "local", mode: str = "auto", *, target: RuncTarget,
-                  remap: Mapping[str, Mapping[str, str]] | None = None, choices: Mapping[str, Any] | None = None,
-                  **kw: Any) -> Migration:
-        """A :class:`~pycriu.Migration` of this container to ``target`` (the bundle, id and runc
-        state directory on the destination, where ``runc restore`` brings it back under runc):
-        the dump uses the options runc would (:meth:`options`), their restore half remapped with
-        ``remap`` (``{"paths": {...}, "cgroups": {...}, "interfaces": {...}}``, see
-        :meth:`ContainerOptions.remap`). ``kw`` are Migration's other arguments."""
-        from ..migration import Migration
-
-        options = self.options(**dict(choices or {}))
-        if remap:
-            unknown = set(remap) - {"paths", "cgroups", "interfaces"}
-            if unknown:
-                raise InvalidOptionError(f"remap: unknown table(s) {sorted(unknown)}: use paths, cgroups, interfaces")
-            options = options.remap(**remap)
-        return Migration(self.pid, to, mode, container=options, runtime=target, **kw)
-
-    def migrate(self, to: str = "local", mode: str = "auto", *, target: RuncTarget,
-                remap: Mapping[str, Mapping[str, str]] | None = None, choices: Mapping[str, Any] | None = None,
-                **kw: Any) -> MigrationReport:
-        """Run :meth:`migration`; once the destination runs the container, delete it from this
-        host's runc (as ``runc checkpoint`` does). After a failure the report says where it
-        runs; a container that runs here again stays runc's as it was."""
-        report = self.migration(to, mode, target=target, remap=remap, choices=choices, **kw).run()
-        self.runc.delete(self.id, force=True)
-        return report
 
 
 def write_descriptors(images: Path, options: ContainerOptions) -> None:

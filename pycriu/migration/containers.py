@@ -222,7 +222,12 @@ def _outside(name: str, value: str, paths: Sequence[Path]) -> str:
 
 
 def _under(value: str, paths: Sequence[Path]) -> bool:
-    real = os.path.realpath(value)
+    """Whether ``value`` is inside one of ``paths`` once its directory's symlinks are resolved
+    (its last component is not: a namespace file is a magic link)."""
+    try:
+        real = os.path.join(os.path.realpath(os.path.dirname(value)), os.path.basename(value))
+    except OSError:
+        return False
     return any(_within(real, os.path.realpath(p)) for p in paths)
 
 
