@@ -80,3 +80,24 @@ def test_pycriu_checkpoint_restores_with_pycriu(sites, tmp_path, criu) -> None: 
     finally:
         os.kill(result.pid, signal.SIGKILL)
     assert isinstance(result, pycriu.RestoreResult)
+
+
+def test_command_line_reaches_the_same_options(sites, tmp_path, capsys) -> None:  # noqa: F811
+    """``pycriu container options`` prints them, ``pycriu dump --container`` dumps with them, and
+    ``pycriu container restore`` hands the images to runc."""
+    from pycriu import cli
+
+    source, _ = sites
+    ct = source.run(source.ids[0])
+    root = ["container", "--runc-root", str(source.runc.root)]
+    assert cli.main([*root, "options", ct.id]) == 0
+    (tmp_path / "ct.json").write_text(capsys.readouterr().out)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / DESCRIPTORS_FILE).write_text(json.dumps(["/dev/null"] * 3))
+    assert cli.main(["dump", "-t", str(ct.pid), "-D", str(images), "--container", str(tmp_path / "ct.json")]) == 0
+    ct.delete(force=True)
+    last = source.counter()
+    assert cli.main([*root, "restore", ct.id, "-D", str(images), "-b", str(source.bundle)]) == 0
+    assert source.running() == [ct.id]
+    assert source.wait_counting(above=last) > last
