@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages
@@ -75,3 +76,33 @@ def test_migrate_runc_does_runcs_bookkeeping(sites) -> None:  # noqa: F811
     assert report.outcome == "migrated"
     assert source.runc.state(ct.id) is None and dest.running() == [ct.id]
     dest.wait_counting(above=source.counter())
+
+
+def test_container_options_migrate_without_a_runtime(sites) -> None:  # noqa: F811
+    """A runtime that embeds pycriu migrates with ContainerOptions alone: the agent restores the
+    container itself, with the remapped root, mount sources and cgroups it allows."""
+    source, dest = sites
+    ct = source.run(source.ids[0])
+    copy_bundle(source.bundle, dest.bundle, dest.shared, cgroups_path=dest_cgroup_of(dest))
+    options = ct.options().remap(paths={str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)},
+                                 cgroups={"/": dest_cgroup_of(dest)})
+    agent = [a for a in agent_command(dest.root) if a != "--runc"] + ["--container-cgroup", dest_cgroup_of(dest)]
+    # the destination's operator prepares the cgroup parent, as runc's Apply does (a cpuset
+    # child needs its parent's cpus and mems)
+    cpuset = Path("/sys/fs/cgroup/cpuset")
+    if cpuset.is_dir():
+        parent = cpuset / dest_cgroup_of(dest).lstrip("/")
+        parent.mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            (parent / name).write_text((cpuset / name).read_text())
+
+    report = Migration(ct.pid, "local", "classic", container=options, agent_command=agent).run()
+
+    assert report.outcome == "migrated" and report.destination_pid is not None
+    try:
+        assert dest.wait_counting(above=source.counter()) > 0
+        assert dest.sums()[0] == dest.sums()[1]
+        assert dest_cgroup_of(dest) in open(f"/proc/{report.destination_pid}/cgroup").read()
+    finally:
+        os.kill(report.destination_pid, 9)
+        gone(report.destination_pid)
