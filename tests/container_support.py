@@ -5,7 +5,7 @@ the containers, their cgroups and the derived bundles.
 The workload (PID, mount, network, UTS and IPC namespaces of its own, a read-write rootfs, a
 bind mount ``/data`` from the host, stdio on ``/dev/null``) fills a shell variable with 192 KiB
 of random data, writes its md5 to ``/sum0`` once, then every 50 ms counts up in ``/counter`` and
-writes the md5 of the variable again to ``/sum``: a restored copy whose memory was damaged
+writes the md5 of the variable again to ``/sum`` (each file replaced whole): a restored copy whose memory was damaged
 writes another sum, and one that did not go on stops counting.
 """
 
@@ -27,10 +27,12 @@ from pycriu.containers import Runc, RuncContainer
 
 BUSYBOX = shutil.which("busybox", path="/bin:/usr/bin:/usr/local/bin")
 RUNC = shutil.which("runc")
-_APPLETS = ("sh", "sleep", "head", "base64", "md5sum", "cat", "echo")
+_APPLETS = ("sh", "sleep", "head", "base64", "md5sum", "cat", "echo", "mv")
 
-WORKLOAD = ('D=$(head -c 196608 /dev/urandom | base64); printf %s "$D" | md5sum > /sum0; i=0; '
-            'while :; do i=$((i+1)); echo $i > /counter; printf %s "$D" | md5sum > /sum; sleep 0.05; done')
+# each file is replaced whole (mv), so that a reader never sees one half written
+WORKLOAD = ('D=$(head -c 196608 /dev/urandom | base64); printf %s "$D" | md5sum > /sum0.new; mv /sum0.new /sum0; '
+            'i=0; while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; '
+            'printf %s "$D" | md5sum > /sum.new; mv /sum.new /sum; sleep 0.05; done')
 
 
 def _why_not() -> str | None:
