@@ -24,6 +24,7 @@ from .daemons import LazyPages, PageServer
 from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, NotifyAction, PreDumpMode
 from .errors import (
     CheckError,
+    ContainerRuntimeError,
     CriuError,
     CriuNotFoundError,
     CriuPermissionError,
@@ -78,7 +79,8 @@ _MIGRATION = {"AgentError", "AuthenticationError", "Migration", "MigrationError"
 __all__ = [
     "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",
     "CgroupMode", "LogLevel", "Namespace", "NetworkLockMethod", "NotifyAction", "PreDumpMode",
-    "CheckError", "CriuError", "CriuNotFoundError", "CriuPermissionError", "CriuVersionError", "DumpError",
+    "CheckError", "ContainerRuntimeError", "CriuError", "CriuNotFoundError", "CriuPermissionError",
+    "CriuVersionError", "DumpError",
     "InvalidOptionError", "KernelUnsupportedError", "LazyPagesError", "NoSuchProcessError",
     "PageServerError", "PidInUseError", "PreDumpError", "RestoreError", "ServiceError",
     "CgroupRoot", "DumpOptions", "ExternalMount", "InheritFd", "JoinNamespace", "LazyPagesOptions",

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, doctor
-from .criu import Criu
+from .containers import ContainerOptions, Runc, RuncContainer
+from .criu import Criu, find_criu
 from .errors import CriuError, InvalidOptionError
 from .options import (
     DumpOptions,
@@ -57,6 +58,8 @@ def _criu_flags(p: argparse.ArgumentParser) -> None:
                    help="how to lock the network while the tree is frozen")
     p.add_argument("--external", action="append", metavar="RES", help="external resource (repeatable)")
     p.add_argument("--root", metavar="PATH", help="root of the tree's mount namespace")
+    p.add_argument("--container", metavar="FILE",
+                   help="the tree is a container: its ContainerOptions as JSON (`pycriu container options ID`)")
     p.add_argument("--criu-opt", action="append", metavar="NAME[=VALUE]",
                    help="any other CRIU long option (without dashes), passed through the config file")
 
@@ -107,12 +110,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
         page_server = PageServerAddress(args.address, args.port)
     elif args.lazy_pages:
         lazy_port, lazy_address = args.port, args.address
-    opts = DumpOptions(
-        pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
-        track_mem=args.track_mem, parent_images=args.prev_images_dir,
-        leave_stopped=args.leave_stopped, page_server=page_server, lazy_port=lazy_port,
-        lazy_address=lazy_address, **_criu_options(args),
-    )
+    kw = dict(leave_running=args.leave_running, track_mem=args.track_mem, parent_images=args.prev_images_dir,
+              leave_stopped=args.leave_stopped, page_server=page_server, lazy_port=lazy_port,
+              lazy_address=lazy_address, **_criu_options(args))
+    if args.container:
+        opts = ContainerOptions.load(args.container).dump_options(pid=args.tree, images_dir=args.images_dir, **kw)
+    else:
+        opts = DumpOptions(pid=args.tree, images_dir=args.images_dir, **kw)
     _print_result("dump", Criu(args.criu).dump(opts), args.json)
     return 0
 
@@ -127,14 +131,30 @@ def _inherit_fd(item: str) -> InheritFd:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    opts = RestoreOptions(images_dir=args.images_dir, leave_stopped=args.leave_stopped,
-                          inherit_fds=args.inherit_fd or None, restore_sibling=args.restore_sibling,
-                          **_criu_options(args))
-    result = Criu(args.criu).restore(opts)
+    kw = dict(leave_stopped=args.leave_stopped, inherit_fds=args.inherit_fd or None,
+              restore_sibling=args.restore_sibling, **_criu_options(args))
+    if args.container:
+        with ContainerOptions.load(args.container).restore_options(images_dir=args.images_dir, **kw) as opts:
+            result = Criu(args.criu).restore(opts)
+    else:
+        result = Criu(args.criu).restore(RestoreOptions(images_dir=args.images_dir, **kw))
     if args.pidfile:
         with open(args.pidfile, "w") as fh:
             fh.write(f"{result.pid}\n")
     _print_result("restore", result, args.json)
+    return 0
+
+
+def cmd_container(args: argparse.Namespace) -> int:
+    runc = Runc(root=args.runc_root, criu=find_criu(args.criu))
+    if args.action == "options":
+        print(json.dumps(RuncContainer(args.id, runc).options().to_dict(), indent=1))
+    elif args.action == "checkpoint":
+        _print_result("dump", RuncContainer(args.id, runc).checkpoint(
+            args.images_dir, leave_running=args.leave_running, criu=Criu(args.criu)), args.json)
+    else:
+        ct = RuncContainer.restore(args.id, bundle=args.bundle, images_dir=args.images_dir, runc=runc)
+        print(json.dumps(ct.state()) if args.json else f"restored: runc container {ct.id} ({ct.status})")
     return 0
 
 
@@ -227,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="page server address")
     p.add_argument("--port", type=int, help="page server port")
     p.set_defaults(func=cmd_lazy_pages)
+
+    p = sub.add_parser("container", help="runc containers: the options runc uses, checkpoint, restore")
+    p.add_argument("--runc-root", metavar="DIR", help="runc's state directory (default /run/runc)")
+    csub = p.add_subparsers(dest="action", required=True)
+    q = csub.add_parser("options", help="print the ContainerOptions runc would use for container ID, as JSON")
+    q.add_argument("id")
+    q = csub.add_parser("checkpoint", help="checkpoint container ID with pycriu as runc would (runc restore takes it)")
+    q.add_argument("id")
+    q.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    q.add_argument("-R", "--leave-running", action="store_true")
+    q = csub.add_parser("restore", help="runc restore -d of container ID from images and a bundle")
+    q.add_argument("id")
+    q.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    q.add_argument("-b", "--bundle", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_container)
 
     try:
         migration_cli = importlib.import_module("pycriu.migration.cli")

@@ -32,6 +32,7 @@ __all__ = [
     "RestoreError",
     "PageServerError",
     "LazyPagesError",
+    "ContainerRuntimeError",
     "first_error_line",
     "first_error_in_text",
     "stderr_message",
@@ -144,6 +145,11 @@ class PageServerError(CriuError):
 
 class LazyPagesError(CriuError):
     """CRIU's lazy-pages daemon failed to start or to serve."""
+
+
+class ContainerRuntimeError(CriuError):
+    """The container runtime's own command (``runc state``, ``runc restore``, ...) failed, or it
+    has no such container; the message carries the runtime's error line."""
 
 
 for _cls in [CriuError, *[globals()[_n] for _n in __all__ if _n.endswith("Error") and _n != "CriuError"]]:

@@ -34,9 +34,10 @@ build_deps=(build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet
 	protobuf-compiler uuid-dev xz-utils dpkg-dev)
 # The tests and demo use: iproute2 (network namespaces, veth, tc), util-linux (unshare),
 # procps (sysctl), OpenSSH (the ssh:// transport), openssl (test certificates), python3-venv and
-# headers (the venv), git (setuptools-scm reads the version from it), make (the README's commands).
+# headers (the venv), git (setuptools-scm reads the version from it), make (the README's commands),
+# runc and busybox-static (the container tests: a real OCI runtime over a busybox rootfs).
 tool_deps=(iproute2 util-linux procps openssh-client openssh-server openssl python3-venv python3-dev
-	iptables nftables git make ca-certificates)
+	iptables nftables git make ca-certificates runc busybox-static)
 missing=()
 for p in "${build_deps[@]}" "${tool_deps[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -86,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, criu_option: bool = True) 
                         help="most image files accepted in one session")
     parser.add_argument("--page-server-from", action="append", default=[], metavar="IP",
                         help="also accept a source page server at IP (default: only the source's own address)")
+    parser.add_argument("--container-path", action="append", default=[], metavar="DIR",
+                        help="a container migration may name paths under DIR (bundles, rootfs, mount sources)")
+    parser.add_argument("--container-cgroup", action="append", default=[], metavar="PATH",
+                        help="a container migration may restore cgroups under PATH")
+    parser.add_argument("--container-veth", action="append", default=[], metavar="NAME",
+                        help="a container migration may create the host end NAME of a veth pair")
+    parser.add_argument("--runc", nargs="?", const="runc", metavar="PATH",
+                        help="restore runc containers with runc (PATH, default: runc on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -122,7 +130,10 @@ def run_from_args(args: argparse.Namespace) -> int:
                          data_address=args.data_address, criu_binary=getattr(args, "criu", None),
                          commit_timeout=args.commit_timeout,
                          max_file_size=args.max_file_size, max_files=args.max_files,
-                         page_server_addresses=tuple(args.page_server_from))
+                         page_server_addresses=tuple(args.page_server_from),
+                         container_paths=tuple(Path(p) for p in args.container_path),
+                         container_cgroups=tuple(args.container_cgroup),
+                         container_interfaces=tuple(args.container_veth), runc=args.runc)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.stdio:

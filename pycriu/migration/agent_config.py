@@ -57,6 +57,13 @@ class AgentConfig:
     max_session_bytes: int = 256 << 30
     max_files: int = 100_000
     log_level: LogLevel = LogLevel.INFO
+    #: What a container migration may name on this host (:mod:`.containers`): directories its
+    #: paths must be under, cgroup paths, host interfaces of veth pairs, and the runc binary
+    #: that restores runc containers (``None``: runc containers are refused).
+    container_paths: tuple[Path, ...] = ()
+    container_cgroups: tuple[str, ...] = ()
+    container_interfaces: tuple[str, ...] = ()
+    runc: str | None = None
     _criu: Criu | None = field(default=None, repr=False)
     _local: dict[str, Any] | None = field(default=None, repr=False)
     _probe: Future[dict[str, Any]] | None = field(default=None, repr=False)

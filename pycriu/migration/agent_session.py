@@ -22,8 +22,9 @@ from .._threads import Worker, spawn
 from ..daemons import LazyPages, PageServer
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
 from ..options import LazyPagesOptions, PageServerAddress, PageServerOptions, RestoreOptions
-from . import checks, pagetls, preflight
+from . import checks, containers, pagetls, preflight
 from .agent_config import RESTORE_FLAGS, AgentConfig
+from .containers import AcceptedContainer
 from .errors import AgentError, ProtocolError, TransportError
 from .guard import Guard
 from .images import dir_usage, memory_dir
@@ -89,6 +90,7 @@ class AgentSession:
         self.failed = False
         self.guard: Guard | None = None
         self.page_tls: pagetls.PageTLS | None = None
+        self.container: AcceptedContainer | None = None  # a container migration (containers.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -126,6 +128,8 @@ class AgentSession:
             if self.restored_pid is not None and not self.committed and self.killed is None:
                 log.warning("%s: restored tree %d was not committed: killing it", self.name, self.restored_pid)
                 self.killed = kill_tree(self.restored_pid)
+            if self.container is not None and not self.committed:
+                self.container.discard()  # the runtime forgets what it never ran
         if self.guard is not None:
             self.guard.stop()  # it kills what it still holds (a tree we could not kill), then exits
         for ps in self.page_servers.values():
@@ -205,6 +209,11 @@ class AgentSession:
             "session": self.name, "data_address": self.data_address, "peer_address": self.peer_address}
         if problems:
             raise AgentError("; ".join(problems), code="incompatible")
+        if msg.get("container") is not None:  # checked before the source freezes anything
+            cfg = self.config
+            self.container = containers.accept(msg["container"], paths=cfg.container_paths,
+                                               cgroups=cfg.container_cgroups, interfaces=cfg.container_interfaces,
+                                               runc_binary=cfg.runc, criu_binary=cfg.criu().binary)
         root = self.config.root
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir = root / self.name
@@ -426,9 +435,14 @@ class AgentSession:
 
         t_restore = time.monotonic()
         try:
-            result = criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
-                                                 log_level=self.config.log_level, lazy_pages=True if lazy else None,
-                                                 leave_stopped=True, notify=notify, **flags))
+            if self.container is not None:
+                result = self.container.restore(criu, images=images, work=work, lazy=lazy, notify=notify, flags=flags,
+                                                log_level=self.config.log_level)
+            else:
+                result = criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
+                                                     log_level=self.config.log_level,
+                                                     lazy_pages=True if lazy else None, leave_stopped=True,
+                                                     notify=notify, **flags))
         except CriuError as exc:
             self._stop_lazy()
             self.state = "failed"

@@ -46,6 +46,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("migrate", help="move a live process tree to another host",
                               description="Migrate the tree rooted at PID to a destination agent.")
     p.add_argument("pid", type=int, metavar="PID", help="root of the tree to migrate")
+    ct = p.add_argument_group("containers (docs/containers.rst)")
+    ct.add_argument("--container", metavar="FILE",
+                    help="the tree is a container: its ContainerOptions as JSON (`pycriu container options`)")
+    ct.add_argument("--runc-bundle", metavar="DIR", help="restore with runc from this bundle on the destination")
+    ct.add_argument("--runc-id", metavar="ID", help="the container's id on the destination")
+    ct.add_argument("--runc-root", metavar="DIR", help="runc's state directory on the destination")
     p.add_argument("--to", default="local", metavar="DEST",
                    help="local (default), ssh://[user@]host[:port] or tcp://host:port")
     p.add_argument("--mode", default="auto", choices=["auto", *MODES],
@@ -147,6 +153,15 @@ def _migration(args: argparse.Namespace) -> Migration:
     if not args.quiet and sys.stderr.isatty():
         progress = ProgressDisplay(sys.stderr)
     criu_path = getattr(args, "criu", None)
+    container = runtime = None
+    if args.container:
+        from ..containers import ContainerOptions
+
+        container = ContainerOptions.load(args.container)
+    if args.runc_bundle:
+        from ..containers import RuncTarget
+
+        runtime = RuncTarget(bundle=args.runc_bundle, id=args.runc_id, root=args.runc_root)
     return Migration(
         args.pid, to=args.to, mode=args.mode, secret=secret, tls=tls, ssh_options=args.ssh_option,
         identity_file=args.identity, agent_command=shlex.split(args.agent_command) if args.agent_command else None,
@@ -154,6 +169,7 @@ def _migration(args: argparse.Namespace) -> Migration:
         source_address=args.source_address, progress=progress, criu=Criu(criu_path) if criu_path else None,
         flags={name: True for name in args.flag}, criu_tls=False if args.no_criu_tls else None,
         insecure_plaintext=args.insecure_plaintext,
+        container=container, runtime=runtime,
         policy=PreCopyPolicy(max_iterations=args.max_iterations, min_pages=args.min_pages,
                              max_growth=args.max_growth))
 

@@ -32,10 +32,13 @@ class AgentClient:
         self.aborted = False
         self._abort_reply: dict[str, Any] | None = None
 
-    def hello(self, local: Mapping[str, Any], mode: str, *, page_tls: bool = False) -> dict[str, Any]:
+    def hello(self, local: Mapping[str, Any], mode: str, *, page_tls: bool = False,
+              container: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Open the session; with ``page_tls`` the agent answers with a certificate request for
-        CRIU's page connections (``tls_csr``)."""
+        CRIU's page connections (``tls_csr``); ``container`` (:mod:`.containers`) is checked by
+        the agent before anything is frozen."""
         self.channel.send({"type": "hello", "protocol": PROTOCOL_VERSION, "mode": mode, "page_tls": page_tls,
+                           **({"container": dict(container)} if container is not None else {}),
                            **{k: local[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}})
         self.info = self.channel.recv("hello", timeout=max(self.timeout, 60.0))
         return self.info

@@ -31,12 +31,14 @@ from typing import Any
 
 from .. import __version__
 from .._threads import spawn
+from ..containers.options import ContainerOptions
+from ..containers.runc import RuncTarget
 from ..criu import Criu
 from ..enums import LogLevel
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
 from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
-from . import checks, pagetls, preflight, procs
+from . import checks, containers, pagetls, preflight, procs
 from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
@@ -114,6 +116,13 @@ class Migration:
             channel is then only authenticated and MAC'd: in classic mode it carries the
             process's memory, readable by anyone on the path. Default: TLS bound to the secret
             (:mod:`pycriu.migration.controltls`).
+        container: the tree is a container: :class:`~pycriu.containers.ContainerOptions` for its
+            dump, whose restore half (remapped for the destination,
+            :meth:`~pycriu.containers.ContainerOptions.remap`) crosses to the agent, which
+            checks it before anything is frozen (:mod:`pycriu.migration.containers`).
+        runtime: with ``container``, a :class:`~pycriu.containers.RuncTarget`: the destination
+            restores with ``runc restore`` into that bundle, and runc owns the container there.
+            :meth:`pycriu.containers.RuncContainer.migrate` builds both from a runc container.
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -125,7 +134,8 @@ class Migration:
                  relay: Callable[[PageServerAddress], PageServerAddress] | None = None,
                  progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
                  flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None,
-                 insecure_plaintext: bool = False) -> None:
+                 insecure_plaintext: bool = False,
+                 container: ContainerOptions | None = None, runtime: RuncTarget | None = None) -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
         if mode != "auto" and mode not in MODES:
@@ -177,6 +187,18 @@ class Migration:
                                      hint="drop it: ssh:// and local are encrypted or never leave this host, "
                                           "and tls=TLSConfig(...) always encrypts")
         self.insecure_plaintext = insecure_plaintext
+        if container is not None and not isinstance(container, ContainerOptions):
+            raise InvalidOptionError("container must be a pycriu.containers.ContainerOptions")
+        if runtime is not None and (container is None or not isinstance(runtime, RuncTarget)):
+            raise InvalidOptionError("runtime must be a pycriu.containers.RuncTarget, given with container=")
+        if container is not None:
+            for key, value in flags.items():
+                if getattr(container, key, None) not in (None, value):
+                    raise InvalidOptionError(f"flag {key}={value} contradicts the container's {key}")
+        self.container = container
+        self.runtime = runtime
+        #: what crosses to the agent in the hello (refuses the source's own fds now)
+        self.container_hello = containers.hello_field(container, runtime)
 
     def __repr__(self) -> str:
         return f"Migration(pid={self.pid}, to={str(self.destination)!r}, mode={self.mode!r})"
@@ -382,7 +404,8 @@ class MigrationRun:
         self._require_source_features(host)
         self.report.transport = self.conn.transport
         self.client = AgentClient(self.conn, timeout=m.timeout)
-        remote = self.client.hello(self.local, requested, page_tls=authority is not None)
+        remote = self.client.hello(self.local, requested, page_tls=authority is not None,
+                                   container=m.container_hello)
         if authority is not None:
             ca = authority.result()
             if not remote.get("tls_csr"):
@@ -401,6 +424,8 @@ class MigrationRun:
         mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
                                     remote["features"]["lazy_pages"], remote["features"]["mem_track"])
         resources = procs.tree_resources(self.pid)
+        if m.container is not None:
+            resources = containers.preflight_resources(resources)
         if m.destination.same_host:
             mode, reason = self._same_host_names(requested, mode, reason, resources.host_names())
         problems = self.client.preflight(preflight.request(resources))
@@ -506,6 +531,9 @@ class MigrationRun:
         # killed only once the destination acknowledged the commit (custody.py).
         kw.setdefault("leave_stopped", True)
         flags: dict[str, Any] = dict(self.m.flags)
+        if self.m.container is not None:
+            return self.m.container.dump_options(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO,
+                                                 **flags, **kw)
         return DumpOptions(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO, **flags, **kw)
 
     def notify(self, post_dump: Callable[[], None] | None) -> Callable[[str, int], bool]:

@@ -125,7 +125,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
               # page TLS (pagetls.py): the source asks, the agent answers with a certificate request
               "page_tls": (_BOOL, False), "tls_csr": ((str, _Opt), False),
               # a local agent: the device of its images directory, where it accepts hard links
-              "link_dev": ((int, _Opt), False)},
+              "link_dev": ((int, _Opt), False),
+              # a container: its options and runtime target, checked by the agent (containers.py)
+              "container": ((dict, _Opt), False)},
     "page-tls": {"cert": (_STR, True), "ca": (_STR, True)},
     "page-tls-ok": {},
     "ping": {"t": (_NUM, True)},
