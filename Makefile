@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-stress fuzz docs lint bench clean
+.PHONY: setup demo test test-stress fuzz soak docs lint bench clean
 
 setup:
 	bash scripts/provision.sh
@@ -21,6 +21,10 @@ test-stress: setup
 fuzz: setup
 	PYCRIU_FUZZ_EXAMPLES=$${PYCRIU_FUZZ_EXAMPLES:-2000} PYCRIU_FUZZ_REPORT=$(CURDIR)/fuzz-counts.json \
 		$(PY) -m pytest -q tests/test_agent_fuzz.py
+
+# 200 migrations back and forth between two agents in two network namespaces, classic and lazy.
+soak: setup
+	PYCRIU_SOAK_ROUNDS=$${PYCRIU_SOAK_ROUNDS:-200} $(PY) -m pytest -q -s tests/test_soak.py
 
 docs: setup
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html

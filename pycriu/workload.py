@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +182,11 @@ class PidNamespaceTree:
     """
 
     def __init__(self, argv: list[str], *, cwd: str | os.PathLike[str], env: dict[str, str] | None = None,
-                 start_timeout: float = 10.0) -> None:
+                 start_timeout: float = 10.0, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command that execs the rest in place (``nsenter --net=...``: another
+        network namespace)."""
         self.unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "setsid", *argv],
+            [*prefix, "unshare", "--pid", "--fork", "setsid", *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=env, cwd=cwd,
         )
@@ -266,7 +269,7 @@ class Workload:
                  threads: int = 0, listen: int | None = None, unix: str | os.PathLike[str] | None = None,
                  fifo: str | os.PathLike[str] | None = None, lock: str | os.PathLike[str] | None = None,
                  touch: float = 0.0,
-                 interval: float = 0.01, python: str | None = None) -> None:
+                 interval: float = 0.01, python: str | None = None, netns: str | None = None) -> None:
         self.state_path = Path(state_path)
         argv = [python or sys.executable, "-m", "pycriu.workload", "--state", str(self.state_path),
                 "--mib", str(mib), "--children", str(children), "--threads", str(threads),
@@ -285,7 +288,8 @@ class Workload:
         self.workdir = self.state_path.parent / f"{self.state_path.name}.cwd"
         self.workdir.mkdir(exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        self._tree = PidNamespaceTree(argv, cwd=self.workdir, env=env)
+        prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns is not None else []
+        self._tree = PidNamespaceTree(argv, cwd=self.workdir, env=env, prefix=prefix)
         try:
             self.wait_beats(1, timeout=max(30.0, mib / 20))
         except BaseException:

@@ -222,12 +222,12 @@ class Relay:
 class TcpAgent:
     """``python -m pycriu.migration.agent --listen 127.0.0.1:0 ...`` as a subprocess."""
 
-    def __init__(self, root: Path, *args: str, wrap: Sequence[str] = ()) -> None:
+    def __init__(self, root: Path, *args: str, wrap: Sequence[str] = (), listen: str = "127.0.0.1:0") -> None:
         """``wrap``: a command prefix the agent runs under (``unshare ...``: another view of the host)."""
         self.root = root
         self.log = open(root.parent / f"{root.name}-agent.log", "wb")  # noqa: SIM115
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        self.proc = subprocess.Popen([*wrap, *AGENT, "--listen", "127.0.0.1:0", "--root", str(root), *args],
+        self.proc = subprocess.Popen([*wrap, *AGENT, "--listen", listen, "--root", str(root), *args],
                                      stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
@@ -235,7 +235,7 @@ class TcpAgent:
             self.close()
             raise RuntimeError(f"agent did not start: {line!r}; see {self.log.name}")
         self.port = int(line.rsplit(":", 1)[1])
-        self.url = f"tcp://127.0.0.1:{self.port}"
+        self.url = f"tcp://{listen.rsplit(':', 1)[0]}:{self.port}"
 
     def close(self) -> None:
         stop_process(self.proc, grace=30)

@@ -5,6 +5,7 @@ whether an operation succeeds, fails inside CRIU, or is interrupted by the calle
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -186,3 +187,34 @@ def test_a_prestarted_worker_serves_the_next_operation_or_is_discarded(private_t
     assert len(_swrk_children(expect=1)) == 1
     criu.discard_prestarted()
     assert not _swrk_children() and open_fds() == fds
+
+
+@pytest.mark.criu
+def test_a_successful_migration_leaves_no_log_directory_unless_asked(
+        workload: WorkloadFactory, private_tmp: Path) -> None:
+    """Without ``log_dir`` a successful migration removes its logs (a thousand of them leave
+    nothing in the temporary directory); ``keep_logs=True`` keeps them, and so does a failure."""
+    from pycriu.migration import Migration, Progress
+
+    w = workload(mib=8)
+    report = Migration(w.pid, to="local", mode="classic").run()
+    w.adopt(report.destination_pid)  # type: ignore[arg-type]
+    assert report.log_dir is None and report.logs == {}
+    assert any("logs were removed" in n for n in report.notes)
+    assert not [p for p in private_tmp.iterdir() if p.name.startswith("pycriu-migration-")]
+
+    report = Migration(w.pid, to="local", mode="classic", keep_logs=True).run()
+    w.adopt(report.destination_pid)  # type: ignore[arg-type]
+    assert report.log_dir is not None and Path(report.logs["source dump"]).is_file()
+    shutil.rmtree(report.log_dir)
+
+    def fail(e: Progress) -> None:
+        if e.phase == "restore" and e.event == "start":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode="classic", progress=fail).run()
+    failed = info.value.report  # type: ignore[attr-defined]
+    assert failed.outcome == "rolled-back" and failed.log_dir is not None
+    assert Path(failed.logs["source dump"]).is_file()
+    shutil.rmtree(failed.log_dir)

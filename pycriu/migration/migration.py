@@ -41,7 +41,7 @@ from ..results import DumpResult, DumpStats
 from . import checks, containers, pagetls, preflight, procs
 from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
-from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
+from .custody import STOPPED_UNCOMMITTED, Custody, Outcome, ProcTree
 from .errors import AgentError, MigrationError, PreflightError
 from .images import DirUsage, dir_usage, memory_dir
 from .modes import FLOWS, MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
@@ -93,6 +93,9 @@ class Migration:
             ``pycriu agent --stdio``; for ``local``, this Python's ``-m pycriu.migration.agent``).
         log_dir: where the CRIU logs of both sides are kept (default: a new
             ``pycriu-migration-*`` directory in the temporary directory; the report names it).
+        keep_logs: keep that directory after the run. Default: kept when ``log_dir`` was given
+            or the migration did not succeed; a successful migration without ``log_dir``
+            removes its logs (a thousand migrations leave nothing in the temporary directory).
         scratch_dir: where the source writes its images (default: the temporary directory).
         policy: :class:`PreCopyPolicy` for ``pre-copy``/``hybrid``.
         timeout: seconds to wait for any one reply of the agent (restore included).
@@ -134,7 +137,7 @@ class Migration:
                  relay: Callable[[PageServerAddress], PageServerAddress] | None = None,
                  progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
                  flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None,
-                 insecure_plaintext: bool = False,
+                 insecure_plaintext: bool = False, keep_logs: bool | None = None,
                  container: ContainerOptions | None = None, runtime: RuncTarget | None = None) -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
@@ -187,6 +190,10 @@ class Migration:
                                      hint="drop it: ssh:// and local are encrypted or never leave this host, "
                                           "and tls=TLSConfig(...) always encrypts")
         self.insecure_plaintext = insecure_plaintext
+        if keep_logs is not None and not isinstance(keep_logs, bool):
+            raise InvalidOptionError("keep_logs must be True, False or None (the default: kept with log_dir or "
+                                     "after a failure)")
+        self.keep_logs = keep_logs
         if container is not None and not isinstance(container, ContainerOptions):
             raise InvalidOptionError("container must be a pycriu.containers.ContainerOptions")
         if runtime is not None and (container is None or not isinstance(runtime, RuncTarget)):
@@ -715,7 +722,21 @@ class MigrationRun:
         agent_log = self.log_dir / "agent.log" if self.log_dir else None
         if agent_log is not None and agent_log.exists() and agent_log.stat().st_size:
             report.logs["agent stderr"] = str(agent_log)
+        self._drop_logs()
         report.total_seconds = round(time.monotonic() - self.t0, 6)
+
+    def _drop_logs(self) -> None:
+        """Remove this run's log directory unless it is to be kept (:class:`Migration` ``keep_logs``)."""
+        keep = self.m.keep_logs
+        if keep is None:
+            keep = self.m.log_dir is not None or self.report.outcome not in (Outcome.MIGRATED, Outcome.CHECKED)
+        if keep or self.log_dir is None:
+            return
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        self.report.logs = {}
+        self.report.log_dir = None
+        self.note("the migration succeeded: its CRIU logs were removed (pass log_dir= or keep_logs=True, "
+                  "pycriu migrate --log-dir, to keep them)")
 
     def _collect_remote(self, error: BaseException | None) -> None:
         """Fetch the destination's logs and disk figures, say goodbye, close the connection."""
