@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,6 +91,17 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _ours_in_shm(agents: dict[str, TcpAgent], w: Workload) -> list[str]:
+    """This test's entries in /dev/shm (other test runs on the machine may have theirs): the
+    sources' (named with the migrated pid) and the agents' sessions' (named with the session)."""
+    sessions = set()
+    for agent in agents.values():
+        sessions |= set(re.findall(r"(s-[0-9a-f]{8}): session for", Path(agent.log.name).read_text(errors="replace")))
+    prefixes = tuple([f"pycriu-migrate-{p}-" for p in w._tree.pids] + [f"pycriu-migrate-tls-{p}-" for p in w._tree.pids]
+                     + [f"pycriu-agent-{s}-" for s in sessions])
+    return [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(prefixes)]
+
+
 def _disk(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
 
@@ -100,10 +112,10 @@ class Gauges:
 
     rows: list[dict[str, int]] = field(default_factory=list)
 
-    def take(self, agents: dict[str, TcpAgent], workload_pid: int, scratch: Path) -> dict[str, int]:
-        row = {"fds of the process": len(os.listdir(f"/proc/{workload_pid}/fd")),
+    def take(self, agents: dict[str, TcpAgent], w: Workload, scratch: Path) -> dict[str, int]:
+        row = {"fds of the process": len(os.listdir(f"/proc/{w.pid}/fd")),
                "mounts": len(Path("/proc/self/mountinfo").read_text().splitlines()),
-               "pycriu entries in /dev/shm": sum(1 for p in Path("/dev/shm").iterdir() if p.name.startswith("pycriu-")),
+               "our entries in /dev/shm": len(_ours_in_shm(agents, w)),
                "bytes under the source's scratch": _disk(scratch)}
         for ns, agent in agents.items():
             row[f"fds of agent {ns[-1]}"] = len(os.listdir(f"/proc/{agent.proc.pid}/fd"))
@@ -149,7 +161,7 @@ def test_migrations_back_and_forth_leave_nothing_growing(
     seconds = []
     try:
         expected = w.expected_checksum
-        gauges.take(agents, w.pid, scratch)  # before
+        gauges.take(agents, w, scratch)  # before
         here = 0
         for i in range(ROUNDS):
             there = 1 - here
@@ -162,10 +174,10 @@ def test_migrations_back_and_forth_leave_nothing_growing(
             after = w.wait_beats(2)
             assert after["beat"] > beat, f"migration {i + 1}: no heartbeat after it"
             assert w.checksum() == expected, f"migration {i + 1}: memory differs"
-            gauges.take(agents, w.pid, scratch)
+            gauges.take(agents, w, scratch)
             here = there
         time.sleep(1.0)
-        gauges.take(agents, w.pid, scratch)  # after
+        gauges.take(agents, w, scratch)  # after
     finally:
         w.close()
     print(f"soak {mode}: {ROUNDS} migrations, median {sorted(seconds)[len(seconds) // 2]:.2f} s; "

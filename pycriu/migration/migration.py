@@ -361,7 +361,7 @@ class MigrationRun:
             if where is None:
                 self.note("no memory filesystem with room at /dev/shm: the source's non-lazy pages are written "
                           "to the temporary directory's disk")
-        self.scratch = Path(tempfile.mkdtemp(prefix="pycriu-migrate-", dir=where))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"pycriu-migrate-{self.pid}-", dir=where))
         self.images = self.scratch / "images"
         self.images.mkdir()
         # A local agent whose images directory is on this filesystem takes whole images by hard
@@ -388,7 +388,7 @@ class MigrationRun:
         own_tls = m.criu_tls and m.tls is None  # this migration's own certificates for CRIU's pages
         authority = None
         if own_tls:  # the directory is made here, so that the end of the run removes it on every path
-            self.tls_dir = Path(tempfile.mkdtemp(prefix="pycriu-migrate-tls-", dir=memory_dir()))
+            self.tls_dir = Path(tempfile.mkdtemp(prefix=f"pycriu-migrate-tls-{self.pid}-", dir=memory_dir()))
             authority = self._authority = spawn(self._page_tls_authority, self.tls_dir, name="pycriu-page-tls-ca")
         if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
             self._require_source_features(probe.result())
