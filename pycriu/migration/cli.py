@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, Any
 
 from ..errors import CriuError, InvalidOptionError
@@ -72,6 +73,8 @@ def register(subparsers: Any) -> None:
     ssh.add_argument("--agent-command", metavar="CMD",
                      help="agent command on the destination (default: pycriu agent --stdio)")
     p.add_argument("--log-dir", metavar="DIR", help="keep the CRIU logs of both sides here")
+    p.add_argument("--timeline", metavar="FILE.svg",
+                   help="write the migration's timeline (both hosts' phases, the downtime) as an SVG picture")
     p.add_argument("--scratch-dir", metavar="DIR", help="where the source writes its images")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="wait at most S s for any agent reply")
     p.add_argument("--lazy-timeout", type=float, default=600.0, metavar="S",
@@ -174,7 +177,12 @@ def _migration(args: argparse.Namespace) -> Migration:
                              max_growth=args.max_growth))
 
 
-def _print_report(report: MigrationReport, as_json: bool) -> None:
+def _print_report(report: MigrationReport, as_json: bool, timeline: str | None = None) -> None:
+    if timeline:  # also after a failure: where the time went is most wanted then
+        try:
+            Path(timeline).write_text(report.timeline_svg())
+        except OSError as exc:
+            print(f"pycriu migrate: cannot write the timeline to {timeline}: {exc.strerror}", file=sys.stderr)
     print(report.to_json() if as_json else str(report), flush=True)
 
 
@@ -191,11 +199,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except (CriuError, KeyboardInterrupt) as exc:
         failed = getattr(exc, "report", None)  # where the process is now, even after a failure
         if failed is not None:
-            _print_report(failed, as_json)
+            _print_report(failed, as_json, args.timeline)
         interrupted = isinstance(exc, KeyboardInterrupt)
         print(f"pycriu migrate: {'interrupted' if interrupted else exc}", file=sys.stderr)
         return 130 if interrupted else 1
-    _print_report(report, as_json)
+    _print_report(report, as_json, args.timeline)
     return 0
 
 

@@ -297,7 +297,7 @@ class MigrationRun:
         if start is None:
             return 0.0
         seconds = time.monotonic() - start
-        self.report.phases.append(Phase(name, round(seconds, 6), detail))
+        self.report.phases.append(Phase(name, round(seconds, 6), detail, start=round(start - self.t0, 6)))
         self.emit(name, "end", seconds=seconds, message=detail)
         return seconds
 
@@ -626,6 +626,7 @@ class MigrationRun:
             reply = self.client.restore(name, lazy=lazy, page_server=page_server, flags=self.m.flags,
                                         tls=bool(page_server is not None and self.criu_tls_options()))
         t_reply = time.monotonic()
+        self._destination_phases(reply, t_reply)
         self.custody.restored(reply["pid"])  # held stopped: the agent resumes it at the commit
         if reply["stats"] is not None:
             self.report.criu_stats["restore"] = reply["stats"]
@@ -659,6 +660,22 @@ class MigrationRun:
         if self.t_freeze is not None:
             self.report.downtime = round(max(0.0, self.t_resume - self.t_freeze), 6)
             self.report.downtime_method = how
+            self.report.marks.update(freeze=round(self.t_freeze - self.t0, 6), resume=round(self.t_resume - self.t0, 6))
+
+    def _destination_phases(self, reply: Mapping[str, Any], t_reply: float) -> None:
+        """The agent's own steps of the restore, placed on this clock: its reply left when CRIU's
+        restore returned, half a round trip before it arrived here."""
+        assert self.client is not None
+        end = t_reply - self.client.rtt / 2 - self.t0
+        steps = [("criu restore", float(reply["restore_seconds"]))]
+        if reply["lazy_daemon_seconds"] is not None:
+            steps.append(("lazy-pages daemon start", float(reply["lazy_daemon_seconds"])))
+        if reply["page_server_wait"]:
+            steps.append(("page server finishing", float(reply["page_server_wait"])))
+        for name, seconds in steps:  # each ended where the next (later) one began
+            start = end - seconds
+            self.report.phases.append(Phase(name, round(seconds, 6), start=round(start, 6), host="destination"))
+            end = start
 
 
     def dump_stats(self) -> DumpStats | None:

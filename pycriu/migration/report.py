@@ -17,11 +17,15 @@ __all__ = ["MigrationReport", "Phase"]
 
 @dataclass
 class Phase:
-    """One step of a migration and its duration in seconds."""
+    """One step of a migration: its duration in seconds, when it began (seconds after the
+    migration began, on the source's clock: a destination's phase is placed there from the
+    agent's own timing and half the round trip) and on which host it ran."""
 
     name: str
     seconds: float
     detail: str = ""
+    start: float | None = None
+    host: str = "source"
 
 
 @dataclass
@@ -87,6 +91,8 @@ class MigrationReport:
     pre_copy_stop: str | None = None
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: moments (seconds after the start, source clock): ``freeze`` and ``resume`` bound the downtime
+    marks: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -98,6 +104,13 @@ class MigrationReport:
         return sum(times) if times else None
 
     # -- serialisation ---------------------------------------------------------------------------
+
+    def timeline_svg(self) -> str:
+        """This migration as a picture: phases of both hosts on one clock, the downtime marked
+        (:mod:`pycriu.migration.timeline`)."""
+        from .timeline import render_svg
+
+        return render_svg(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,7 +151,8 @@ class MigrationReport:
             lines.append("  phases:")
             for p in self.phases:
                 extra = f"  {p.detail}" if p.detail else ""
-                lines.append(f"    {p.name:<24} {p.seconds * 1000:9.1f} ms{extra}")
+                name = p.name if p.host == "source" else f"{p.name} ({p.host})"
+                lines.append(f"    {name:<24} {p.seconds * 1000:9.1f} ms{extra}")
         if self.pre_copy:
             lines.append(f"  pre-copy:        {len(self.pre_copy)} iteration(s); stop: {self.pre_copy_stop}")
         if self.bytes:
