@@ -17,37 +17,33 @@ agent's acknowledgement, left stopped if none came).
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .._threads import spawn
 from ..containers.options import ContainerOptions
 from ..containers.runc import RuncTarget
 from ..criu import Criu
 from ..enums import LogLevel
-from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError, NoSuchProcessError
+from ..errors import InvalidOptionError
 from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
-from . import checks, containers, pagetls, preflight, procs
+from . import containers, handshake, pagetls, procs, teardown
 from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
-from .custody import STOPPED_UNCOMMITTED, Custody, Outcome, ProcTree
-from .errors import AgentError, MigrationError, PreflightError
-from .images import DirUsage, dir_usage, memory_dir
-from .modes import FLOWS, MODES, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
+from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
+from .errors import MigrationError
+from .images import DirUsage, memory_dir
+from .modes import FLOWS, MODES
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
-from .transport import Connection, Destination, TLSConfig, connect
+from .transport import Connection, Destination, TLSConfig
 
 __all__ = ["Migration", "MODES", "Progress"]
 
@@ -240,7 +236,7 @@ class MigrationRun:
         self.images: Path | None = None
         self.page_tls: pagetls.PageTLS | None = None
         self.tls_dir: Path | None = None
-        self._authority: Future[pagetls.Authority] | None = None
+        self.authority: Future[pagetls.Authority] | None = None
         self.log_dir: Path | None = None
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
@@ -321,7 +317,7 @@ class MigrationRun:
         try:
             self._prepare_dirs()
             with self.phase("checks"):
-                mode = self._checks()
+                mode = handshake.checks_and_handshake(self)
             self.report.mode = mode
             if dry_run:
                 self.custody.checked()
@@ -336,9 +332,9 @@ class MigrationRun:
             error = exc
             self._on_failure(exc)
         finally:
-            self._finish(error)
+            teardown.finish(self, error)
         if error is not None:
-            raise self._final_error(error)
+            raise teardown.final_error(self, error)
         return self.report
 
     def _prepare_dirs(self) -> None:
@@ -371,109 +367,7 @@ class MigrationRun:
             self.link_images = True
             self.note("images by hard link to the local agent (same host and filesystem): no copy")
 
-    def _checks(self) -> str:
-        """Everything that can be known before freezing: returns the mode to run."""
-        m = self.m
-        if os.geteuid() != 0:
-            from ..errors import CriuPermissionError
 
-            raise CriuPermissionError("migration needs root on the source (CRIU dump)", operation="migrate")
-        if procs.tree_state(self.pid) == "gone":
-            raise NoSuchProcessError(f"no process with pid {self.pid} to migrate", operation="migrate")
-        # This host's checks run while the agent is reached (and, there, probes its own CRIU):
-        # both sides are verified before anything is frozen, concurrently.
-        # A mode that needs a feature waits for this host's answer first (from the cache, a few
-        # ms), so that a source lacking it is refused before any agent is started.
-        probe = spawn(checks.probe, self.criu, name="pycriu-source-checks")
-        own_tls = m.criu_tls and m.tls is None  # this migration's own certificates for CRIU's pages
-        authority = None
-        if own_tls:  # the directory is made here, so that the end of the run removes it on every path
-            self.tls_dir = Path(tempfile.mkdtemp(prefix=f"pycriu-migrate-tls-{self.pid}-", dir=memory_dir()))
-            authority = self._authority = spawn(self._page_tls_authority, self.tls_dir, name="pycriu-page-tls-ca")
-        if m.mode in NEEDS_MEM_TRACK or m.mode in NEEDS_LAZY:
-            self._require_source_features(probe.result())
-        try:
-            self.conn = connect(m.destination, secret=m.secret, tls=m.tls, insecure_plaintext=m.insecure_plaintext,
-                                ssh_options=m.ssh_options,
-                                identity_file=m.identity_file, agent_command=m.agent_command,
-                                stderr_path=self.log_dir / "agent.log" if self.log_dir else None,
-                                timeout=m.timeout)
-        finally:
-            host = probe.result()  # the source's own failure first: it is the more basic one
-        features = host
-        self.local = {"pycriu": __version__, "criu": host.criu, "arch": platform.machine(),
-                      "kernel": platform.release(),
-                      "features": {"lazy_pages": features.lazy_pages, "mem_track": features.mem_track}}
-        self.report.versions["source"] = dict(self.local)
-        self.note(f"source checks took {host.seconds * 1000:.0f} ms"
-                  + (" (criu check and features cached for this boot; version asked now)" if host.cached else ""))
-        requested = m.mode
-        self._require_source_features(host)
-        self.report.transport = self.conn.transport
-        self.client = AgentClient(self.conn, timeout=m.timeout)
-        remote = self.client.hello(self.local, requested, page_tls=authority is not None,
-                                   container=m.container_hello)
-        if authority is not None:
-            ca = authority.result()
-            if not remote.get("tls_csr"):
-                raise AgentError("the agent did not send a certificate request for CRIU's page connections "
-                                 "(an older agent?); pass criu_tls=False to send the pages in the clear",
-                                 code="incompatible")
-            self.client.page_tls(ca.sign(remote["tls_csr"]), ca.ca_pem)
-        self.report.versions["destination"] = {k: remote[k] for k in ("pycriu", "criu", "arch", "kernel", "features")}
-        if not remote.get("criu_check"):
-            raise AgentError(f"CRIU does not work on the destination: {remote.get('criu_error')}", code="incompatible")
-        older = checks.older_destination(self.local["criu"], remote["criu"])
-        if older is not None:
-            raise AgentError(older, code="incompatible")
-        self.client.ping()
-        self.source_address = self._source_address(remote)
-        mode, reason = choose_mode(requested, features.lazy_pages, features.mem_track,
-                                    remote["features"]["lazy_pages"], remote["features"]["mem_track"])
-        resources = procs.tree_resources(self.pid)
-        if m.container is not None:
-            resources = containers.preflight_resources(resources)
-        if m.destination.same_host:
-            mode, reason = self._same_host_names(requested, mode, reason, resources.host_names())
-        problems = self.client.preflight(preflight.request(resources))
-        if problems:
-            raise PreflightError(f"the destination cannot restore this tree: {'; '.join(problems)}",
-                                 resources=tuple(problems),
-                                 hint="make the destination provide these (the same files, free ports), or choose "
-                                      "another destination; nothing was frozen")
-        self.note(f"pre-flight: the destination has the {len(resources.files)} files, "
-                  f"{len(resources.tcp_ports)} listening ports and {len(resources.unix_paths)} socket paths "
-                  "the tree needs")
-        self.report.mode_reason = reason
-        return mode
-
-    def _same_host_names(self, requested: str, mode: str, reason: str, names: list[str]) -> tuple[str, str]:
-        """On one host a source kept stopped still holds its listening ports, bound Unix sockets,
-        FIFOs and file locks while the destination restores them. Flows that can end the source
-        at the dump (its complete images on this host are then the rollback) take such a tree;
-        lazy, which serves pages from the frozen source's memory, runs as page-server-on-source
-        (post-copy from the images); the rest (pre-copy, hybrid) are refused here, before
-        anything is frozen."""
-        if not names:
-            return mode, reason
-        held = ", ".join(names)
-        spec = FLOWS[mode]
-        if not spec.same_host_names:
-            instead = spec.same_host_names_instead
-            if instead is None:
-                able = [name for name, flow in FLOWS.items() if flow.same_host_names]
-                raise PreflightError(
-                    f"on one host the {mode} flow keeps the source holding {held} while the destination "
-                    f"restores it, which CRIU cannot do (\"Address already in use\")", resources=tuple(names),
-                    hint=f"use mode={able[0]!r} or one of {', '.join(able[1:])} (the dump ends the source and a "
-                         "failure restores it from its own images), or migrate to another host or network namespace")
-            mode, reason = instead, (f"{requested} on one host with a tree holding {held}: {mode} would keep the "
-                                     f"frozen source holding them while the destination restores; {instead} "
-                                     "restores lazily too, its pages served from the source's images")
-        self.rollback_from_images = True
-        self.note(f"one host, and the tree holds {held}: the dump ends the source; its images are kept "
-                  "until the destination runs, and a failure restores it from them")
-        return mode, reason
 
     def _restore_source(self) -> int:
         """The rollback on one host: restore the source from its own images (its new root pid)."""
@@ -484,34 +378,8 @@ class MigrationRun:
         self.report.logs["source rollback-restore"] = str(result.log_path)
         return result.pid
 
-    def _page_tls_authority(self, directory: Path) -> pagetls.Authority:
-        """This migration's CA, and the source's own certificate from it in ``directory`` (0700,
-        removed at the end, in tmpfs when there is one)."""
-        ca = pagetls.Authority()
-        self.page_tls = ca.issue_local(directory)
-        return ca
 
-    def _require_source_features(self, host: checks.HostCheck) -> None:
-        requested = self.m.mode
-        if requested in NEEDS_MEM_TRACK and not host.mem_track:
-            raise KernelUnsupportedError(f"{requested} migration needs dirty-memory tracking on the source: "
-                                         f"{NO_MEM_TRACK}", operation="migrate",
-                                         hint="use mode='lazy', 'page-server' or 'classic'")
-        if requested in NEEDS_LAZY and not host.lazy_pages:
-            raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the source",
-                                         operation="migrate", hint="use mode='page-server' or 'classic'")
 
-    def _source_address(self, remote: Mapping[str, Any]) -> str:
-        if self.m.source_address:
-            return self.m.source_address
-        if self.m.destination.same_host:
-            return "127.0.0.1"
-        seen = remote.get("peer_address")
-        if isinstance(seen, str) and seen and _is_local_address(seen):
-            return seen
-        assert self.m.destination.host is not None
-        return self.conn.local_address if self.conn and self.conn.local_address and self.m.destination.has_own_address \
-            else procs.address_towards(self.m.destination.host)
 
     # -- building blocks for the flows -----------------------------------------------------------
 
@@ -684,112 +552,12 @@ class MigrationRun:
     # -- failure and the end ---------------------------------------------------------------------
 
     def _on_failure(self, exc: BaseException) -> None:
-        self.report.error = _describe(exc)
+        self.report.error = teardown.describe(exc)
         self.custody.fail(self.report.error)
 
-    def _final_error(self, exc: BaseException) -> BaseException:
-        report = self.report
-        if not isinstance(exc, Exception):
-            exc.report = report  # type: ignore[attr-defined]
-            return exc
-        if report.outcome == "refused":
-            if isinstance(exc, CriuError):
-                exc.report = report  # type: ignore[attr-defined]
-                return exc
-            return MigrationError(f"migration refused before anything was frozen: {report.error}", report=report)
-        what = {
-            "rolled-back": "the source runs again with its memory intact",
-            "failed-after-resume": f"the destination had resumed; source is {report.source_state}, destination "
-                                   f"{report.destination_state}",
-        }.get(report.outcome, f"source {report.source_state}, destination {report.destination_state}")
-        err = MigrationError(f"migration failed ({report.outcome}: {what}): {report.error}", report=report)
-        err.__cause__ = exc
-        return err
 
-    def _finish(self, error: BaseException | None) -> None:
-        for fn in reversed(self.cleanups):
-            try:
-                fn()
-            except Exception:  # noqa: BLE001
-                pass
-        self._collect_remote(error)
-        report = self.report
-        report.source_state = self.custody.settle()
-        assert self.custody.outcome is not None
-        report.outcome = self.custody.outcome
-        report.destination_state = self.custody.destination_state
-        report.destination_pid = self.custody.destination_pid
-        report.rollback = self.custody.rollback
-        report.source_pid = self.custody.source.pid
-        on_disk, in_memory = (dir_usage(self.scratch) + self.released).split()
-        logs = dir_usage(self.log_dir / "source") if self.log_dir else None
-        report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
-        report.memory["source"] = in_memory
-        if self.scratch is not None and self.custody.images_kept_for:
-            self.note(f"the source's images are kept in {self.images} ({self.custody.images_kept_for})")
-        elif self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-        if self.tls_dir is not None:
-            if self._authority is not None:
-                wait([self._authority])  # it may still be writing a key there
-            shutil.rmtree(self.tls_dir, ignore_errors=True)
-        if self.src_logs is not None:
-            for p in sorted(self.src_logs.glob("*.log")):
-                report.logs.setdefault(f"source {p.stem}", str(p))
-        agent_log = self.log_dir / "agent.log" if self.log_dir else None
-        if agent_log is not None and agent_log.exists() and agent_log.stat().st_size:
-            report.logs["agent stderr"] = str(agent_log)
-        self._drop_logs()
-        report.total_seconds = round(time.monotonic() - self.t0, 6)
 
-    def _drop_logs(self) -> None:
-        """Remove this run's log directory unless it is to be kept (:class:`Migration` ``keep_logs``)."""
-        keep = self.m.keep_logs
-        if keep is None:
-            keep = self.m.log_dir is not None or self.report.outcome not in (Outcome.MIGRATED, Outcome.CHECKED)
-        if keep or self.log_dir is None:
-            return
-        shutil.rmtree(self.log_dir, ignore_errors=True)
-        self.report.logs = {}
-        self.report.log_dir = None
-        self.note("the migration succeeded: its CRIU logs were removed (pass log_dir= or keep_logs=True, "
-                  "pycriu migrate --log-dir, to keep them)")
 
-    def _collect_remote(self, error: BaseException | None) -> None:
-        """Fetch the destination's logs and disk figures, say goodbye, close the connection."""
-        conn, client = self.conn, self.client
-        if conn is None:
-            return
-        dest_logs = self.log_dir / "destination" if self.log_dir else None
-        fetched = False
-        try:
-            if client is not None and not conn.channel.closed and client.info:
-                if dest_logs is not None:
-                    for p in client.fetch_logs(dest_logs):
-                        self.report.logs[f"destination {p.stem}"] = str(p)
-                    fetched = True
-                bye = client.bye()
-                stats = conn.channel.stats
-                self.report.bytes = {"control": stats.control, "images": stats.data_sent,
-                                     "page_server": self.page_bytes, "logs_fetched": stats.data_received}
-                for key, figures in (("disk", self.report.disk), ("memory", self.report.memory)):
-                    got = bye.get(key) or {}
-                    figures["destination"] = {k: int(got.get(k, 0)) for k in ("page_images", "other_images", "other")}
-        except (MigrationError, OSError) as exc:
-            self.note(f"could not collect the destination's logs and figures: {_describe(exc)}")
-            stats = conn.channel.stats
-            self.report.bytes = {"control": stats.control, "images": stats.data_sent, "page_server": self.page_bytes}
-        finally:
-            if not fetched and conn.root is not None and dest_logs is not None:
-                # local agent: its directory is ours to read
-                for p in conn.root.glob("*/work/*.log"):
-                    dest_logs.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(p, dest_logs / p.name)
-                    self.report.logs[f"destination {p.stem}"] = str(dest_logs / p.name)
-            try:
-                conn.close(timeout=max(30.0, self.m.lazy_timeout if self.report.mode in NEEDS_LAZY else 30.0))
-            except Exception:  # noqa: BLE001
-                pass
 
 
 class AgentCopy:
@@ -835,26 +603,3 @@ class AgentCopy:
         run.note(f"the agent could not be told to abort and pid {pid} no longer looks like the restored tree: "
                  "left alone")
         return "unknown (the agent was unreachable)"
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, CriuError):
-        text = exc.message
-        if exc.criu_message:
-            text += f" (criu: {exc.criu_message})"
-        return text
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted (KeyboardInterrupt)"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _is_local_address(address: str) -> bool:
-    import socket
-
-    try:
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((address, 0))
-        return True
-    except OSError:
-        return False

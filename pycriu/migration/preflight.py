@@ -14,7 +14,7 @@ resource it cannot provide:
   the path and binds it again: the other server would lose it).
 
 On one host the files are the source's own and the ports and paths are held by the source itself
-(:meth:`pycriu.migration.migration.MigrationRun._same_host_names` deals with those), so a local
+(:func:`pycriu.migration.handshake.checks_and_handshake` deals with those), so a local
 agent checks nothing. No CRIU tool does this.
 """
 

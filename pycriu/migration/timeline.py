@@ -6,13 +6,34 @@ so that one sees at a glance where the downtime goes. No dependency: plain SVG t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .report import MigrationReport
+__all__ = ["render_svg", "Timed"]
 
-__all__ = ["render_svg"]
+
+class _Phase(Protocol):
+    name: str
+    seconds: float
+    detail: str
+    start: float | None
+    host: str
+
+
+class Timed(Protocol):
+    """What a timeline is drawn from (a :class:`~pycriu.migration.report.MigrationReport`)."""
+
+    pid: int
+    mode: str
+    destination: str
+    outcome: str
+    downtime: float | None
+    total_seconds: float
+    marks: dict[str, float]
+
+    @property
+    def phases(self) -> Sequence[_Phase]: ...
 
 _WIDTH = 960
 _LEFT = 110  # room for the lane names
@@ -33,7 +54,7 @@ def _ticks(span: float) -> list[float]:
     return [i * step for i in range(int(span / step) + 1)]
 
 
-def render_svg(report: MigrationReport) -> str:
+def render_svg(report: Timed) -> str:
     """The timeline of ``report`` (phases without a start, from older reports, are left out)."""
     phases = [p for p in report.phases if p.start is not None]
     hosts = ["source", "destination"] + sorted({p.host for p in phases} - {"source", "destination"})
