@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         Migration,
         MigrationError,
         MigrationReport,
+        NoSpaceError,
         PreCopyPolicy,
         ProtocolError,
         TLSConfig,
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
 # The migration layer is imported on first use (see pycriu.migration): the destination agent
 # needs none of the source's side, and its start-up counts in every local migration's time.
 _MIGRATION = {"AgentError", "AuthenticationError", "Migration", "MigrationError", "MigrationReport",
-              "PreCopyPolicy", "ProtocolError", "TLSConfig", "TransportError"}
+              "NoSpaceError", "PreCopyPolicy", "ProtocolError", "TLSConfig", "TransportError"}
 
 __all__ = [
     "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",
@@ -88,7 +89,7 @@ __all__ = [
     "external_mount", "external_namespace", "external_veth",
     "DumpResult", "DumpStats", "Features", "RestoreResult", "RestoreStats",
     "Migration", "MigrationReport", "MigrationError", "AgentError", "AuthenticationError", "ProtocolError",
-    "TransportError", "PreCopyPolicy", "TLSConfig",
+    "TransportError", "NoSpaceError", "PreCopyPolicy", "TLSConfig",
 ]
 
 

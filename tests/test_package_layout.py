@@ -15,7 +15,7 @@ PACKAGE = Path(pycriu.__file__).parent
 MIGRATION_API = [
     "Migration", "MigrationReport", "Outcome", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
     "TLSConfig", "Destination", "MigrationError", "PreflightError", "AgentError", "AuthenticationError",
-    "ProtocolError",
+    "ProtocolError", "NoSpaceError",
     "TransportError", "AgentConfig", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
 ]
 

@@ -32,7 +32,15 @@ if TYPE_CHECKING:
     from .agent_config import AgentConfig
     from .agent_server import serve_stdio, serve_tcp
     from .custody import Outcome
-    from .errors import AgentError, AuthenticationError, MigrationError, PreflightError, ProtocolError, TransportError
+    from .errors import (
+        AgentError,
+        AuthenticationError,
+        MigrationError,
+        NoSpaceError,
+        PreflightError,
+        ProtocolError,
+        TransportError,
+    )
     from .migration import MODES, Migration, Progress
     from .policy import PreCopyDecision, PreCopyPolicy
     from .protocol import PROTOCOL_VERSION
@@ -45,6 +53,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AgentConfig": "agent_config", "serve_stdio": "agent_server", "serve_tcp": "agent_server", "Outcome": "custody",
     "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors", "PreflightError": "errors",
+    "NoSpaceError": "errors",
     "ProtocolError": "errors", "TransportError": "errors",
     "MODES": "migration", "Migration": "migration", "Progress": "migration",
     "PreCopyDecision": "policy", "PreCopyPolicy": "policy", "PROTOCOL_VERSION": "protocol",
@@ -54,7 +63,7 @@ _EXPORTS = {
 __all__ = [
     "Migration", "MigrationReport", "Outcome", "Phase", "Progress", "MODES", "PreCopyPolicy", "PreCopyDecision",
     "TLSConfig", "Destination", "MigrationError", "PreflightError", "AgentError", "AuthenticationError",
-    "ProtocolError",
+    "ProtocolError", "NoSpaceError",
     "TransportError", "AgentConfig", "serve_stdio", "serve_tcp", "PROTOCOL_VERSION",
 ]
 

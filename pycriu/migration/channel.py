@@ -136,9 +136,26 @@ class Channel:
                 for part in parts:
                     self.stream.write(part)
         except (OSError, ValueError) as exc:
+            said = self._why_peer_stopped()
             self.close()  # a partly sent frame: the stream is unusable
+            if said is not None:
+                raise said from exc
             raise TransportError(f"connection to the {self.peer} broke while sending: {exc}") from exc
         return sum(len(p) for p in parts)
+
+    def _why_peer_stopped(self) -> Exception | None:
+        """After a send failed: the agent's ``error`` frame, if it sent one before it hung up
+        (an agent refuses a file mid-stream, e.g. for want of space, and closes)."""
+        if self.peer != "agent" or self.closed:
+            return None
+        try:
+            kind, payload = self._recv_frame(1.0)
+            msg = decode(payload) if kind == KIND_CONTROL else None
+            if isinstance(msg, dict) and msg.get("type") == "error":
+                return agent_error(validate(msg, sender="agent"))
+        except Exception:  # noqa: BLE001 - nothing readable: the plain transport error stands
+            return None
+        return None
 
     def _read_header(self, timeout: float | None) -> tuple[bytes, int, int]:
         """The next frame's header, its kind and length, both checked (the one header reader)."""

@@ -66,5 +66,14 @@ class AgentError(MigrationError):
         self.code = code
 
 
-for _cls in (MigrationError, TransportError, ProtocolError, AuthenticationError, AgentError):
+class NoSpaceError(AgentError):
+    """A file did not fit where it was to be written (the destination's disk or memory
+    filesystem, or the source's when files come back); the message names the directory, the
+    bytes needed and the bytes free."""
+
+    def __init__(self, message: str, *, code: str = "no-space", **kwargs: Any) -> None:
+        super().__init__(message, code=code, **kwargs)
+
+
+for _cls in (MigrationError, TransportError, ProtocolError, AuthenticationError, AgentError, NoSpaceError):
     _cls.__module__ = "pycriu"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .channel import Channel
-from .errors import ProtocolError
+from .errors import NoSpaceError, ProtocolError
 from .messages import IMAGE_NAME, check_image_name
 
 # --- File streaming -----------------------------------------------------------------------------
@@ -117,8 +117,16 @@ def _check_room(name: str, size: int, payload: int, limits: Limits, dir_fd: int)
     if limits.received_bytes + payload > limits.max_total_bytes:
         raise ProtocolError(f"session exceeds its limit of {limits.max_total_bytes} bytes")
     vfs = os.statvfs(dir_fd)
-    if payload + limits.min_free_bytes > vfs.f_bavail * vfs.f_frsize:
-        raise ProtocolError(f"not enough free space for {name!r} ({payload} bytes)")
+    free = vfs.f_bavail * vfs.f_frsize
+    if payload + limits.min_free_bytes > free:
+        try:
+            where = os.readlink(f"/proc/self/fd/{dir_fd}")
+        except OSError:
+            where = "the receiving directory"
+        raise NoSpaceError(f"not enough free space for {name!r} in {where}: {payload} bytes needed (and "
+                           f"{limits.min_free_bytes} kept free), {free} free",
+                           hint="free space there, or give the agent a larger --root (the lazy flows' images go "
+                                "to /dev/shm unless --images-on-disk)")
 
 
 def _name_taken(name: str) -> ProtocolError:

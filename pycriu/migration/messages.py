@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import AgentError, ProtocolError
+from .errors import AgentError, NoSpaceError, ProtocolError
 
 PROTOCOL_VERSION = 1
 
@@ -30,6 +30,8 @@ _FLAG_NAME = re.compile(r"[a-z][a-z_]{0,31}")
 
 def agent_error(msg: Mapping[str, Any]) -> AgentError:
     """The agent's ``error`` message (validated) as the exception the source raises."""
+    if msg["code"] == "no-space":
+        return NoSpaceError(f"the agent reported: {msg['message']}")
     return AgentError(f"the agent reported: {msg['message']}", code=msg["code"])
 
 

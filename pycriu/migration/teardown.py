@@ -9,13 +9,14 @@ import time
 from concurrent.futures import wait
 from typing import TYPE_CHECKING
 
-from ..errors import CriuError
+from ..errors import CriuError, first_error_line
 from .custody import Outcome
-from .errors import MigrationError
+from .errors import MigrationError, NoSpaceError
 from .images import dir_usage
 from .modes import NEEDS_LAZY
 
 if TYPE_CHECKING:
+    from .report import MigrationReport
     from .runstate import RunState
 
 __all__ = ["finish", "final_error", "describe"]
@@ -36,9 +37,24 @@ def final_error(run: RunState, exc: BaseException) -> BaseException:
         "failed-after-resume": f"the destination had resumed; source is {report.source_state}, destination "
                                f"{report.destination_state}",
     }.get(report.outcome, f"source {report.source_state}, destination {report.destination_state}")
-    err = MigrationError(f"migration failed ({report.outcome}: {what}): {report.error}", report=report)
+    message = f"migration failed ({report.outcome}: {what}): {report.error}"
+    said = _destination_page_server_error(report)
+    if said is not None:  # the source's CRIU only saw its connection reset: this is why
+        message += f"; the destination's page server: {said}"
+    cls = NoSpaceError if said is not None and "No space left on device" in said else MigrationError
+    err = cls(message, report=report)
     err.__cause__ = exc
     return err
+
+
+def _destination_page_server_error(report: MigrationReport) -> str | None:
+    """CRIU's first error in the destination's page server logs (fetched back), if any."""
+    for label, path in report.logs.items():
+        if label.startswith("destination page-server"):
+            line = first_error_line(path)
+            if line is not None:
+                return line
+    return None
 
 
 def finish(run: RunState, error: BaseException | None) -> None:
