@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -98,6 +99,15 @@ def _print_result(kind: str, result: Any, as_json: bool) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.undo_kdat:
+        from . import kdat
+
+        if os.geteuid() != 0:
+            print("pycriu doctor: --undo-kdat needs root (it unmounts /run/criu.kdat)", file=sys.stderr)
+            return 2
+        done = kdat.remove()
+        print("\n".join(done) if done else "nothing of pycriu's kernel-probe cache was in place")
+        return 0
     return doctor.main(args.criu, as_json=args.json)
 
 
@@ -203,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_SubcommandParser)
 
     p = sub.add_parser("doctor", help="check that this machine can checkpoint/restore/migrate")
+    p.add_argument("--undo-kdat", action="store_true",
+                   help="remove pycriu's copy of CRIU's kernel-probe cache (the bind mount on /run/criu.kdat); "
+                        "PYCRIU_KDAT=off keeps migrations from setting it up again")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("dump", help="checkpoint a process tree (criu dump)")

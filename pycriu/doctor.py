@@ -169,7 +169,9 @@ def diagnose(binary: str | None = None) -> Diagnosis:
               {"native": "/run is a tmpfs: CRIU keeps its kernel-probe cache (/run/criu.kdat) itself",
                "warm": "pycriu keeps CRIU's kernel-probe cache warm (/run/criu.kdat, bind-mounted from /dev/shm)",
                "cold": "every CRIU process probes the kernel first (/run is not a tmpfs: CRIU keeps no cache)"}[cache],
-              "a migration's checks set it up (pycriu.kdat.ensure): 20-30 ms less in each restore")
+              "a migration's checks set it up (pycriu.kdat.ensure): 20-30 ms less in each restore"
+              + ("" if kdat.enabled() else "; turned off by PYCRIU_KDAT")
+              + (". PYCRIU_KDAT=off turns it off, `pycriu doctor --undo-kdat` removes it" if cache == "warm" else ""))
 
     pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
     pipe_ok = pipe_max >= PIPE_MAX_NEEDED

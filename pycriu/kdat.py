@@ -18,7 +18,10 @@ its own.
 
 The migration checks (:mod:`pycriu.migration.checks`) call :func:`ensure` on both hosts before
 anything is frozen; ``pycriu doctor`` reports :func:`status`. Failing to set it up is never an
-error: CRIU then probes as usual.
+error: CRIU then probes as usual. An operator turns it off with ``PYCRIU_KDAT=off`` in the
+environment of pycriu (the source's process and the agent): :func:`ensure` then does nothing; and
+removes it with ``pycriu doctor --undo-kdat`` (:func:`remove`): the bind mount, the empty mount
+point and the kept copy go, and CRIU probes as before pycriu came.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from ._fs import filesystem_of, mounts
 
-__all__ = ["CACHE", "ensure", "status", "boot_id"]
+__all__ = ["CACHE", "ensure", "status", "remove", "enabled", "boot_id"]
 
 #: Where CRIU looks for its cache (``KDAT_RUNDIR`` in CRIU's build).
 CACHE = Path("/run/criu.kdat")
@@ -121,10 +124,16 @@ def status(binary: str | None = None) -> str:
     return "warm"
 
 
+def enabled() -> bool:
+    """Whether :func:`ensure` may set the cache up (not with ``PYCRIU_KDAT=off``, ``0`` or ``no``)."""
+    return os.environ.get("PYCRIU_KDAT", "on").strip().lower() not in ("off", "0", "no", "false")
+
+
 def ensure(binary: str, timeout: float = 10.0) -> str:
     """Make ``/run/criu.kdat`` a valid cache for ``binary`` on this boot (see the module's text);
-    returns the resulting :func:`status`. Root only; never raises for a failed set-up."""
-    if os.geteuid() != 0:
+    returns the resulting :func:`status`. Root only, and not with ``PYCRIU_KDAT=off``; never
+    raises for a failed set-up."""
+    if os.geteuid() != 0 or not enabled():
         return status(binary)
     state = status(binary)
     if state != "cold":
@@ -145,6 +154,39 @@ def ensure(binary: str, timeout: float = 10.0) -> str:
     finally:
         os.close(keep)
     return status(binary)
+
+
+def remove(timeout: float = 10.0) -> list[str]:
+    """Undo :func:`ensure`: unmount pycriu's cache from ``/run/criu.kdat``, remove the empty
+    file left as its mount point and the copy in ``/dev/shm/pycriu``. Returns what was done
+    (empty: there was nothing of pycriu's). CRIU's own cache (``/run`` a tmpfs) is left alone."""
+    done: list[str] = []
+    while _mounted_on_cache():
+        subprocess.run(["umount", str(CACHE)], capture_output=True, timeout=timeout, check=True)
+        done.append(f"unmounted pycriu's cache from {CACHE}")
+    if done and filesystem_of(CACHE.parent) != "tmpfs":
+        try:
+            if CACHE.stat().st_size == 0:  # the mount point pycriu made; a real cache is CRIU's
+                CACHE.unlink()
+                done.append(f"removed the empty mount point {CACHE}")
+        except FileNotFoundError:
+            pass
+    keep = _keep_fd(create=False)
+    if keep is not None:
+        try:
+            for name in ("criu.kdat", "criu.kdat.json", "kdat.lock"):
+                try:
+                    os.unlink(name, dir_fd=keep)
+                    done.append(f"removed {_KEEP / name}")
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(keep)
+        try:
+            os.rmdir(_KEEP)
+        except OSError:
+            pass  # something else of pycriu's is kept there
+    return done
 
 
 def _make(binary: str, keep: int, timeout: float) -> None:

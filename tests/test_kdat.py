@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -109,3 +110,27 @@ def test_a_directory_planted_in_dev_shm_is_not_trusted(criu: pycriu.Criu, cold: 
             keep.unlink()
         else:
             shutil.rmtree(keep)
+
+
+def test_an_operator_sees_turns_off_and_removes_it(criu: pycriu.Criu, cold: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pycriu doctor`` says it is there and how to undo it; ``PYCRIU_KDAT=off`` keeps a
+    migration's checks from setting it up; ``pycriu doctor --undo-kdat`` removes it all."""
+    assert kdat.ensure(criu.binary) == "warm"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    shown = subprocess.run([sys.executable, "-m", "pycriu", "doctor", "--json"], capture_output=True, text=True,
+                           env=env, timeout=120).stdout
+    assert "--undo-kdat" in shown and "PYCRIU_KDAT=off" in shown
+    undo = subprocess.run([sys.executable, "-m", "pycriu", "doctor", "--undo-kdat"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert undo.returncode == 0 and f"unmounted pycriu's cache from {kdat.CACHE}" in undo.stdout, undo
+    assert kdat.status(criu.binary) == "cold"
+    assert not kdat.CACHE.exists() and not Path("/dev/shm/pycriu/criu.kdat").exists()
+    again = subprocess.run([sys.executable, "-m", "pycriu", "doctor", "--undo-kdat"], capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert "nothing of pycriu's" in again.stdout
+    monkeypatch.setenv("PYCRIU_KDAT", "off")
+    assert kdat.ensure(criu.binary) == "cold"
+    assert not kdat.CACHE.exists()
+    monkeypatch.delenv("PYCRIU_KDAT")
+    assert kdat.ensure(criu.binary) == "warm"  # and back, as the next migration would
