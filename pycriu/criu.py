@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING, NamedTuple
 from . import _config, _raw, _threads
 from ._process import stop_process
 from .errors import (
+    INSTALL_CRIU,
     CriuError,
     CriuNotFoundError,
     CriuPermissionError,
@@ -81,13 +82,13 @@ def find_criu(binary: str | os.PathLike[str] | None = None) -> str:
             return os.path.abspath(path)
         raise CriuNotFoundError(
             f"criu binary {path!r} does not exist or is not executable",
-            hint="pass the path of a CRIU >= 4.2 binary, or run scripts/provision.sh")
+            hint=f"pass the path of a CRIU >= 4.2 binary, or {INSTALL_CRIU}")
     search = os.pathsep.join([os.environ.get("PATH", ""), *_install_sbin_dirs(), *_SEARCH_PATH])
     found = shutil.which("criu", path=search)
     if found is None:
         raise CriuNotFoundError(
             "criu binary not found in PATH or the sbin directories",
-            hint="install CRIU >= 4.2 with scripts/provision.sh (make setup)")
+            hint=INSTALL_CRIU)
     return found
 
 
@@ -276,7 +277,7 @@ class Criu:
         if version < minimum:
             raise CriuVersionError(
                 f"CRIU {version} at {self.binary} is older than {'.'.join(map(str, minimum))}",
-                hint="run scripts/provision.sh to build and install a newer CRIU")
+                hint=INSTALL_CRIU)
         return version
 
     def check(self) -> bool:
@@ -368,10 +369,10 @@ class Criu:
         if not isinstance(opts, RestoreOptions):
             raise InvalidOptionError("restore() takes RestoreOptions")
         images = Path(opts.images_dir)
-        if images.is_dir() and not (images / "inventory.img").exists():
-            raise InvalidOptionError(
-                f"images_dir {images} holds no CRIU dump (no inventory.img)",
-                hint="pass the directory a dump wrote its images to")
+        if not (images / "inventory.img").exists():  # a new directory would only lead to this
+            what = "holds no CRIU dump (no inventory.img)" if images.is_dir() else "does not exist"
+            raise InvalidOptionError(f"images_dir {images} {what}",
+                                     hint="pass the directory a dump wrote its images to (it holds inventory.img)")
         if opts.restore_sibling:
             on_path = shutil.which("criu")
             if on_path is None or os.path.realpath(on_path) != os.path.realpath(self.binary):

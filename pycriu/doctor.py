@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import _raw, kdat
 from .criu import MIN_CRIU_VERSION, Criu
-from .errors import CriuError
+from .errors import INSTALL_CRIU, CriuError
 
 __all__ = ["Check", "Diagnosis", "diagnose", "main"]
 
@@ -119,7 +119,8 @@ def diagnose(binary: str | None = None) -> Diagnosis:
     compiled = ".".join(map(str, _raw.COMPILED_VERSION))
     d.add("libcriu (built)", "ok" if _raw.COMPILED_VERSION >= MIN_CRIU_VERSION else "fail",
           f"extension compiled against libcriu {compiled}, loaded from {_loaded_libcriu() or '?'}",
-          "rebuild: scripts/provision.sh")
+          "reinstall pycriu against libcriu >= 4.2 (pip install --force-reinstall --no-binary pycriu pycriu; "
+          "in a checkout: scripts/provision.sh)")
 
     others = _shadowing_modules()
     if others:
@@ -140,7 +141,7 @@ def diagnose(binary: str | None = None) -> Diagnosis:
             version = criu.version()
             ok = version >= MIN_CRIU_VERSION
             d.add("criu binary", "ok" if ok else "fail", f"{criu.binary} (CRIU {version})",
-                  None if ok else "install CRIU >= 4.2: scripts/provision.sh")
+                  None if ok else INSTALL_CRIU)
         except CriuError as exc:
             d.add("criu binary", "fail", f"{criu.binary}: {exc.message}", exc.hint)
         if is_root:

@@ -197,13 +197,18 @@ def stderr_message(stderr: IO[bytes]) -> str | None:
 
 
 # (pattern in CRIU's message, hint) for the common causes, first match wins.
+#: How to get a CRIU that works, for a user who installed pycriu with pip as much as from a checkout.
+INSTALL_CRIU = ("install CRIU >= 4.2 (your distribution's criu package where it is that new, or a release built "
+                "from criu.org; in a pycriu checkout, scripts/provision.sh builds one) and put it on PATH or in "
+                "$PYCRIU_CRIU")
+
 _HINTS: list[tuple[str, str]] = [
     ("Can't fork for", "a restored pid is in use: restore into a fresh PID namespace "
      "(run the workload under `unshare --pid --fork`), or wait until the dumped tree is reaped"),
     ("Tracking memory is not available", "the kernel has no soft-dirty tracking "
      "(CONFIG_MEM_SOFT_DIRTY); use a flow without pre-dump"),
     ("Dirty tracking is OFF", "the kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY)"),
-    ("vDSO", "this CRIU is too old for the kernel: run scripts/provision.sh to install CRIU >= 4.2"),
+    ("vDSO", f"this CRIU is too old for the kernel: {INSTALL_CRIU}"),
     ("Connected TCP socket", "the tree has established TCP connections: set tcp_established=True "
      "(and keep the network locked), or tcp_close=True"),
     ("has bad size", "a file the tree holds open changed size after the dump: keep it unchanged "

@@ -77,8 +77,25 @@ def test_images_dir_that_does_not_exist(criu: pycriu.Criu, tmp_path: Path) -> No
         criu.dump(pycriu.DumpOptions(pid=1, images_dir=missing))
     assert isinstance(info.value, ValueError)
     assert info.value.hint is not None and f"mkdir -p {missing}" in info.value.hint
-    with pytest.raises(pycriu.InvalidOptionError, match="does not exist"):
+    # a restore needs a checkpoint, not a new directory: the hint says so (mkdir would only lead
+    # to CRIU's "no inventory.img")
+    with pytest.raises(pycriu.InvalidOptionError, match="does not exist") as info:
         criu.restore(pycriu.RestoreOptions(images_dir=missing))
+    assert info.value.hint is not None and "mkdir" not in info.value.hint and "inventory.img" in info.value.hint
+    missing.mkdir()
+    with pytest.raises(pycriu.InvalidOptionError, match="holds no CRIU dump"):
+        criu.restore(pycriu.RestoreOptions(images_dir=missing))
+
+
+def test_hints_on_installing_criu_do_not_assume_a_checkout() -> None:
+    """A user who installed pycriu with pip has no scripts/provision.sh: the hint says what to
+    install and only mentions provisioning for a checkout."""
+    from pycriu.errors import INSTALL_CRIU
+
+    with pytest.raises(pycriu.CriuNotFoundError) as info:
+        pycriu.Criu("/nonexistent/criu")
+    assert info.value.hint is not None and INSTALL_CRIU in info.value.hint
+    assert "distribution's criu package" in INSTALL_CRIU and "in a pycriu checkout" in INSTALL_CRIU
 
 
 @needs_root
