@@ -209,11 +209,18 @@ def test_hello_comes_first(private_tmp: Path) -> None:
         conn.close(timeout=10)
 
 
-def test_an_incompatible_source_is_refused_at_hello(private_tmp: Path) -> None:
+@pytest.mark.parametrize(("change", "says"), [
+    ({"criu": "99.0.0"}, r"older than the source.*99\.0\.0|99\.0\.0.*older than the source"),
+    ({"arch": "aarch64"}, f"architecture differs: source aarch64, destination {platform.machine()}"),
+    ({"protocol": 2}, r"protocol 2 is not supported \(this agent speaks 1\)"),
+], ids=["newer CRIU on the source", "another architecture", "another protocol"])
+def test_an_incompatible_source_is_refused_at_hello_naming_both_sides(
+        private_tmp: Path, change: dict[str, object], says: str) -> None:
     conn = connect(Destination("local"), timeout=30)
     try:
-        conn.channel.send({**_hello(), "criu": "99.0.0"})
-        _refused(conn, "older than the source")
+        conn.channel.send({**_hello(), **change})
+        _refused(conn, says)
+        assert conn.root is not None and not list(conn.root.glob("s-*"))
     finally:
         conn.close(timeout=10)
 
