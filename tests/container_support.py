@@ -29,10 +29,13 @@ BUSYBOX = shutil.which("busybox", path="/bin:/usr/bin:/usr/local/bin")
 RUNC = shutil.which("runc")
 _APPLETS = ("sh", "sleep", "head", "base64", "md5sum", "cat", "echo", "mv")
 
-# each file is replaced whole (mv), so that a reader never sees one half written
-WORKLOAD = ('D=$(head -c 196608 /dev/urandom | base64); printf %s "$D" | md5sum > /sum0.new; mv /sum0.new /sum0; '
-            'i=0; while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; '
-            'printf %s "$D" | md5sum > /sum.new; mv /sum.new /sum; sleep 0.05; done')
+# Each file is replaced whole (mv), so that a reader never sees one half written. A file the
+# tree holds open at the freeze must exist in the destination's rootfs, a copy made before the
+# freeze ("Can't open file sum.new on restore"): the rootfs files are opened only by the shell's
+# own echo (microseconds), never while md5sum runs (milliseconds), whose output goes to a pipe.
+WORKLOAD = ('D=$(head -c 196608 /dev/urandom | base64); S=$(printf %s "$D" | md5sum); echo "$S" > /sum0.new; '
+            'mv /sum0.new /sum0; i=0; while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; '
+            'S=$(printf %s "$D" | md5sum); echo "$S" > /sum.new; mv /sum.new /sum; sleep 0.05; done')
 
 
 def _why_not() -> str | None:
