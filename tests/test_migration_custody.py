@@ -321,6 +321,26 @@ def test_an_unreachable_agent_leaves_its_copy_stopped_and_the_source_runs(at: st
     assert w.custody.destination_state.startswith("unknown")
 
 
+def test_a_source_ended_by_its_dump_is_not_killed_again_when_its_pids_run_the_destination() -> None:
+    """One host, a tree in the host's PID namespace: CRIU restores the destination's copy with
+    the source's own pids. The hand-over must not SIGKILL "the source" (it would kill the
+    destination) and the source reads as gone though its pid runs again."""
+    w = World()
+
+    def flow(w: World) -> None:
+        w.criu.dump(w.custody.criu_notify(None, on_freeze=lambda: None, on_dumped=lambda: None))
+        w.tree.now = "gone"  # CRIU ended it
+        w.custody.checkpointed()
+        w.custody.restored(w.agent.restore())
+        w.tree.now = "running"  # its pid now belongs to the destination's copy
+        w.commit(lazy=False)
+        w.custody.hand_over()
+
+    assert w.run(flow) is Outcome.MIGRATED
+    assert "kill" not in w.tree.actions and w.tree.now == "running"
+    assert w.custody.settle() == "gone"
+
+
 def test_once_the_commit_may_have_arrived_post_dump_answers_success() -> None:
     """A failure inside post-dump after the commit was sent must not make CRIU resume the
     source: post-dump answers success, and the failure is raised once the dump returned."""

@@ -401,7 +401,9 @@ class Custody:
         decide an outcome not decided yet from what is measured. Returns the source's state."""
         if self._killed and not self.source.wait_gone():
             self.note(f"the source tree (pid {self.source.pid}) was sent SIGKILL but had not exited after 5 s")
-        state = self.source.state()
+        # A source ended by its dump and handed over is gone, whatever runs under its pid now (on
+        # one host a tree in the host's PID namespace is restored with its own pids)
+        state = "gone" if self.ended_by_dump and self.stage is Stage.HANDED_OVER else self.source.state()
         if self.outcome is None or self.outcome is Outcome.UNKNOWN:
             uncommitted = self.destination_state in UNCOMMITTED or self.destination_state.startswith("unknown")
             if state == "running" and uncommitted and self.stage is not Stage.LEFT_STOPPED:
