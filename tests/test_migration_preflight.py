@@ -9,6 +9,7 @@ The destination here is an agent on this host reached over ``tcp://`` (so it che
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -20,7 +21,8 @@ import pytest
 from conftest import IS_ROOT, needs_root
 from migration_support import TcpAgent
 
-from pycriu.migration import Migration, PreflightError, ProtocolError
+import pycriu
+from pycriu.migration import Migration, PreflightError, ProtocolError, preflight
 from pycriu.migration.preflight import problems, request
 from pycriu.migration.procs import TreeResources
 from pycriu.workload import Workload
@@ -178,7 +180,8 @@ def test_a_dry_run_says_what_would_run_and_freezes_nothing(
         report = Migration(w.pid, to=agent.url, mode="auto", secret=SECRET, log_dir=logs).dry_run()
         assert (report.outcome, report.source_state) == ("checked", "running (never frozen)")
         assert report.mode in ("lazy", "page-server") and report.mode_reason.startswith("auto")
-        assert any(n.startswith("pre-flight: the destination has the") for n in report.notes)
+        assert any(n.startswith("pre-flight: the destination has the") and "criu cpuinfo check" in n
+                   for n in report.notes), report.notes
         assert not list(logs.rglob("dump.log"))
         assert w.wait_beats(3)["beat"] > before
         secret = tmp_path / "secret"
@@ -191,3 +194,19 @@ def test_a_dry_run_says_what_would_run_and_freezes_nothing(
         assert w.alive(w.pid)
     finally:
         agent.close()
+
+
+@needs_root
+def test_the_destination_checks_the_source_s_cpu_with_criu(tmp_path: Path) -> None:
+    """This CPU's ``criu cpuinfo dump`` image passes ``criu cpuinfo check`` here; an image CRIU
+    cannot match is a problem that quotes CRIU."""
+    criu = pycriu.Criu().binary
+    image = preflight.cpuinfo_image(criu)
+    assert image is not None and image[:4] != b"\0\0\0\0"
+    assert preflight.cpu_problem(criu, base64.b64encode(image).decode(), tmp_path) is None
+    other = image[:8] + bytes(b ^ 0xFF for b in image[8:])  # CRIU's magic kept, the entry another CPU's
+    said = preflight.cpu_problem(criu, base64.b64encode(other).decode(), tmp_path)
+    assert said is not None and said.startswith("the destination's CPU does not offer") and "criu cpuinfo check" in said
+    assert not list(tmp_path.iterdir())  # its scratch directory is gone
+    with pytest.raises(ProtocolError, match="not base64"):
+        preflight.cpu_problem(criu, "@@@", tmp_path)

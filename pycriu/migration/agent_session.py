@@ -269,6 +269,10 @@ class AgentSession:
         """What the source's live tree needs from this host, checked before it freezes
         (:mod:`.preflight`)."""
         found = preflight.problems(msg, same_host=self.config.same_host)
+        if msg.get("cpuinfo") is not None and not self.config.same_host:
+            cpu = preflight.cpu_problem(self.config.criu().binary, msg["cpuinfo"], self._path_work())
+            if cpu is not None:
+                found.append(cpu)
         self.channel.send({"type": "preflight-ok", "problems": found})
 
     def _subdir(self, name: str) -> int:

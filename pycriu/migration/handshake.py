@@ -41,6 +41,9 @@ def checks_and_handshake(run: RunState) -> str:
     # A mode that needs a feature waits for this host's answer first (from the cache, a few
     # ms), so that a source lacking it is refused before any agent is started.
     probe = spawn(checks.probe, run.criu, name="pycriu-source-checks")
+    # this CPU for the agent's ``criu cpuinfo check`` (one host: the same CPU, nothing to check)
+    cpu = None if m.destination.same_host else spawn(preflight.cpuinfo_image, run.criu.binary,
+                                                      name="pycriu-cpuinfo")
     own_tls = m.criu_tls and m.tls is None  # this migration's own certificates for CRIU's pages
     authority = None
     if own_tls:  # the directory is made here, so that the end of the run removes it on every path
@@ -91,15 +94,16 @@ def checks_and_handshake(run: RunState) -> str:
         resources = containers.preflight_resources(resources)
     if m.destination.same_host:
         mode, reason = _same_host_names(run, requested, mode, reason, resources.host_names())
-    problems = run.client.preflight(preflight.request(resources))
+    problems = run.client.preflight(preflight.request(resources, cpu.result() if cpu is not None else None))
     if problems:
         raise PreflightError(f"the destination cannot restore this tree: {'; '.join(problems)}",
                              resources=tuple(problems),
                              hint="make the destination provide these (the same files, free ports), or choose "
                                   "another destination; nothing was frozen")
     run.note(f"pre-flight: the destination has the {len(resources.files)} files, "
-              f"{len(resources.tcp_ports)} listening ports and {len(resources.unix_paths)} socket paths "
-              "the tree needs")
+             f"{len(resources.tcp_ports)} listening ports and {len(resources.unix_paths)} socket paths "
+             "the tree needs" + (" and a CPU that offers what this one gives it (criu cpuinfo check)"
+                                 if cpu is not None and cpu.result() is not None else ""))
     run.report.mode_reason = reason
     return mode
 

@@ -99,7 +99,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
                  "lazy_daemon_seconds": ((int, float, _Opt), True), "stats": ((dict, _Opt), True),
                  "page_server_wait": (_NUM, True)},
     # before the freeze: what the live tree needs from the destination, checked there
-    "preflight": {"files": (list, True), "tcp_ports": (list, True), "unix_paths": (list, True)},
+    "preflight": {"files": (list, True), "tcp_ports": (list, True), "unix_paths": (list, True),
+                  # the source's ``criu cpuinfo dump`` image, base64 (absent on one host)
+                  "cpuinfo": (_STR, False)},
     "preflight-ok": {"problems": (list, True)},
     "commit": {},
     "committed": {"pid": (_INT, True), "resumed_ago": (_NUM, False)},

@@ -11,7 +11,10 @@ resource it cannot provide:
   is the same file: "File ... has bad size");
 * a TCP port something already listens on ("Can't bind inet socket: Address already in use");
 * a Unix socket path whose directory is missing, or that another process serves (CRIU unlinks
-  the path and binds it again: the other server would lose it).
+  the path and binds it again: the other server would lose it);
+* a CPU that lacks what the source's CPU offers the tree: the source sends the image of ``criu
+  cpuinfo dump`` and the agent runs ``criu cpuinfo check`` on it, as CRIU's restore would
+  (``--cpu-cap``, FPU features by default), but before the freeze.
 
 On one host the files are the source's own and the ports and paths are held by the source itself
 (:func:`pycriu.migration.handshake.checks_and_handshake` deals with those), so a local
@@ -20,25 +23,68 @@ agent checks nothing. No CRIU tool does this.
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import socket
 import stat
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
+from ..errors import first_error_line
 from .errors import ProtocolError
 from .procs import TreeResources
 
-__all__ = ["request", "problems", "MAX_ENTRIES"]
+__all__ = ["request", "problems", "cpuinfo_image", "cpu_problem", "MAX_ENTRIES", "MAX_CPUINFO"]
 
 #: At most this many resources of each kind in one request (a tree with more is refused).
 MAX_ENTRIES = 100_000
+#: Largest ``cpuinfo.img`` accepted (one entry per CPU model: about 100 bytes here).
+MAX_CPUINFO = 64 << 10
 
 
-def request(resources: TreeResources) -> dict[str, Any]:
-    """The ``preflight`` message for ``resources``."""
-    return {"type": "preflight", "files": [{"path": p, "size": n} for p, n in sorted(resources.files.items())],
-            "tcp_ports": sorted(resources.tcp_ports), "unix_paths": sorted(resources.unix_paths)}
+def request(resources: TreeResources, cpuinfo: bytes | None = None) -> dict[str, Any]:
+    """The ``preflight`` message for ``resources`` (and this host's ``cpuinfo.img``)."""
+    msg: dict[str, Any] = {"type": "preflight",
+                           "files": [{"path": p, "size": n} for p, n in sorted(resources.files.items())],
+                           "tcp_ports": sorted(resources.tcp_ports), "unix_paths": sorted(resources.unix_paths)}
+    if cpuinfo is not None:
+        msg["cpuinfo"] = base64.b64encode(cpuinfo).decode()
+    return msg
+
+
+def cpuinfo_image(criu_binary: str, timeout: float = 30.0) -> bytes | None:
+    """This host's CPU as CRIU describes it (``criu cpuinfo dump``), None if CRIU cannot say."""
+    with tempfile.TemporaryDirectory(prefix="pycriu-cpuinfo-") as d:
+        try:
+            proc = subprocess.run([criu_binary, "cpuinfo", "dump", "-D", d, "-W", d, "-o", "cpuinfo.log"],
+                                  capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None  # the agent then checks no CPU; CRIU's restore still does
+        image = Path(d) / "cpuinfo.img"
+        return image.read_bytes() if proc.returncode == 0 and image.is_file() else None
+
+
+def cpu_problem(criu_binary: str, encoded: str, work: Path, timeout: float = 30.0) -> str | None:
+    """Whether the source's CPU (its ``cpuinfo.img``, base64) can be matched here: ``criu cpuinfo
+    check`` in a directory of ``work``; the problem, or None."""
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ProtocolError("preflight.cpuinfo: not base64") from None
+    if len(data) > MAX_CPUINFO:
+        raise ProtocolError(f"preflight.cpuinfo: larger than {MAX_CPUINFO} bytes")
+    with tempfile.TemporaryDirectory(prefix="cpuinfo-", dir=work) as d:
+        (Path(d) / "cpuinfo.img").write_bytes(data)
+        proc = subprocess.run([criu_binary, "cpuinfo", "check", "-D", d, "-W", d, "-o", "cpuinfo-check.log"],
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        if proc.returncode == 0:
+            return None
+        said = first_error_line(Path(d) / "cpuinfo-check.log") or f"exit status {proc.returncode}"
+    return (f"the destination's CPU does not offer what the source's CPU gives the tree (criu cpuinfo check: "
+            f"{said})")
 
 
 def problems(msg: dict[str, Any], *, same_host: bool) -> list[str]:
