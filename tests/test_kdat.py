@@ -124,11 +124,13 @@ def test_an_operator_sees_turns_off_and_removes_it(criu: pycriu.Criu, cold: None
     undo = subprocess.run([sys.executable, "-m", "pycriu", "doctor", "--undo-kdat"], capture_output=True, text=True,
                           env=env, timeout=60)
     assert undo.returncode == 0 and f"unmounted pycriu's cache from {kdat.CACHE}" in undo.stdout, undo
-    assert kdat.status(criu.binary) == "cold"
-    assert not kdat.CACHE.exists() and not Path("/dev/shm/pycriu/criu.kdat").exists()
+    assert "removed /dev/shm/pycriu/criu.kdat\n" in undo.stdout
+    assert kdat.status(criu.binary) == "cold" and not kdat.CACHE.exists()
+    # (/dev/shm is the machine's: another pycriu run may keep a copy there again at any time;
+    # the mount is this mount namespace's)
     again = subprocess.run([sys.executable, "-m", "pycriu", "doctor", "--undo-kdat"], capture_output=True,
                            text=True, env=env, timeout=60)
-    assert "nothing of pycriu's" in again.stdout
+    assert again.returncode == 0 and "unmounted" not in again.stdout
     monkeypatch.setenv("PYCRIU_KDAT", "off")
     assert kdat.ensure(criu.binary) == "cold"
     assert not kdat.CACHE.exists()
