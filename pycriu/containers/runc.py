@@ -82,7 +82,8 @@ class Runc:
         path = shutil.which(self.binary)
         if path is None:
             raise ContainerRuntimeError(f"runc binary {self.binary!r} not found",
-                                        hint="install runc (Debian and Ubuntu: apt-get install runc; in a pycriu checkout, scripts/provision.sh does it)")
+                                        hint="install runc (Debian and Ubuntu: apt-get install runc; in a pycriu "
+                                             "checkout, scripts/provision.sh does it)")
         out = [path]
         if self.root is not None:
             out += ["--root", self.root]
