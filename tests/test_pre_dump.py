@@ -99,3 +99,49 @@ def test_pre_dump_failure_is_a_pre_dump_error(
     assert "Invalid parent image directory provided" in info.value.criu_message
     assert w.alive()
     w.wait_beats(3)
+
+
+def test_dump_iterations_pre_dumps_each_round_into_its_own_directory(
+        criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path) -> None:
+    w = workload(mib=MIB, touch=0.2)
+    rounds: list[int] = []
+
+    def more() -> bool:
+        rounds.append(w.wait_beats(5)["beat"])  # the tree runs between the rounds
+        return len(rounds) < 2
+
+    result = criu.dump_iterations(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir), more)
+    assert len(rounds) == 2
+    assert sorted(p.name for p in images_dir.glob("pre-*")) == ["pre-1", "pre-2"]
+    assert list((images_dir / "pre-1").glob("pages-*.img"))
+    assert (images_dir / "pre-2" / "parent").readlink() == Path("../pre-1")
+    assert (images_dir / "parent").readlink() == Path("pre-2")
+    # the final dump wrote what changed since the second round, not the whole memory again
+    assert result.stats is not None and result.stats.pages_skipped_parent >= PAGES // 2, result.stats
+    restore_and_check(criu, w, images_dir)
+
+
+def test_an_exception_in_more_stops_before_the_dump_and_the_tree_runs_on(
+        criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path) -> None:
+    w = workload(mib=1)
+
+    def more() -> bool:
+        raise RuntimeError("the caller gave up")
+
+    with pytest.raises(RuntimeError, match="the caller gave up"):
+        criu.dump_iterations(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir), more)
+    assert w.alive()
+    w.wait_beats(3)
+    assert (images_dir / "pre-1" / "pstree.img").exists()  # the pre-dump ran
+    assert not (images_dir / "pstree.img").exists()  # the dump did not
+
+
+@pytest.mark.parametrize(("option", "message"), [({"track_mem": False}, "track_mem"),
+                                                 ({"parent_images": "../x"}, "parent_images")])
+def test_dump_iterations_refuses_options_that_contradict_it(
+        criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path, option: dict[str, object],
+        message: str) -> None:
+    w = workload(mib=1)
+    with pytest.raises(pycriu.InvalidOptionError, match=message):
+        criu.dump_iterations(pycriu.DumpOptions(pid=w.pid, images_dir=images_dir, **option), lambda: False)
+    assert w.alive()
