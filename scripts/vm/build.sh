@@ -42,7 +42,7 @@ resolve_kernel() {
 pkg=${PYCRIU_VM_KERNEL:-}
 if [ -z "$pkg" ]; then
 	pkg=$(find "$cache/kernel" -mindepth 2 -maxdepth 2 -name .unpacked -printf '%h\n' 2>/dev/null |
-		xargs -r -n1 basename | sort -V | tail -n1)
+		xargs -r -n1 basename | sort -V | tail -n1 || true)
 fi
 if [ -z "$pkg" ]; then
 	pkg=$(resolve_kernel)
