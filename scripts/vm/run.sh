@@ -14,7 +14,7 @@
 # until the guest runs the command, 180), PYCRIU_VM_MEM (MiB, 2048), PYCRIU_VM_CPUS (2),
 # PYCRIU_VM_ACCEL (tcg; kvm only where it is known to work), PYCRIU_VM_RESULTS (build/vm in the
 # checkout), PYCRIU_VM_QUIET (1: no live console, only the command's output
-# at the end; the console is printed on failure), and build.sh's.
+# at the end); the console's end is printed on failure, and build.sh's.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -57,7 +57,7 @@ start=$(date +%s)
 qemu-system-x86_64 "${accel_opts[@]}" -smp "$cpus" -m "$mem" -nodefaults -no-user-config -no-reboot \
 	-display none -monitor none -serial "file:$console" -nic none \
 	-kernel "$VMLINUZ" -initrd "$INITRD" \
-	-append "console=ttyS0 quiet loglevel=4 panic=-1 pycriu.guest=$here/guest.sh" \
+	-append "console=ttyS0 loglevel=6 panic=-1 pycriu.guest=$here/guest.sh" \
 	-fsdev "local,id=hostroot,path=/,security_model=passthrough,readonly=on,multidevs=remap" \
 	-device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
 	-fsdev "local,id=results,path=$results,security_model=passthrough" \
@@ -65,7 +65,8 @@ qemu-system-x86_64 "${accel_opts[@]}" -smp "$cpus" -m "$mem" -nodefaults -no-use
 qemu=$!
 tailer=
 if [ -z "$quiet" ]; then
-	tail -n +1 -F --pid=$qemu "$console" 2>/dev/null &
+	# The kernel's own lines ("[    1.234] ...") stay in the file; the guest script's and the job's show.
+	tail -n +1 -F --pid=$qemu "$console" 2>/dev/null | grep --line-buffered -v '^\[ *[0-9]*\.[0-9]*\]' &
 	tailer=$!
 fi
 stop_qemu() { kill "$qemu" 2>/dev/null || true; wait "$qemu" 2>/dev/null || true; }
@@ -74,11 +75,9 @@ trap 'stop_qemu; [ -n "$tailer" ] && kill "$tailer" 2>/dev/null; exit 130' INT T
 fail() {
 	stop_qemu
 	[ -n "$tailer" ] && { sleep 0.5; kill "$tailer" 2>/dev/null || true; }
-	if [ -n "$quiet" ]; then
-		echo "----- guest console ($console) -----" >&2
-		cat "$console" >&2
-		echo "----- end of guest console -----" >&2
-	fi
+	echo "----- guest console ($console, last 150 lines) -----" >&2
+	tail -n 150 "$console" >&2
+	echo "----- end of guest console -----" >&2
 	die "$* (guest console: $console)"
 }
 
