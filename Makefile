@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-stress fuzz soak docs lint bench clean
+.PHONY: setup demo test test-stress test-vm test-vm-full fuzz soak docs lint bench clean
 
 setup:
 	bash scripts/provision.sh
@@ -16,6 +16,16 @@ test: setup
 # The suite again and again from a fresh clone: idle, CPUs busy, heavy I/O (scripts/stress.sh).
 test-stress: setup
 	bash scripts/stress.sh
+
+# The tests that need soft-dirty memory tracking (pre-dump, pre-copy, hybrid), run in a QEMU guest
+# on Debian 12's own kernel (scripts/vm/, docs/testvm.rst). VM_TESTS picks others.
+VM_TESTS ?= tests/test_pre_dump.py tests/test_migration_precopy.py tests/test_workload.py
+test-vm: setup
+	bash scripts/vm/run.sh $(PY) -m pytest $(VM_TESTS) $(PYTEST_ARGS)
+
+# The whole suite in that guest (slow under emulation: not part of CI).
+test-vm-full: setup
+	PYCRIU_VM_TIMEOUT=$${PYCRIU_VM_TIMEOUT:-7200} bash scripts/vm/run.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 # The agent's fuzzing at a larger budget; the counts per message type go to fuzz-counts.json.
 fuzz: setup

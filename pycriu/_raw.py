@@ -151,14 +151,17 @@ def _pycriu_notify_cb(action: Any, na: Any) -> int:
 
 @ffi.def_extern(onerror=_store_exc)
 def _pycriu_more_cb(pi: Any) -> int:
+    # 1: another pre-dump; 0: the final dump; < 0: stop with neither (libcriu's dump_iters then
+    # returns that value, and the tree, only pre-dumped, runs on). A handler that raised must stop:
+    # answering 0 would make CRIU dump the tree, and kill it, before the exception is re-raised.
     state = _current()
     if state is None or state.more is None or state.exc is not None:
-        return 0
+        return -1
     try:
         return 1 if state.more() else 0
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - re-raised by RawOpts.run
         state.exc = exc
-        return 0
+        return -1
 
 
 def orphan_pts_master_fd() -> int:

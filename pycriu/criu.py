@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
@@ -45,6 +45,51 @@ __all__ = ["Criu", "CriuVersion", "find_criu", "MIN_CRIU_VERSION"]
 
 MIN_CRIU_VERSION = (4, 2)
 _SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+class _PreDumpChain:
+    """The directories of :meth:`Criu.dump_iterations`. libcriu sends the same options for every
+    round, so the images directory and the parent are switched on them between the rounds, from
+    the ``more`` callback (it runs in the calling thread, between two requests): pre-dump N into
+    ``pre-N`` (parent ``../pre-(N-1)``), the dump into the images directory (parent ``pre-N``)."""
+
+    def __init__(self, images_dir: Path, more: Callable[[], bool]) -> None:
+        self.images_dir = images_dir
+        self.more = more
+        self.rounds = 0
+        self._fds: list[int] = []
+
+    def start(self, raw: _raw.RawOpts) -> Callable[[], bool]:
+        """Point ``raw`` at the first pre-dump; return the callback libcriu asks between rounds."""
+        self._next_pre_dump(raw)
+
+        def between_rounds() -> bool:
+            again = self.more()
+            if again:
+                self._next_pre_dump(raw)
+            else:
+                self._point(raw, self.images_dir, f"pre-{self.rounds}")
+            return again
+
+        return between_rounds
+
+    def _next_pre_dump(self, raw: _raw.RawOpts) -> None:
+        self.rounds += 1
+        d = self.images_dir / f"pre-{self.rounds}"
+        d.mkdir()
+        self._point(raw, d, f"../pre-{self.rounds - 1}" if self.rounds > 1 else None)
+
+    def _point(self, raw: _raw.RawOpts, images: Path, parent: str | None) -> None:
+        fd = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
+        self._fds.append(fd)  # open until the run ends: CRIU opens it through /proc/<us>/fd
+        raw.apply("set_images_dir_fd", fd)
+        if parent is not None:
+            raw.apply("set_parent_images", parent)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
 
 class CriuVersion(NamedTuple):
@@ -218,7 +263,7 @@ class Criu:
             yield raw
 
     def _run(self, operation: str, opts: _CriuOptions, raw_operation: str,
-             more: Callable[[], bool] | None = None) -> int:
+             iterations: _PreDumpChain | None = None) -> int:
         _require_root(operation)
         self._require_supported()
         images_dir = _existing_dir(opts.images_dir, "images_dir")
@@ -242,6 +287,10 @@ class Criu:
                 raw.apply(setter, *args)
             if cfg is not None:
                 raw.apply("set_config_file", cfg)
+            more = None
+            if iterations is not None:
+                stack.callback(iterations.close)
+                more = iterations.start(raw)
             if raw_operation == "restore-child":
                 # libcriu's restore_child always spawns its own worker, `criu` from PATH, so that
                 # the restored tree becomes its caller's child: it cannot use ours. That worker
@@ -356,12 +405,31 @@ class Criu:
         return self._dump_result(opts)
 
     def dump_iterations(self, opts: DumpOptions, more: Callable[[], bool]) -> DumpResult:
-        """libcriu's ``dump_iters``: pre-dump while ``more()`` is true, then dump. Needs memory
-        tracking."""
+        """libcriu's ``dump_iters``: pre-dump, and again while ``more()`` answers true (the tree
+        runs meanwhile), then dump. Needs memory tracking.
+
+        Pre-dump N goes into ``images_dir/pre-N`` with ``pre-(N-1)`` as its parent, and the final
+        dump into ``images_dir`` with the last pre-dump as its parent, so each writes only the
+        pages written since the one before; restore from ``images_dir`` as from any dump. If
+        ``more`` raises, neither another pre-dump nor the dump runs: the tree runs on and the
+        exception is re-raised. ``track_mem`` is implied; ``parent_images`` cannot be given.
+        """
+        if opts.track_mem is False:
+            raise InvalidOptionError("dump_iterations tracks memory between its rounds: track_mem=False "
+                                     "contradicts it", hint="leave track_mem unset")
+        if opts.parent_images is not None:
+            raise InvalidOptionError("dump_iterations chains its own pre-dumps: parent_images cannot be given",
+                                     hint="pre-dump with Criu.pre_dump yourself to start from earlier images")
         _require_pid(opts.pid)
+        images_dir = Path(_existing_dir(opts.images_dir, "images_dir"))
+        earlier = sorted(p.name for p in images_dir.glob("pre-*"))
+        if earlier:
+            raise InvalidOptionError(f"images_dir {images_dir} already holds pre-dumps ({', '.join(earlier)})",
+                                     hint="give dump_iterations an empty directory")
         self._require_mem_track("iterative dump")
+        opts = replace(opts, track_mem=True)
         with _interrupt_result(lambda rc: self._dump_result(opts)):
-            self._run("dump", opts, "dump-iters", more=more)
+            self._run("dump", opts, "dump-iters", iterations=_PreDumpChain(images_dir, more))
         return self._dump_result(opts)
 
     def restore(self, opts: RestoreOptions) -> RestoreResult:

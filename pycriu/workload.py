@@ -46,6 +46,32 @@ def _digest(buf: bytearray) -> str:
     return hashlib.blake2b(buf, digest_size=16).hexdigest()
 
 
+def _touch_bytes(mib: int, touch: float, interval: float) -> int:
+    """Bytes of memory one beat walks over (it writes the first byte of each page in them)."""
+    return int(touch * (mib << 20) * interval)
+
+
+def _touch(buf: bytearray, offset: int, length: int, beat: int) -> int:
+    """One beat's writes: ``beat & 0xFF`` into every 4096th byte of ``length`` bytes from ``offset``
+    (wrapping round the buffer); returns the next beat's offset."""
+    end = min(offset + length, len(buf))
+    buf[offset:end:4096] = bytes([beat & 0xFF]) * len(range(offset, end, 4096))
+    return end % len(buf)
+
+
+def memory_digest(mib: int, seed: int, touch: float, interval: float, beat: int) -> str:
+    """The checksum a workload started with these arguments reports for ``beat``: its pattern with
+    the writes of beats 1..``beat`` replayed. The writes depend on the beat number only, so this is
+    what its memory holds, however often it was frozen, dumped or moved in between; a page that a
+    migration lost or left stale shows as a different digest."""
+    buf = _fill(mib, seed)
+    length, offset = _touch_bytes(mib, touch, interval), 0
+    if length and buf:
+        for b in range(1, beat + 1):
+            offset = _touch(buf, offset, length, b)
+    return _digest(buf)
+
+
 def _child_main(rfd: int, wfd: int) -> None:
     """A tree member: echo every byte the parent sends back, until the pipe closes."""
     while True:
@@ -139,9 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     want_check = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: want_check.set())
     state: dict[str, Any] = {"pid": os.getpid(), "mib": args.mib, "checksum0": checksum0,
-                             "checksum": checksum0, "check_seq": 0, "beat": 0, "echoes": 0,
+                             "checksum": checksum0, "check_seq": 0, "check_beat": 0, "beat": 0, "echoes": 0,
                              "threads": 0, "port": port}
-    touch_bytes = int(args.touch * len(buf) * args.interval)
+    touch_bytes = _touch_bytes(args.mib, args.touch, args.interval)
     offset = 0
     while True:
         state["beat"] += 1
@@ -152,12 +178,11 @@ def main(argv: list[str] | None = None) -> None:
                 state["echoes"] += 1
         state["threads"] = sum(counters)
         if touch_bytes and buf:
-            end = min(offset + touch_bytes, len(buf))
-            buf[offset:end:4096] = bytes([state["beat"] & 0xFF]) * len(range(offset, end, 4096))
-            offset = end % len(buf)
+            offset = _touch(buf, offset, touch_bytes, state["beat"])
         if want_check.is_set():
             want_check.clear()
             state["checksum"] = _digest(buf)
+            state["check_beat"] = state["beat"]  # the line may be read beats later
             state["check_seq"] += 1
         os.pwrite(fd, json.dumps(state).encode().ljust(STATE_SIZE - 1) + b"\n", 0)
         time.sleep(args.interval)
@@ -271,6 +296,7 @@ class Workload:
                  touch: float = 0.0,
                  interval: float = 0.01, python: str | None = None, netns: str | None = None) -> None:
         self.state_path = Path(state_path)
+        self._args = (mib, 1, touch, interval)  # as memory_digest takes them (--seed stays 1)
         argv = [python or sys.executable, "-m", "pycriu.workload", "--state", str(self.state_path),
                 "--mib", str(mib), "--children", str(children), "--threads", str(threads),
                 "--interval", str(interval), "--touch", str(touch)]
@@ -322,19 +348,31 @@ class Workload:
 
     def checksum(self, pid: int | None = None, timeout: float = 30.0) -> str:
         """Ask the workload (now at ``pid``) to checksum its memory; return the digest."""
+        return str(self._checked_state(pid, timeout)["checksum"])
+
+    def _checked_state(self, pid: int | None, timeout: float) -> dict[str, Any]:
+        """Ask for a checksum; the first state line that carries it."""
         seq = self.state.get("check_seq", 0)
         os.kill(pid or self.pid, signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = self.state
             if st.get("check_seq", 0) > seq:
-                return str(st["checksum"])
+                return st
             time.sleep(0.01)
         raise TimeoutError("workload did not answer the checksum request")
 
     @property
     def expected_checksum(self) -> str:
+        """The checksum of the untouched pattern (the memory of a workload started with touch=0)."""
         return str(self.state["checksum0"])
+
+    def check_memory(self, pid: int | None = None, timeout: float = 30.0) -> tuple[str, str]:
+        """Ask the workload (now at ``pid``) to checksum its memory; return that checksum and the one
+        its memory must have at the beat it was taken in (:func:`memory_digest`). Equal for a
+        workload that keeps writing (``touch``) only if no write was lost on the way."""
+        st = self._checked_state(pid, timeout)
+        return str(st["checksum"]), memory_digest(*self._args, int(st["check_beat"]))
 
     def adopt(self, pid: int) -> None:
         """Take ownership of the tree restored at ``pid`` (killed and reaped by :meth:`close`)."""

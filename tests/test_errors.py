@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FEATURES, needs_mem_track, needs_root
+from conftest import FEATURES, needs_root
 
 import pycriu
 from pycriu.workload import Workload
@@ -298,17 +298,6 @@ def test_a_binary_that_does_not_speak_criu_rpc_is_a_service_error(tmp_path: Path
         criu.version()
     with pytest.raises(pycriu.ServiceError):
         criu.check()
-
-
-@needs_mem_track
-@needs_root
-def test_pre_dump_failure_is_a_pre_dump_error(
-        criu: pycriu.Criu, images_dir: Path, not_a_session_leader: int) -> None:
-    with pytest.raises(pycriu.PreDumpError) as info:
-        criu.pre_dump(pycriu.PreDumpOptions(pid=not_a_session_leader, images_dir=images_dir))
-    assert isinstance(info.value, pycriu.DumpError)
-    assert info.value.operation == "pre-dump"
-    assert info.value.criu_message is not None
 
 
 # --- Errors as values ---------------------------------------------------------------------------
