@@ -18,7 +18,7 @@ test-stress: setup
 	bash scripts/stress.sh
 
 # The tests that need soft-dirty memory tracking (pre-dump, pre-copy, hybrid), run in a QEMU guest
-# on Debian 12's own kernel (scripts/vm/, docs/testvm.rst). VM_TESTS picks others.
+# on Debian 12's own kernel (scripts/vm/run.sh, scripts/vm/build.sh). VM_TESTS picks others.
 VM_TESTS ?= tests/test_pre_dump.py tests/test_migration_precopy.py tests/test_workload.py
 test-vm: setup
 	bash scripts/vm/run.sh $(PY) -m pytest $(VM_TESTS) $(PYTEST_ARGS)
