@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 
 from ..options import PageServerAddress
 from .errors import AgentError, ProtocolError, TransportError
-from .protocol import LOG_NAME, PROTOCOL_VERSION, Limits, receive_file, send_files
+from .images import read_pagemap
+from .protocol import IMAGE_NAME, LOG_NAME, PROTOCOL_VERSION, Limits, receive_file, send_files
 from .transport import Connection
 
 __all__ = ["AgentClient"]
@@ -139,6 +141,22 @@ class AgentClient:
         into.mkdir(parents=True, exist_ok=True)
         self.channel.send({"type": "logs"})
         limits = Limits(max_file_size=256 << 20, max_total_bytes=1 << 30, max_files=64, min_free_bytes=0)
+        return self._receive_files(into, limits, LOG_NAME, replace=True)
+
+    def fetch_pagemaps(self, name: str, into: Path) -> list[Path]:
+        """Receive the pagemaps the page server of pre-dump ``name`` wrote, into ``into`` (the
+        source's directory of that pre-dump), with an empty ``pages-N.img`` beside each: a dump
+        whose parent this is reads only the pagemaps, to tell which pages the parent has."""
+        self.channel.send({"type": "pagemaps", "dir": name})
+        limits = Limits(max_file_size=64 << 20, max_total_bytes=256 << 20, max_files=4096, min_free_bytes=0)
+        got = self._receive_files(into, limits, IMAGE_NAME, replace=False)
+        for path in got:
+            pages = into / read_pagemap(path).pages_name
+            if not pages.exists():
+                pages.touch()
+        return got
+
+    def _receive_files(self, into: Path, limits: Limits, pattern: re.Pattern[str], *, replace: bool) -> list[Path]:
         got: list[Path] = []
         fd = os.open(into, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -147,11 +165,12 @@ class AgentClient:
                 if msg["type"] == "files-done":
                     self.channel.send({"type": "files-ok", "count": len(got), "bytes": limits.received_bytes})
                     return got
-                try:
-                    os.unlink(msg["name"], dir_fd=fd) if LOG_NAME.fullmatch(msg["name"]) else None
-                except FileNotFoundError:
-                    pass
-                receive_file(self.channel, msg, fd, limits, pattern=LOG_NAME)
+                if replace:
+                    try:
+                        os.unlink(msg["name"], dir_fd=fd) if pattern.fullmatch(msg["name"]) else None
+                    except FileNotFoundError:
+                        pass
+                receive_file(self.channel, msg, fd, limits, pattern=pattern)
                 got.append(into / msg["name"])
         finally:
             os.close(fd)

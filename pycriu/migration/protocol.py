@@ -156,6 +156,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
                   "killed": ((int, _Opt), True), "seconds": (_NUM, True), "pages": ((int, _Opt), True),
                   "uncork": ((str, _Opt), False)},
     "logs": {},
+    # hybrid: the pagemaps a pre-dump's page server wrote, back to the source (whose lazy final
+    # dump must see its parent's pagemaps locally to leave the pre-copied pages out)
+    "pagemaps": {"dir": (_STR, True)},
     "bye": {"disk": ((dict, _Opt), False), "memory": ((dict, _Opt), False)},
     "error": {"code": (_STR, True), "message": (_STR, True)},
 }
@@ -165,7 +168,7 @@ FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping", "preflight",
                          "prepare-dir", "page-server", "file", "file-link", "files-done", "files-ok",
                          "lazy-pages",
                          "restore", "commit",
-                         "abort", "lazy-wait", "logs", "bye"})
+                         "abort", "lazy-wait", "logs", "pagemaps", "bye"})
 FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "page-tls-ok", "preflight-ok",
                         "pong", "dir-ready", "page-server", "file", "files-done",
                         "files-ok", "restored", "committed", "aborted", "lazy-done", "bye", "error"})

@@ -16,9 +16,11 @@ from .page_server import dump_to_page_server
 __all__ = ["FLOW", "PreCopy", "pre_copy_iterations"]
 
 
-def pre_copy_iterations(run: FlowContext) -> str:
+def pre_copy_iterations(run: FlowContext, *, local_pagemaps: bool = False) -> str:
     """Pre-dump into the destination's page servers until the policy says stop; return the last
-    iteration's directory name (the parent of the final dump)."""
+    iteration's directory name (the parent of the final dump). With ``local_pagemaps``, each
+    iteration's pagemaps also come back into its directory here (``run.scratch / name``): a final
+    dump that writes locally (hybrid's lazy dump) finds which pages its parent holds only there."""
     assert run.client is not None and run.scratch is not None and run.src_logs is not None
     written: list[int] = []
     parent: str | None = None
@@ -38,6 +40,8 @@ def pre_copy_iterations(run: FlowContext) -> str:
             extra = [(img.name, img.path, None) for img in list_images(local)]
             if extra:
                 run.client.send_images(name, extra)
+            if local_pagemaps:
+                run.client.fetch_pagemaps(name, local)
         n = result.stats.pages_written if result.stats else 0
         written.append(n)
         run.report.pre_copy.append({"iteration": i, "pages_written": n, "seconds": round(time.monotonic() - t0, 6)})
