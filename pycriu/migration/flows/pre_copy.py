@@ -7,6 +7,7 @@ import itertools
 import time
 from typing import Any
 
+from ...enums import LogLevel
 from ...options import PreDumpOptions
 from ..images import list_images
 from ..modes import FLOWS
@@ -35,6 +36,7 @@ def pre_copy_iterations(run: FlowContext, *, local_pagemaps: bool = False) -> st
             extra_opts: dict[str, Any] = {**run.criu_tls_options(), **run.flags}
             result = run.criu.pre_dump(PreDumpOptions(
                 pid=run.pid, images_dir=local, work_dir=run.src_logs, log_file=f"pre-dump-{i}.log",
+                log_level=LogLevel.INFO,  # as the dump's: its log says what CRIU did, not only errors
                 track_mem=True, page_server=run.relay(address), parent_images=f"../{parent}" if parent else None,
                 **extra_opts))
             extra = [(img.name, img.path, None) for img in list_images(local)]
