@@ -49,7 +49,7 @@ def pre_copy_iterations(run: FlowContext, *, local_pagemaps: bool = False) -> st
         run.report.pre_copy.append({"iteration": i, "pages_written": n, "seconds": round(time.monotonic() - t0, 6)})
         if result.stats is not None:
             run.report.criu_stats.setdefault("pre_dumps", []).append(result.stats.to_dict())
-        run.report.logs[f"source pre-dump {i}"] = str(result.log_path)
+        run.report.logs[f"source pre-dump-{i}"] = str(result.log_path)  # as its stem: one key per log
         parent = name
         decision = run.policy.decide(written)
         if not decision.another:
