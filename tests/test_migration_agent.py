@@ -189,6 +189,13 @@ def test_requests_out_of_order_are_refused(agent: Connection, msg: dict[str, Any
     _refused(agent)
 
 
+@pytest.mark.parametrize("directory", ["pre-1", "images"])
+def test_pagemaps_only_of_a_pre_dump_page_server(agent: Connection, directory: str) -> None:
+    """hybrid's source asks for the pagemaps of each round; there must have been that round."""
+    agent.channel.send({"type": "pagemaps", "dir": directory})
+    _refused(agent, "no pre-dump page server")
+
+
 def test_only_safe_restore_flags_are_accepted(agent: Connection) -> None:
     for name in ("inventory.img", "pstree.img"):
         agent.channel.send({"type": "file", "dir": "images", "name": name, "size": 1})

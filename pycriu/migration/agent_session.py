@@ -626,6 +626,22 @@ class AgentSession:
                  if PAGE_IMAGE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
         send_files(self.channel, name, files, pattern=PAGE_IMAGE, link=self.config.same_host)
 
+    def _pagemaps(self, msg: dict[str, Any]) -> None:
+        """Send the pagemap images of a pre-dump iteration once its page server has written them
+        (only the index of the pages: the pages stay here)."""
+        name = check_dir_name(msg["dir"])
+        ps = self.page_servers.get(name)
+        if not name.startswith("pre-") or ps is None:
+            raise ProtocolError(f"pagemaps of {name!r}: no pre-dump page server was started for it")
+        try:
+            ps.wait(timeout=60)  # CRIU writes the pagemap when the pre-dump's connection ends
+        except (CriuError, TimeoutError) as exc:
+            raise AgentError(f"the page server of {name} did not receive the pre-dump: {exc}",
+                             code="page-server-failed") from None
+        images = self._path(name)
+        files = [(p.name, p, None) for p in sorted(images.glob("pagemap*.img")) if p.is_file() and not p.is_symlink()]
+        send_files(self.channel, name, files)
+
     def _bye(self, msg: dict[str, Any]) -> bool:
         assert self.dir is not None
         # what this side wrote: files the source handed over by hard link were written there
@@ -641,13 +657,13 @@ class AgentSession:
         "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
         "file-link": _file_link, "files-done": _files_done,
         "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
-        "page-images": _page_images, "bye": _bye,
+        "page-images": _page_images, "pagemaps": _pagemaps, "bye": _bye,
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
         "ready": frozenset({"page-tls", "preflight",
                             "ping", "prepare-dir", "page-server", "file", "file-link", "files-done", "lazy-pages",
-                            "page-images", "restore",
+                            "page-images", "restore", "pagemaps",
                             "abort", "logs", "bye"}),
         "restored": frozenset({"ping", "commit", "abort"}),
         "committed": frozenset({"ping", "lazy-wait", "logs", "bye"}),

@@ -12,7 +12,8 @@ from typing import Any
 
 from ..options import PageServerAddress
 from .errors import AgentError, ProtocolError, TransportError
-from .protocol import LOG_NAME, PAGE_IMAGE, PROTOCOL_VERSION, Limits, accept_link, receive_file, send_files
+from .images import read_pagemap
+from .protocol import IMAGE_NAME, LOG_NAME, PAGE_IMAGE, PROTOCOL_VERSION, Limits, accept_link, receive_file, send_files
 from .transport import Connection
 
 __all__ = ["AgentClient"]
@@ -154,6 +155,19 @@ class AgentClient:
         limits = Limits(max_files=100_000, min_free_bytes=0)
         got = self._receive_files(into, PAGE_IMAGE, limits, link=link)
         return len(got), limits.linked_bytes, limits.received_bytes
+
+    def fetch_pagemaps(self, name: str, into: Path) -> list[Path]:
+        """Receive the pagemaps the page server of pre-dump ``name`` wrote, into ``into`` (the
+        source's directory of that pre-dump), with an empty ``pages-N.img`` beside each: a dump
+        whose parent this is reads only the pagemaps, to tell which pages the parent has."""
+        self.channel.send({"type": "pagemaps", "dir": name})
+        limits = Limits(max_file_size=64 << 20, max_total_bytes=256 << 20, max_files=4096, min_free_bytes=0)
+        got = self._receive_files(into, IMAGE_NAME, limits)
+        for path in got:
+            pages = into / read_pagemap(path).pages_name
+            if not pages.exists():
+                pages.touch()
+        return got
 
     def _receive_files(self, into: Path, pattern: re.Pattern[str], limits: Limits, *, replace: bool = False,
                        link: bool = False) -> list[Path]:

@@ -112,6 +112,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
                   "killed": ((int, _Opt), True), "seconds": (_NUM, True), "pages": ((int, _Opt), True),
                   "uncork": ((str, _Opt), False)},
     "logs": {},
+    # hybrid: the pagemaps a pre-dump's page server wrote, back to the source (whose lazy final
+    # dump must see its parent's pagemaps locally to leave the pre-copied pages out)
+    "pagemaps": {"dir": (_STR, True)},
     # one host, the source ended by its dump: the pages its CRIU sent to the destination's page
     # server come back (by hard link where the filesystem allows) as the source's rollback
     "page-images": {"dir": (_STR, True)},
@@ -124,7 +127,7 @@ FROM_CLIENT = frozenset({"auth", "hello", "page-tls", "ping", "preflight",
                          "prepare-dir", "page-server", "file", "file-link", "files-done", "files-ok",
                          "lazy-pages",
                          "restore", "commit",
-                         "abort", "lazy-wait", "logs", "page-images", "bye"})
+                         "abort", "lazy-wait", "logs", "page-images", "pagemaps", "bye"})
 FROM_AGENT = frozenset({"welcome", "auth-ok", "hello", "page-tls-ok", "preflight-ok",
                         "pong", "dir-ready", "page-server", "file", "file-link", "files-done",
                         "files-ok", "restored", "committed", "aborted", "lazy-done", "bye", "error"})

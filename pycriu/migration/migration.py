@@ -80,7 +80,8 @@ class Migration:
             ``"ssh://[user@]host[:port]"`` (runs ``pycriu agent --stdio`` there with OpenSSH) or
             ``"tcp://host:port"`` (a running ``pycriu agent --listen``).
         mode: ``classic``, ``page-server``, ``lazy``, ``page-server-on-source``, ``pre-copy``,
-            ``hybrid`` or ``auto`` (lazy when both hosts support lazy pages, else page-server).
+            ``hybrid`` or ``auto`` (lazy when both hosts support lazy pages, else pre-copy when both
+            track dirty memory, else page-server).
         secret: shared secret for ``tcp://`` (str or bytes, at least 16 bytes).
         tls: :class:`TLSConfig` (client certificate, key, CA) for ``tcp://`` with TLS.
         ssh_options: extra ``ssh`` arguments (``["-o", "UserKnownHostsFile=..."]``).

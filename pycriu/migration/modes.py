@@ -76,6 +76,11 @@ def choose_mode(requested: str, src_lazy: bool, src_track: bool, dst_lazy: bool,
             return "lazy", ("auto: both hosts support lazy pages (userfaultfd), so post-copy gives the shortest "
                             "downtime and writes no page of anonymous memory to any disk")
         side = "source" if not src_lazy else "destination"
+        if both_track:
+            return "pre-copy", (f"auto: lazy pages are not supported on the {side}, but both hosts track dirty "
+                                "memory: pre-copy moves the memory while the tree runs, so the frozen dump sends "
+                                "only what changed since (into the destination's page server: the source "
+                                "writes no page)")
         return "page-server", (f"auto: lazy pages are not supported on the {side}; the page server on the "
                                "destination receives the pages during the dump, so the source writes none")
     if requested in NEEDS_MEM_TRACK and not both_track:

@@ -15,10 +15,13 @@ class Hybrid(Flow):
     spec = FLOWS["hybrid"]
 
     def run(self, run: FlowContext) -> FlowResult:
-        assert run.client is not None
-        parent = pre_copy_iterations(run)
+        assert run.client is not None and run.scratch is not None
+        parent = pre_copy_iterations(run, local_pagemaps=True)
         run.client.prepare_dir("images", parent=parent)
-        result = lazy_dump(run, track_mem=True, parent_images=f"../{parent}")
+        # The lazy dump writes its pagemaps here (in memory, not beside the scratch directory):
+        # its parent is the scratch copy of the last iteration, with the pagemaps that say which
+        # pages the destination already holds; only the others are left to fault in.
+        result = lazy_dump(run, track_mem=True, parent_images=str(run.scratch / parent))
         result.add_pre_copied(pre_copied_pages(run))
         return result
 
