@@ -79,13 +79,24 @@ def make_bundle(bundle: Path, shared: Path, *, cgroups_path: str | None = None) 
 def copy_bundle(source: Path, bundle: Path, shared: Path, *, cgroups_path: str) -> Path:
     """The "destination host's" copy of a bundle: its own rootfs (copied before the freeze),
     its own bind-mount source, its own cgroup."""
-    shutil.copytree(source, bundle, symlinks=True)
-    shutil.copytree(Path(_spec(source)["mounts"][-1]["source"]), shared)
+    shutil.copytree(source, bundle, symlinks=True, copy_function=_copy_unless_gone)
+    shutil.copytree(Path(_spec(source)["mounts"][-1]["source"]), shared, copy_function=_copy_unless_gone)
     spec = _spec(bundle)
     spec["mounts"][-1]["source"] = str(shared)
     spec["linux"]["cgroupsPath"] = cgroups_path
     (bundle / "config.json").write_text(json.dumps(spec, indent=1))
     return bundle
+
+
+def _copy_unless_gone(src: str, dst: str) -> None:
+    """``shutil.copy2``, except that a file the running workload renamed away between the
+    listing and the copy (``/sum.new``, ``/counter.new``) is skipped: the copy is of a live
+    rootfs, as a runtime's pre-copy of a rootfs is."""
+    try:
+        shutil.copy2(src, dst)
+    except FileNotFoundError:
+        if os.path.lexists(src):
+            raise
 
 
 def _spec(bundle: Path) -> dict:  # type: ignore[type-arg]
