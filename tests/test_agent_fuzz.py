@@ -33,7 +33,7 @@ from migration_support import TcpAgent, assert_moved
 
 from pycriu import Migration, __version__
 from pycriu.migration import controltls, protocol
-from pycriu.migration.agent_session import KEEP_FAILED, _criu_logs
+from pycriu.migration.agent_sandbox import KEEP_FAILED, criu_logs
 from pycriu.migration.errors import MigrationError
 from pycriu.migration.transport import Destination, connect
 from pycriu.workload import Workload
@@ -273,7 +273,7 @@ def test_after_all_of_it_the_agent_is_whole_and_serves_an_honest_migration(
     # newest KEEP_FAILED of them only
     assert len(kept) <= KEEP_FAILED, kept
     for d in kept:
-        assert [p.name for p in d.iterdir()] == ["work"] and _criu_logs(d / "work"), sorted(d.rglob("*"))
+        assert [p.name for p in d.iterdir()] == ["work"] and criu_logs(d / "work"), sorted(d.rglob("*"))
     for where in (agent.root.parent, Path("/tmp"), Path("/dev/shm"), Path("/"), Path.cwd()):
         escaped = [p for p in where.iterdir() if MARK in p.name]
         assert not escaped, f"the fuzzer's names escaped the agent's directory: {escaped}"
