@@ -41,7 +41,8 @@ if TYPE_CHECKING:
         ProtocolError,
         TransportError,
     )
-    from .migration import MODES, Migration, Progress
+    from .migration import MODES, Migration
+    from .phases import Progress
     from .policy import PreCopyDecision, PreCopyPolicy
     from .protocol import PROTOCOL_VERSION
     from .report import MigrationReport, Phase
@@ -55,7 +56,7 @@ _EXPORTS = {
     "AgentError": "errors", "AuthenticationError": "errors", "MigrationError": "errors", "PreflightError": "errors",
     "NoSpaceError": "errors",
     "ProtocolError": "errors", "TransportError": "errors",
-    "MODES": "migration", "Migration": "migration", "Progress": "migration",
+    "MODES": "migration", "Migration": "migration", "Progress": "phases",
     "PreCopyDecision": "policy", "PreCopyPolicy": "policy", "PROTOCOL_VERSION": "protocol",
     "MigrationReport": "report", "Phase": "report", "Destination": "transport", "TLSConfig": "transport",
 }

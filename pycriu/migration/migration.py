@@ -20,10 +20,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
 from .errors import MigrationError
 from .images import DirUsage, memory_dir
 from .modes import FLOWS, MODES
+from .phases import PhaseClock, Progress
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
 from .transport import Connection, Destination, TLSConfig
@@ -56,19 +56,6 @@ def lazy_daemon_reads(name: str) -> bool:
     other images still arrive, so these must all be complete first: a daemon that opened an
     ``ids`` image still being received failed with "Unexpected EOF (criu/image.c:887)"."""
     return name in ("inventory.img", "pstree.img") or (name.startswith("ids-") and name.endswith(".img"))
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One progress event: a phase starts or ends, or bytes moved within it."""
-
-    phase: str
-    event: str  # start | end | bytes | info
-    elapsed: float
-    seconds: float | None = None
-    done: int | None = None
-    total: int | None = None
-    message: str = ""
 
 
 class Migration:
@@ -226,10 +213,11 @@ class MigrationRun:
     def __init__(self, m: Migration) -> None:
         self.m = m
         self.pid = m.pid
-        self.t0 = time.monotonic()
         self.report = MigrationReport(mode=m.mode, requested_mode=m.mode, destination=str(m.destination),
                                       transport=m.destination.transport(m.tls is not None, m.insecure_plaintext),
                                       pid=m.pid)
+        self.clock = PhaseClock(self.report, m.progress)
+        self.t0 = self.clock.t0
         self.criu = m.criu or Criu()
         self.conn: Connection | None = None
         self.client: AgentClient | None = None
@@ -252,8 +240,6 @@ class MigrationRun:
         self.cancel = threading.Event()  # set when the main thread gives up (Ctrl-C) during a lazy dump
         self.local: dict[str, Any] = {}
         self.source_address = "127.0.0.1"
-        self._open_phases: dict[str, float] = {}
-        self._lock = threading.Lock()
         self.cleanups: list[Callable[[], object]] = []
 
     # -- what the flows read of the migration's settings (flows.base.FlowContext) ------------------
@@ -277,36 +263,16 @@ class MigrationRun:
     # -- progress and phases ---------------------------------------------------------------------
 
     def emit(self, phase: str, event: str, **kw: Any) -> None:
-        if self.m.progress is not None:
-            try:
-                self.m.progress(Progress(phase, event, time.monotonic() - self.t0, **kw))
-            except Exception:  # noqa: BLE001 - a progress display must not break a migration
-                pass
+        self.clock.emit(phase, event, **kw)
 
     def phase_start(self, name: str) -> None:
-        with self._lock:
-            self._open_phases[name] = time.monotonic()
-        self.emit(name, "start")
+        self.clock.start(name)
 
     def phase_end(self, name: str, detail: str = "") -> float:
-        with self._lock:
-            start = self._open_phases.pop(name, None)
-        if start is None:
-            return 0.0
-        seconds = time.monotonic() - start
-        self.report.phases.append(Phase(name, round(seconds, 6), detail, start=round(start - self.t0, 6)))
-        self.emit(name, "end", seconds=seconds, message=detail)
-        return seconds
+        return self.clock.end(name, detail)
 
-    @contextmanager
-    def phase(self, name: str, detail: str = "") -> Iterator[None]:
-        self.phase_start(name)
-        try:
-            yield
-        except BaseException:
-            self.phase_end(name, (detail + " " if detail else "") + "(failed)")
-            raise
-        self.phase_end(name, detail)
+    def phase(self, name: str, detail: str = "") -> AbstractContextManager[None]:
+        return self.clock.phase(name, detail)
 
     def note(self, text: str) -> None:
         self.report.notes.append(text)
