@@ -56,7 +56,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--to", default="local", metavar="DEST",
                    help="local (default), ssh://[user@]host[:port] or tcp://host:port")
     p.add_argument("--mode", default="auto", choices=["auto", *MODES],
-                   help="memory-transfer flow (default auto: lazy when both hosts support it, else page-server)")
+                   help="memory-transfer flow (default auto: lazy when both hosts support it, else pre-copy when "
+                        "both track dirty memory, else page-server)")
     auth = p.add_argument_group("tcp:// authentication")
     auth.add_argument("--secret-file", metavar="FILE", help="shared secret (the agent's --secret-file)")
     TLSConfig.add_arguments(auth, own="this host's", ca="CA that signed the agent's certificate")
