@@ -20,10 +20,35 @@ DECL_ORDER = ["types.h", "opts.h", "ops.h", "callbacks.h", "build.h"]
 
 SOURCE = """
 #include <sched.h>
+#include <stdbool.h>
 #include <criu/criu.h>
 
-#if CRIU_VERSION_MAJOR < 4 || (CRIU_VERSION_MAJOR == 4 && CRIU_VERSION_MINOR < 2)
-#error "pycriu needs libcriu >= 4.2 (criu_local_set_config_file); run scripts/provision.sh"
+#define PYCRIU_LIBCRIU_AT_LEAST(major, minor) \\
+    (CRIU_VERSION_MAJOR > (major) || (CRIU_VERSION_MAJOR == (major) && CRIU_VERSION_MINOR >= (minor)))
+
+#if !PYCRIU_LIBCRIU_AT_LEAST(3, 17)
+#error "pycriu needs libcriu >= 3.17 (Debian 12's criu package, or scripts/provision.sh's CRIU 4.2)"
+#endif
+
+/* What libcriu 4.2 has and 3.17 (Debian 12's) lacks. An older libcriu gets stand-ins so that the
+   module links; pycriu._raw reads the PYCRIU_HAS_* flags and refuses, naming the version that has
+   the feature, before any stand-in could be called. Versions between 3.17 and 4.2 are treated as
+   3.17 (only these two are built and tested). */
+#if PYCRIU_LIBCRIU_AT_LEAST(4, 2)
+#define PYCRIU_HAS_CONFIG_FILE 1
+#define PYCRIU_HAS_EMPTY_NS 1
+#define PYCRIU_HAS_SKIP_FILE_RWX_CHECK 1
+#define PYCRIU_HAS_NETWORK_LOCK_SKIP 1
+#else
+#define PYCRIU_HAS_CONFIG_FILE 0
+#define PYCRIU_HAS_EMPTY_NS 0
+#define PYCRIU_HAS_SKIP_FILE_RWX_CHECK 0
+#define PYCRIU_HAS_NETWORK_LOCK_SKIP 0
+#define CRIU_NETWORK_LOCK_SKIP 3 /* 4.2's value; never sent to an older CRIU */
+static int criu_local_set_config_file(criu_opts *opts, const char *path)
+{ (void)opts; (void)path; return -95; /* EOPNOTSUPP */ }
+static void criu_local_set_empty_ns(criu_opts *opts, int namespaces) { (void)opts; (void)namespaces; }
+static void criu_local_set_skip_file_rwx_check(criu_opts *opts, bool skip) { (void)opts; (void)skip; }
 #endif
 """
 

@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .criu import MIN_CRIU_VERSION, Criu, CriuVersion, find_criu
+from .criu import MIN_CRIU_VERSION, Criu, CriuVersion, find_criu, required_version
 from .daemons import LazyPages, PageServer
 from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, NotifyAction, PreDumpMode
 from .errors import (
@@ -78,7 +78,8 @@ _MIGRATION = {"AgentError", "AuthenticationError", "Migration", "MigrationError"
               "NoSpaceError", "PreCopyPolicy", "ProtocolError", "TLSConfig", "TransportError"}
 
 __all__ = [
-    "__version__", "MIN_CRIU_VERSION", "Criu", "CriuVersion", "find_criu", "PageServer", "LazyPages",
+    "__version__", "MIN_CRIU_VERSION", "required_version", "Criu", "CriuVersion", "find_criu", "PageServer",
+    "LazyPages",
     "CgroupMode", "LogLevel", "Namespace", "NetworkLockMethod", "NotifyAction", "PreDumpMode",
     "CheckError", "ContainerRuntimeError", "CriuError", "CriuNotFoundError", "CriuPermissionError",
     "CriuVersionError", "DumpError",

@@ -52,6 +52,27 @@ CONSTANTS: dict[str, int] = {
 #: The libcriu this extension was compiled against (from criu/version.h).
 COMPILED_VERSION = (lib.CRIU_VERSION_MAJOR, lib.CRIU_VERSION_MINOR)
 
+#: What the libcriu this extension was built against lacks: setter -> the libcriu version that
+#: has it (empty for libcriu 4.2; Debian 12's 3.17 lacks these).
+MISSING_SETTERS: dict[str, str] = {
+    setter: "4.2"
+    for setter, has in (("set_config_file", lib.PYCRIU_HAS_CONFIG_FILE), ("set_empty_ns", lib.PYCRIU_HAS_EMPTY_NS),
+                        ("set_skip_file_rwx_check", lib.PYCRIU_HAS_SKIP_FILE_RWX_CHECK))
+    if not has
+}
+#: libcriu knows CRIU_NETWORK_LOCK_SKIP (``--network-lock skip``, 4.2)
+HAS_NETWORK_LOCK_SKIP = bool(lib.PYCRIU_HAS_NETWORK_LOCK_SKIP)
+
+
+def unsupported(what: str, version: str) -> errors.CriuVersionError:
+    """The error for a feature the libcriu of this build lacks."""
+    built = ".".join(map(str, COMPILED_VERSION))
+    return errors.CriuVersionError(
+        f"{what} needs libcriu >= {version}; this pycriu was built against libcriu {built}",
+        hint=f"build pycriu against a CRIU >= {version} (scripts/provision.sh installs 4.2.1), "
+             "or leave the option unset")
+
+
 #: The directory libcriu was linked from at build time ("" if unknown).
 BUILD_LIBDIR: str = ffi.string(lib.pycriu_build_libdir()).decode()
 
@@ -215,6 +236,10 @@ class RawOpts:
         fn = getattr(lib, "criu_local_" + setter, None)
         if fn is None:
             raise AttributeError(f"libcriu has no criu_local_{setter}")
+        if setter in MISSING_SETTERS:
+            raise unsupported(f"criu_local_{setter}", MISSING_SETTERS[setter])
+        if setter == "set_network_lock" and not HAS_NETWORK_LOCK_SKIP and args[0] == lib.CRIU_NETWORK_LOCK_SKIP:
+            raise unsupported("network_lock=NetworkLockMethod.SKIP", "4.2")
         cargs = [ffi.NULL if a is None else _cstr(a) if isinstance(a, (str, os.PathLike)) else a
                  for a in args]
         if setter == "set_exec_cmd":

@@ -41,9 +41,19 @@ from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStat
 if TYPE_CHECKING:
     from .daemons import LazyPages, PageServer
 
-__all__ = ["Criu", "CriuVersion", "find_criu", "MIN_CRIU_VERSION"]
+__all__ = ["Criu", "CriuVersion", "find_criu", "MIN_CRIU_VERSION", "required_version"]
 
-MIN_CRIU_VERSION = (4, 2)
+#: The oldest CRIU pycriu builds against and drives: Debian 12's own criu package. What 3.17's
+#: libcriu lacks is refused per option (:data:`pycriu._raw.MISSING_SETTERS`).
+MIN_CRIU_VERSION = (3, 17)
+
+
+def required_version() -> tuple[int, int]:
+    """The oldest ``criu`` binary this build drives: the libcriu it was compiled against, and
+    never below :data:`MIN_CRIU_VERSION`. An older binary would silently ignore the RPC fields
+    its libcriu sends and it does not know."""
+    return max(MIN_CRIU_VERSION, _raw.COMPILED_VERSION)
+
 _SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -286,6 +296,10 @@ class Criu:
             for setter, args in opts.setter_calls():
                 raw.apply(setter, *args)
             if cfg is not None:
+                if "set_config_file" in _raw.MISSING_SETTERS:  # name the options, not the setter
+                    keys = ", ".join(sorted({"--" + key for key, _ in opts.config_entries()}))
+                    raise _raw.unsupported(f"{keys} (CRIU options with no libcriu setter, passed in a "
+                                           "configuration file)", _raw.MISSING_SETTERS["set_config_file"])
                 raw.apply("set_config_file", cfg)
             more = None
             if iterations is not None:
@@ -314,14 +328,16 @@ class Criu:
         self.supported_version()
 
     def supported_version(self) -> CriuVersion:
-        """CRIU's version, asked once per object; :class:`CriuVersionError` when older than pycriu
-        needs (4.2)."""
+        """CRIU's version, asked once per object; :class:`CriuVersionError` when older than this
+        build drives (:func:`required_version`: 4.2 for a build against CRIU 4.2)."""
         if self._version is None:
             self._version = self.require_version()
         return self._version
 
-    def require_version(self, minimum: tuple[int, ...] = MIN_CRIU_VERSION) -> CriuVersion:
-        """Return the version, or raise :class:`CriuVersionError` when it is below ``minimum``."""
+    def require_version(self, minimum: tuple[int, ...] | None = None) -> CriuVersion:
+        """Return the version, or raise :class:`CriuVersionError` when it is below ``minimum``
+        (default: :func:`required_version`)."""
+        minimum = required_version() if minimum is None else minimum
         version = self.version()
         if version < minimum:
             raise CriuVersionError(

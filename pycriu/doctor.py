@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import _raw, kdat
-from .criu import MIN_CRIU_VERSION, Criu
+from .criu import MIN_CRIU_VERSION, Criu, required_version
 from .errors import INSTALL_CRIU, CriuError
 
 __all__ = ["Check", "Diagnosis", "diagnose", "main"]
@@ -119,8 +119,13 @@ def diagnose(binary: str | None = None) -> Diagnosis:
     compiled = ".".join(map(str, _raw.COMPILED_VERSION))
     d.add("libcriu (built)", "ok" if _raw.COMPILED_VERSION >= MIN_CRIU_VERSION else "fail",
           f"extension compiled against libcriu {compiled}, loaded from {_loaded_libcriu() or '?'}",
-          "reinstall pycriu against libcriu >= 4.2 (pip install --force-reinstall --no-binary pycriu pycriu; "
-          "in a checkout: scripts/provision.sh)")
+          "reinstall pycriu against libcriu >= 3.17, best 4.2 (pip install --force-reinstall --no-binary pycriu "
+          "pycriu; in a checkout: scripts/provision.sh)")
+    if _raw.MISSING_SETTERS or not _raw.HAS_NETWORK_LOCK_SKIP:
+        lacks = [*(f"criu_local_{name} ({version})" for name, version in _raw.MISSING_SETTERS.items()),
+                 *([] if _raw.HAS_NETWORK_LOCK_SKIP else ["network-lock skip (4.2)"])]
+        d.add("libcriu features", "warn", f"libcriu {compiled} lacks {', '.join(lacks)}: those options are refused",
+              "build pycriu against CRIU 4.2 (scripts/provision.sh) to have them")
 
     others = _shadowing_modules()
     if others:
@@ -139,7 +144,7 @@ def diagnose(binary: str | None = None) -> Diagnosis:
     if criu is not None:
         try:
             version = criu.version()
-            ok = version >= MIN_CRIU_VERSION
+            ok = version >= required_version()
             d.add("criu binary", "ok" if ok else "fail", f"{criu.binary} (CRIU {version})",
                   None if ok else INSTALL_CRIU)
         except CriuError as exc:

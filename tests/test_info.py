@@ -13,7 +13,7 @@ import pycriu
 def test_version_is_at_least_what_pycriu_needs(criu: pycriu.Criu) -> None:
     version = criu.version()
     assert isinstance(version, pycriu.CriuVersion)
-    assert version >= pycriu.MIN_CRIU_VERSION >= (4, 2)
+    assert version >= pycriu.required_version() >= pycriu.MIN_CRIU_VERSION == (3, 17)
     # The string form is what `criu --version` prints.
     assert str(version) == f"{version.major}.{version.minor}.{version.sublevel}"
 
