@@ -13,6 +13,7 @@ say() { echo "pycriu-vm: $*"; }
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs -o mode=0755 run /run
+mkdir -p /run/lock # as a booted Debian has it (the benchmark takes its lock there)
 mount -t tmpfs -o mode=1777 tmp /tmp
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
