@@ -1,0 +1,60 @@
+"""``python -m pycriu.conformance --mode cli,criu,classic --tests a,b | --all [--json OUT]``.
+
+Prints per mode passed/failed/skipped, then every test a pycriu mode fails where the CLI passes,
+with the error (CRIU's first error line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .suite import MODES, Outcome, default_zdtm_dir, eligible, load_tests, run_trial
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pycriu.conformance", description=__doc__)
+    p.add_argument("--mode", default="cli,criu", help=f"comma-separated, of {', '.join(MODES)}")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tests", help="comma-separated zdtm test names")
+    g.add_argument("--all", action="store_true", help="every built test of static/")
+    p.add_argument("--zdtm-dir", type=Path, default=default_zdtm_dir())
+    p.add_argument("--criu", default="/usr/local/sbin/criu")
+    p.add_argument("--jobs", type=int, default=1, help="only 1 (zdtm tests share names and ports)")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    modes = a.mode.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad or a.jobs != 1:
+        p.error(f"unknown mode {bad}" if bad else "--jobs: only 1 is supported")
+    tests = {t.name: t for t in load_tests(a.zdtm_dir)}
+    names = sorted(tests) if a.all else a.tests.split(",")
+    missing = [n for n in names if n not in tests]
+    if missing:
+        p.error(f"not built in {a.zdtm_dir}/static: {', '.join(missing)} (run scripts/zdtm.sh NAME)")
+    results: list[Outcome] = []
+    for n in names:
+        why = eligible(tests[n], a.criu)
+        for m in modes:
+            o = Outcome(n, m, "skipped", why) if why else run_trial(tests[n], m, criu_bin=a.criu)
+            results.append(o)
+            print(f"{n:24} {m:22} {o.result:8} {o.reason}"[:200], flush=True)
+    print(f"\n{'mode':22} passed failed skipped")
+    for m in modes:
+        r = [o.result for o in results if o.mode == m]
+        print(f"{m:22} {r.count('passed'):6} {r.count('failed'):6} {r.count('skipped'):7}")
+    by = {(o.test, o.mode): o for o in results}
+    worse = [o for o in results if o.mode != "cli" and o.result == "failed"
+             and by.get((o.test, "cli"), o).result == "passed"]
+    if worse:
+        print("\npycriu fails where the CLI passes:")
+        for o in worse:
+            print(f"  {o.test} [{o.mode}]: {o.reason}")
+    if a.json:
+        a.json.write_text(json.dumps([o.as_dict() for o in results], indent=1))
+    return 1 if worse else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
