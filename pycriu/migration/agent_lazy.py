@@ -1,7 +1,8 @@
 """The agent's lazy-pages daemon: started early (while the other images still arrive) or by the
-restore, watched until it exits, and never stopped under a committed tree that still faults
-pages in. A daemon that dies before the last page kills the restored tree: the kernel would
-resolve its remaining faults with zero pages."""
+restore, and watched until it exits. Under a committed tree that still faults pages in, the
+session's end waits for it (up to the agent's lazy timeout) before stopping it. A daemon that
+dies before the last page kills the restored tree: the kernel would resolve its remaining
+faults with zero pages."""
 
 from __future__ import annotations
 

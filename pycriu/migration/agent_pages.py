@@ -50,7 +50,7 @@ class PageServers:
         except (CriuError, TimeoutError) as exc:
             if not keep:
                 ps.stop()
-            raise AgentError(f"the page server of {name} did not receive {what}: {exc}",
+            raise AgentError(f"the page server did not receive {what} ({name}): {exc}",
                              code="page-server-failed") from None
         return True
 

@@ -11,7 +11,11 @@ import time
 from .guard import Guard
 from .procs import kill_tree, resume_tree
 
-__all__ = ["RestoredTree"]
+__all__ = ["RestoredTree", "TreeKilled"]
+
+
+class TreeKilled(Exception):
+    """The commit came for a tree that was already killed (its lazy-pages daemon failed)."""
 
 
 class RestoredTree:
@@ -51,12 +55,12 @@ class RestoredTree:
 
     def commit(self) -> float:
         """The source gave the process up: release it from the guard and resume it (CRIU left
-        every task stopped). Returns the monotonic time of the resume. Raises ``LookupError``
-        when the tree was killed already."""
+        every task stopped). Returns the monotonic time of the resume. Raises
+        :class:`TreeKilled` when the tree was killed already."""
         assert self.pid is not None
         with self.lock:
             if self.killed is not None:
-                raise LookupError("the restored tree was already killed")
+                raise TreeKilled("the restored tree was already killed")
             self.committed = True
             if self.guard is not None:
                 self.guard.release()  # before the resume: the guard never kills a running tree

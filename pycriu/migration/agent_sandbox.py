@@ -15,7 +15,7 @@ from .errors import ProtocolError
 from .images import DirUsage, dir_usage
 from .protocol import check_dir_name
 
-__all__ = ["KEEP_FAILED", "SessionDir"]
+__all__ = ["KEEP_FAILED", "SessionDir", "criu_logs"]
 
 log = logging.getLogger("pycriu.agent")
 

@@ -16,13 +16,13 @@ from contextlib import ExitStack
 from typing import Any
 
 from .._threads import spawn
-from ..errors import CriuError, KernelUnsupportedError
+from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
 from ..options import PageServerAddress, RestoreOptions
 from . import checks, containers, pagetls, preflight
 from .agent_config import RESTORE_FLAGS, AgentConfig
 from .agent_lazy import LazySupervisor
 from .agent_pages import PageServers, check_source_address
-from .agent_restored import RestoredTree
+from .agent_restored import RestoredTree, TreeKilled
 from .agent_sandbox import SessionDir
 from .containers import AcceptedContainer
 from .errors import AgentError, ProtocolError, TransportError
@@ -69,12 +69,12 @@ class AgentSession:
         self.page_tls: pagetls.PageTLS | None = None
         self.container: AcceptedContainer | None = None  # a container migration (containers.py)
         self._prestart: Future[None] | None = None
-        # The teardown runs these in reverse: the uncommitted tree dies first, the session's
+        # The teardown, in the order it runs: the uncommitted tree dies first, the session's
         # files go last, and every step runs even when one before it failed.
+        steps = (self._kill_uncommitted, self._stop_guard, self.pages.stop, self._close_lazy, self.sandbox.close,
+                 self._close_guard, self._stop_prestart, self.channel.close, self._remove_files)
         self._teardown = ExitStack()
-        for step in (self._remove_files, self.channel.close, self._stop_prestart, self._close_guard,
-                     self.sandbox.close, self._close_lazy, self.pages.stop, self._stop_guard,
-                     self._kill_uncommitted):
+        for step in reversed(steps):  # an ExitStack runs its callbacks last in, first out
             self._teardown.callback(step)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class AgentSession:
         """Kill an uncommitted restored tree, stop daemons, remove the session directory."""
         self._teardown.close()
 
-    # the teardown's steps, in the order they run
+    # the teardown's own steps
 
     def _kill_uncommitted(self) -> None:
         with self.tree.lock:
@@ -259,7 +259,10 @@ class AgentSession:
 
     def _source_page_server(self, ps: dict[str, Any]) -> PageServerAddress:
         check_source_address(ps["address"], self.peer_address, self.config.page_server_addresses)
-        return PageServerAddress(ps["address"], ps["port"])
+        try:
+            return PageServerAddress(ps["address"], ps["port"])
+        except InvalidOptionError as exc:
+            raise ProtocolError(f"the source's page server: {exc.message}") from None
 
     def _file(self, msg: dict[str, Any]) -> None:
         name = check_dir_name(msg["dir"])
@@ -380,7 +383,7 @@ class AgentSession:
         stopped) and acknowledge, with how long ago the tree was resumed."""
         try:
             t_resume = self.tree.commit()
-        except LookupError:
+        except TreeKilled:
             raise AgentError("the restored tree was already killed (lazy-pages daemon failed)",
                              code="lazy-pages-failed") from None
         self.state = "committed"
