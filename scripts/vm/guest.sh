@@ -1,6 +1,6 @@
 #!/bin/bash
 # PID 1 of the test VM, in the host's root under a tmpfs overlay (see scripts/vm/init): set up what
-# a Debian 12 machine has at boot and CRIU needs (proc, sys, devpts, cgroup2, tmpfs /tmp and /run,
+# a Debian 12 machine has at boot and CRIU needs (proc, sys, devpts, cgroup2, a tmpfs /run,
 # the kernel's own modules, loopback up, fs.pipe-max-size), run the job the host wrote into the
 # results share (9p tag "results", mounted on /run/pycriu-vm), bring back its output, exit status and
 # CRIU's logs there, and power off. Nothing is installed: the guest runs the host's own files.
@@ -14,7 +14,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs -o mode=0755 run /run
 mkdir -p /run/lock # as a booted Debian has it (the benchmark takes its lock there)
-mount -t tmpfs -o mode=1777 tmp /tmp
+# /tmp stays the overlay's (in RAM already): a tmpfs on it would hide a checkout under /tmp (CI's
+# clone may be there). The logs brought back are only those this run wrote (newer than the mark).
+touch /run/pycriu-vm-start
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
 mount --bind /dev/pts/ptmx /dev/ptmx
@@ -49,7 +51,7 @@ say "job ended with status $rc after $(($(date +%s) - start)) s"
 [ "$rc" = 124 ] && say "the job timed out after $JOB_TIMEOUT s"
 
 # CRIU's logs (and pycriu's kept ones) from every temporary directory of the run.
-(cd / && find tmp var/tmp -name '*.log' -size -20M -print0 2>/dev/null |
+(cd / && find tmp var/tmp -name '*.log' -size -20M -newer run/pycriu-vm-start -print0 2>/dev/null |
 	tar --null -czf "$out/logs.tar.gz" -T - 2>/dev/null) || say "could not collect the logs"
 echo "$rc" >"$out/rc"
 off
