@@ -55,6 +55,12 @@ class FakeTree:
     def wait_gone(self) -> bool:
         return self.now == "gone"
 
+    def frozen(self) -> None:
+        pass  # the real tree notes its PIDs (tests/test_migration_procs.py)
+
+    def release(self) -> None:
+        pass
+
     restorable: bool = True
 
     def restore_from_images(self) -> int:

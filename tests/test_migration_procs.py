@@ -124,3 +124,33 @@ def test_a_late_sigstop_does_not_leave_a_resumed_tree_stopped() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_pids_of_an_ended_tree_are_free_once_its_zombie_child_is_reaped() -> None:
+    """A workload this process started and whose dump killed it stays a zombie holding its PID
+    (a restore under that PID would fail: "File exists") until reaped: pids_taken reaps it."""
+    child = subprocess.Popen(["sleep", "60"])
+    assert procs.shares_pid_namespace(child.pid)
+    os.kill(child.pid, signal.SIGKILL)
+    while procs.tree_state(child.pid) != "gone":  # a zombie now, its PID still taken
+        time.sleep(0.01)
+    assert os.path.exists(f"/proc/{child.pid}")
+    assert procs.pids_taken([child.pid], timeout=2) == []
+    assert not os.path.exists(f"/proc/{child.pid}")
+    assert child.wait(timeout=1) == 0  # Popen reads a reaped child as 0
+
+
+def test_a_zombie_another_process_keeps_is_named_with_its_parent() -> None:
+    """A zombie whose parent does not reap it is reported, with the parent to blame."""
+    parent = subprocess.Popen([sys.executable, "-c", "import os, time\n"
+                               "pid = os.fork()\n"
+                               "if pid == 0: os._exit(0)\n"
+                               "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        zombie = int(parent.stdout.readline())
+        taken = procs.pids_taken([zombie], timeout=0.2)
+        assert taken == [f"pid {zombie} (a zombie until its parent, pid {parent.pid}, reaps it)"]
+    finally:
+        parent.kill()
+        parent.wait()

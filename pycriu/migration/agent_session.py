@@ -18,7 +18,7 @@ from typing import Any
 from .._threads import spawn
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
 from ..options import PageServerAddress, RestoreOptions
-from . import checks, containers, pagetls, preflight
+from . import checks, containers, pagetls, preflight, procs
 from .agent_config import RESTORE_FLAGS, AgentConfig
 from .agent_lazy import LazySupervisor
 from .agent_pages import PageServers, check_source_address
@@ -193,6 +193,7 @@ class AgentSession:
         images = self.sandbox.subdir("images")
         if self.config.same_host:  # whole images may come by hard link into this directory
             reply["link_dev"] = os.fstat(images).st_dev
+            reply["pid_ns"] = procs.pid_namespace()  # a tree of this PID namespace needs its PIDs back
         if msg.get("page_tls"):  # this session's key for CRIU's page connections (pagetls.py)
             tls_dir = self.sandbox.own("tls")
             reply["tls_csr"] = pagetls.new_request(tls_dir)

@@ -37,6 +37,7 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
+from ..errors import PidInUseError
 from . import procs
 
 __all__ = ["Custody", "Stage", "Outcome", "SourceTree", "DestinationCopy", "ProcTree", "CustodyError",
@@ -117,6 +118,15 @@ class SourceTree(Protocol):
         """Wait (a few seconds) until a killed tree is gone; whether it is."""
         ...
 
+    def frozen(self) -> None:
+        """The dump froze it: its processes are the ones the dump will end or hand over."""
+        ...
+
+    def release(self) -> None:
+        """The dump ended it: wait until its PIDs are free again (a restore in its PID namespace
+        takes them back); :class:`~pycriu.errors.PidInUseError` when a zombie keeps one."""
+        ...
+
     def restore_from_images(self) -> int:
         """Restore the tree on this host from the source's own images (its new root pid)."""
         ...
@@ -137,6 +147,21 @@ class ProcTree:
     def __init__(self, pid: int, restore: Callable[[], int] | None = None) -> None:
         self.pid = pid
         self._restore = restore
+        self._pids: list[int] = []
+
+    def frozen(self) -> None:
+        # Only a tree in this PID namespace is restored under its own PIDs: a tree with a PID
+        # namespace of its own gets a new one, whatever its old init's zombie keeps.
+        self._pids = procs.descendants(self.pid) if procs.shares_pid_namespace(self.pid) else []
+
+    def release(self) -> None:
+        taken = procs.pids_taken(self._pids)
+        if taken:
+            raise PidInUseError(
+                f"the source's dump ended it, but {', '.join(taken)} still holds a PID its restore "
+                "needs", operation="migrate",
+                hint="a process that starts a workload must reap it (wait for it) when it exits, or "
+                     "the workload should run in its own PID namespace; the images are kept")
 
     def state(self) -> str:
         return procs.tree_state(self.pid)
@@ -153,6 +178,7 @@ class ProcTree:
     def restore_from_images(self) -> int:
         if self._restore is None:
             raise CustodyError("this tree has no images to be restored from")
+        self.release()
         self.pid = self._restore()
         return self.pid
 
@@ -209,6 +235,7 @@ class Custody:
         def callback(action: str, pid: int) -> bool:
             if action == "pre-dump":
                 self._to(Stage.FROZEN)
+                self.source.frozen()
                 on_freeze()
             elif action == "post-dump":
                 on_dumped()
@@ -231,8 +258,10 @@ class Custody:
         self.destination_state = STOPPED_UNCOMMITTED
 
     def checkpointed(self) -> None:
-        """The dump ended (killed) the source; its complete images on this host are the rollback."""
+        """The dump ended (killed) the source; its complete images on this host are the rollback.
+        Returns once the source's PIDs are free for the destination's restore."""
         self._to(Stage.CHECKPOINTED)
+        self.source.release()
 
     def commit_sending(self) -> None:
         """The commit is about to be sent: from now on assume it may arrive."""

@@ -93,7 +93,8 @@ def checks_and_handshake(run: RunState) -> str:
     if m.container is not None:
         resources = containers.preflight_resources(resources)
     if m.destination.same_host:
-        mode, reason = _same_host_names(run, requested, mode, reason, resources.host_names())
+        mode, reason = _same_host_names(run, requested, mode, reason,
+                                        resources.host_names() + _pids_held(run.pid, remote.get("pid_ns")))
     problems = run.client.preflight(preflight.request(resources, cpu.result() if cpu is not None else None))
     if problems:
         raise PreflightError(f"the destination cannot restore this tree: {'; '.join(problems)}",
@@ -135,6 +136,16 @@ def _same_host_names(run: RunState, requested: str, mode: str, reason: str, name
     run.note(f"one host, and the tree holds {held}: the dump ends the source; its images are kept "
               "until the destination runs, and a failure restores it from them")
     return mode, reason
+
+
+def _pids_held(pid: int, destination_ns: int | None) -> list[str]:
+    """A tree in the destination's own PID namespace is restored under its own PIDs, which a
+    stopped source still holds ("Can't fork for PID: File exists"). An agent that does not say
+    its namespace (an older one) shares this host's."""
+    ns = procs.pid_namespace(pid)
+    if ns is None or ns != (destination_ns if destination_ns is not None else procs.pid_namespace()):
+        return []
+    return [f"its PIDs (from {pid}) in the destination's PID namespace"]
 
 
 def _page_tls_authority(run: RunState, directory: Path) -> pagetls.Authority:

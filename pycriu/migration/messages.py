@@ -76,6 +76,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
               "page_tls": (_BOOL, False), "tls_csr": ((str, _Opt), False),
               # a local agent: the device of its images directory, where it accepts hard links
               "link_dev": ((int, _Opt), False),
+              "pid_ns": ((int, _Opt), False),
               # a container: its options and runtime target, checked by the agent (containers.py)
               "container": ((dict, _Opt), False)},
     "page-tls": {"cert": (_STR, True), "ca": (_STR, True)},

@@ -8,6 +8,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,6 +240,52 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def pid_namespace(pid: int | str = "self") -> int | None:
+    """The inode of ``pid``'s PID namespace (None when it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def shares_pid_namespace(pid: int) -> bool:
+    """``pid`` lives in this process's PID namespace (a restore here needs its PIDs back)."""
+    ns = pid_namespace(pid)
+    return ns is not None and ns == pid_namespace()
+
+
+def pids_taken(pids: Iterable[int], timeout: float = 10.0) -> list[str]:
+    """Wait until none of ``pids`` exists any more, not even as a zombie, and return the ones
+    still taken after ``timeout`` (as phrases naming each and the parent that keeps it).
+
+    A tree restored in the PID namespace it was dumped from needs its own PIDs back, and the
+    zombie of a process the dump killed keeps its PID until its parent reaps it ("Can't fork
+    for PID: File exists"). Zombies that are this process's own children (a runtime that
+    started the workload and migrates it) are reaped here: the exit status of a copy that was
+    migrated means nothing (a ``subprocess.Popen`` then reads 0)."""
+    left = set(pids)
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in list(left):
+            try:
+                os.waitpid(p, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not os.path.exists(f"/proc/{p}"):
+                left.discard(p)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    taken = []
+    for p in sorted(left):
+        try:
+            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone since
+        taken.append(f"pid {p} (a zombie until its parent, pid {ppid}, reaps it)")
+    return taken
 
 
 def resume_tree(pid: int) -> None:
