@@ -28,6 +28,8 @@ class RestoredTree:
         self.committed = False
         self.killed: int | None = None  # how many tasks were killed, once they were
         self.guard: Guard | None = None  # kills what it holds if this agent dies
+        #: processes the dump found stopped (their own pids): the commit leaves them stopped
+        self.keep_stopped: dict[int, int] = {}
 
     def hold(self, pid: int) -> None:
         """The guard holds ``pid`` from the moment CRIU names it (before the restore returns)."""
@@ -55,7 +57,7 @@ class RestoredTree:
 
     def commit(self) -> float:
         """The source gave the process up: release it from the guard and resume it (CRIU left
-        every task stopped). Returns the monotonic time of the resume. Raises
+        every task stopped; the ones stopped before the dump stay so). Returns the monotonic time of the resume. Raises
         :class:`TreeKilled` when the tree was killed already."""
         assert self.pid is not None
         with self.lock:
@@ -65,5 +67,5 @@ class RestoredTree:
             if self.guard is not None:
                 self.guard.release()  # before the resume: the guard never kills a running tree
             t_resume = time.monotonic()
-            resume_tree(self.pid)
+            resume_tree(self.pid, self.keep_stopped)
         return t_resume

@@ -27,7 +27,7 @@ from .agent_sandbox import SessionDir
 from .containers import AcceptedContainer
 from .errors import AgentError, ProtocolError, TransportError
 from .guard import Guard
-from .images import memory_dir
+from .images import memory_dir, stopped_tasks
 from .modes import FLOWS, choose_mode
 from .protocol import (
     LOG_NAME,
@@ -311,6 +311,10 @@ class AgentSession:
             raise ProtocolError("restore requested before the images were sent")
         if self.channel.peer_gone():
             raise TransportError("the source went away before the restore started")
+        try:  # CRIU's leave_stopped stops every task; the commit resumes all but these
+            self.tree.keep_stopped = stopped_tasks(images)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"the images sent cannot be read: {exc}") from None
         lazy = msg["lazy"]
         address = self._source_page_server(msg["page_server"]) if msg["page_server"] is not None else None
         if lazy and not self.config.local_info()["features"]["lazy_pages"]:

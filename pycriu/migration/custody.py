@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from ..errors import PidInUseError
-from . import procs
+from . import images, procs
 
 __all__ = ["Custody", "Stage", "Outcome", "SourceTree", "DestinationCopy", "ProcTree", "CustodyError",
            "UNCOMMITTED", "STOPPED_UNCOMMITTED"]
@@ -144,9 +145,11 @@ class DestinationCopy(Protocol):
 class ProcTree:
     """:class:`SourceTree` of a real process tree (:mod:`.procs`)."""
 
-    def __init__(self, pid: int, restore: Callable[[], int] | None = None) -> None:
+    def __init__(self, pid: int, restore: Callable[[], int] | None = None,
+                 images_dir: Callable[[], Path | None] | None = None) -> None:
         self.pid = pid
         self._restore = restore
+        self._images = images_dir  # the dump's images directory, once there is one
         self._pids: list[int] = []
 
     def frozen(self) -> None:
@@ -167,7 +170,18 @@ class ProcTree:
         return procs.tree_state(self.pid)
 
     def resume(self) -> None:
-        procs.resume_until_running(self.pid)
+        procs.resume_until_running(self.pid, keep_stopped=self._stopped_before())
+
+    def _stopped_before(self) -> dict[int, int]:
+        """The processes the dump found stopped: a rollback leaves them stopped, as they were.
+        (No complete images: CRIU resumed the tree itself, as it found it.)"""
+        directory = self._images() if self._images is not None else None
+        if directory is None or not (directory / "pstree.img").exists():
+            return {}
+        try:
+            return images.stopped_tasks(directory)
+        except (OSError, ValueError):
+            return {}
 
     def kill(self) -> bool:
         return procs.kill_tree(self.pid) is not None

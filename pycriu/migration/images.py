@@ -9,17 +9,21 @@ import struct
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import _protobuf
 from .._fs import MEMORY_FILESYSTEMS, filesystem_of
 from .protocol import IMAGE_NAME
 
 __all__ = ["ImageFile", "list_images", "dir_usage", "Pagemap", "read_pagemap", "pagemaps", "PAGE_SIZE",
-           "non_lazy_ranges", "filesystem_of", "memory_dir", "MEMORY_FILESYSTEMS"]
+           "non_lazy_ranges", "stopped_tasks", "filesystem_of", "memory_dir", "MEMORY_FILESYSTEMS"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _IMG_COMMON_MAGIC = 0x54564319
 _PAGEMAP_MAGIC = 0x56084025
+_PSTREE_MAGIC = 0x50273030
+_CORE_MAGIC = 0x55053847
+_TASK_STOPPED = 3  # compel's COMPEL_TASK_STOPPED, the task_state of a core image
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
@@ -175,23 +179,50 @@ class Pagemap:
                    if (lazy is None or e.lazy == lazy) and (present is None or e.present == present))
 
 
-def read_pagemap(path: str | os.PathLike[str]) -> Pagemap:
-    """Parse a CRIU ``pagemap-*.img`` (magics, then size-prefixed PagemapHead and entries)."""
+def _messages(path: str | os.PathLike[str], magic: int, kind: str) -> list[dict[int, Any]]:
+    """The size-prefixed protobuf messages of one CRIU image (after its two magics), as fields."""
     data = Path(path).read_bytes()
     if len(data) < 8:
-        raise ValueError(f"{path}: too short for a pagemap image")
-    m0, m1 = struct.unpack_from("<II", data)
-    if m0 != _IMG_COMMON_MAGIC or m1 != _PAGEMAP_MAGIC:
-        raise ValueError(f"{path}: not a pagemap image")
-    pos = 8
+        raise ValueError(f"{path}: too short for a {kind} image")
+    if struct.unpack_from("<II", data) != (_IMG_COMMON_MAGIC, magic):
+        raise ValueError(f"{path}: not a {kind} image")
+    head = 8
+    pos = head
     messages = []
     while pos < len(data):
         if pos + 4 > len(data):
             raise ValueError(f"{path}: truncated")
         (size,) = struct.unpack_from("<I", data, pos)
         pos += 4
+        if pos + size > len(data):
+            raise ValueError(f"{path}: truncated")
         messages.append(_protobuf.fields(data[pos:pos + size]))
         pos += size
+    return messages
+
+
+def stopped_tasks(directory: str | os.PathLike[str]) -> dict[int, int]:
+    """The processes the dump found stopped (``SIGSTOP``, job control), by their pid in the
+    tree's own PID namespace, as ``pstree.img`` names them, each with the signal that stopped
+    it (0 when the image does not say). A restore with ``leave_stopped`` leaves every task
+    stopped by SIGSTOP; these stay stopped when the others resume, by their own signal."""
+    d = Path(directory)
+    stopped = {}
+    for entry in _messages(d / "pstree.img", _PSTREE_MAGIC, "pstree"):
+        pid = entry.get(1)
+        if not isinstance(pid, int):
+            raise ValueError(f"{d / 'pstree.img'}: an entry without a pid")
+        core = _messages(d / f"core-{pid}.img", _CORE_MAGIC, "core")
+        tc = _protobuf.fields(core[0][3]) if core and isinstance(core[0].get(3), bytes) else {}
+        if tc.get(1) == _TASK_STOPPED:
+            signo = tc.get(21, 0)
+            stopped[pid] = signo if isinstance(signo, int) else 0
+    return stopped
+
+
+def read_pagemap(path: str | os.PathLike[str]) -> Pagemap:
+    """Parse a CRIU ``pagemap-*.img`` (magics, then size-prefixed PagemapHead and entries)."""
+    messages = _messages(path, _PAGEMAP_MAGIC, "pagemap")
     if not messages:
         raise ValueError(f"{path}: no pagemap head")
     head, *rest = messages

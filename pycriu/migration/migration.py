@@ -230,7 +230,7 @@ class MigrationRun:
         self.src_logs: Path | None = None
         self.t_freeze: float | None = None
         self.t_resume: float | None = None
-        self.custody = Custody(ProcTree(m.pid, self._restore_source), AgentCopy(self), self.note)
+        self.custody = Custody(ProcTree(m.pid, self._restore_source, lambda: self.images), AgentCopy(self), self.note)
         #: one host, and the tree holds host-wide names: the dump ends the source, its images are the rollback
         self.rollback_from_images = False
         self.dump_result: DumpResult | None = None

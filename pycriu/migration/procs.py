@@ -8,7 +8,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,19 +288,47 @@ def pids_taken(pids: Iterable[int], timeout: float = 10.0) -> list[str]:
     return taken
 
 
-def resume_tree(pid: int) -> None:
-    """SIGCONT every process of the tree (CRIU's ``leave_stopped`` left them stopped)."""
+def own_pid(pid: int) -> int | None:
+    """``pid``'s number in its own (innermost) PID namespace, as CRIU's images name it."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def resume_tree(pid: int, keep_stopped: Mapping[int, int] | None = None) -> None:
+    """SIGCONT every process of the tree (CRIU's ``leave_stopped`` left them stopped), except
+    the ones the dump found stopped (``keep_stopped``: their own pid -> the signal that stopped
+    them, see :func:`pycriu.migration.images.stopped_tasks`): those stay stopped. CRIU stopped
+    them again with SIGSTOP; one stopped by job control (SIGTSTP, SIGTTIN, SIGTTOU) gets its own
+    signal back, as CRIU does without ``leave_stopped``: SIGCONT then that signal, which the
+    task takes before it returns to user space (a parent's ``waitpid`` then reads that signal)."""
     for p in descendants(pid):
+        signo = keep_stopped.get(own_pid(p) or 0) if keep_stopped else None
         try:
-            os.kill(p, signal.SIGCONT)
+            if signo is None:
+                os.kill(p, signal.SIGCONT)
+            elif signo in _JOB_CONTROL_STOPS:
+                os.kill(p, signal.SIGCONT)
+                os.kill(p, signo)
         except OSError:
             pass
 
 
-def resume_until_running(pid: int, timeout: float = 2.0) -> str:
+_JOB_CONTROL_STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def resume_until_running(pid: int, timeout: float = 2.0, keep_stopped: Mapping[int, int] | None = None) -> str:
     """Resume a tree that CRIU left stopped, and see that it stays running: the SIGSTOP CRIU
     sends as it detaches may land after a first look found the tree running. Returns the state
-    at the end (``running`` unless it is gone, or still stopped after ``timeout``)."""
+    at the end (``running`` unless it is gone, or still stopped after ``timeout``). A root that
+    was stopped before the dump (in ``keep_stopped``) stays stopped: the others are resumed once."""
+    if keep_stopped and own_pid(pid) in keep_stopped:
+        resume_tree(pid, keep_stopped)
+        return tree_state(pid)
     deadline = time.monotonic() + timeout
     running_since: float | None = None
     while True:
@@ -309,7 +337,7 @@ def resume_until_running(pid: int, timeout: float = 2.0) -> str:
         if state == "gone":
             return state
         if state == "stopped":
-            resume_tree(pid)
+            resume_tree(pid, keep_stopped)
             running_since = None
         elif running_since is None:
             running_since = now
