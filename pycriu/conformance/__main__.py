@@ -13,9 +13,29 @@ from pathlib import Path
 from .suite import MODES, Outcome, default_zdtm_dir, eligible, load_tests, run_trial
 
 
+def worse_than_cli(results: list[Outcome]) -> list[Outcome]:
+    """The trials a pycriu mode failed although the CLI passed the same test in the same run."""
+    by = {(o.test, o.mode): o for o in results}
+    return [o for o in results if o.mode != "cli" and o.result == "failed"
+            and by.get((o.test, "cli"), o).result == "passed"]
+
+
+def table(results: list[Outcome], modes: list[str]) -> str:
+    """Per mode passed/failed/skipped, as a reStructuredText table (docs/conformance.rst)."""
+    rows = [("mode", "passed", "failed", "skipped")]
+    for m in modes:
+        r = [o.result for o in results if o.mode == m]
+        rows.append((m, str(r.count("passed")), str(r.count("failed")), str(r.count("skipped"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths, strict=True)), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows[1:]]
+    return "\n".join([*lines, rule])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pycriu.conformance", description=__doc__)
-    p.add_argument("--mode", default="cli,criu", help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--mode", default="cli,criu", help=f"all, or comma-separated, of {', '.join(MODES)}")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tests", help="comma-separated zdtm test names")
     g.add_argument("--all", action="store_true", help="every built test of static/")
@@ -24,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="only 1 (zdtm tests share names and ports)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    modes = a.mode.split(",")
+    modes = list(MODES) if a.mode == "all" else a.mode.split(",")
     bad = [m for m in modes if m not in MODES]
     if bad or a.jobs != 1:
         p.error(f"unknown mode {bad}" if bad else "--jobs: only 1 is supported")
@@ -40,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             o = Outcome(n, m, "skipped", why) if why else run_trial(tests[n], m, criu_bin=a.criu)
             results.append(o)
             print(f"{n:24} {m:22} {o.result:8} {o.reason}"[:200], flush=True)
-    print(f"\n{'mode':22} passed failed skipped")
-    for m in modes:
-        r = [o.result for o in results if o.mode == m]
-        print(f"{m:22} {r.count('passed'):6} {r.count('failed'):6} {r.count('skipped'):7}")
-    by = {(o.test, o.mode): o for o in results}
-    worse = [o for o in results if o.mode != "cli" and o.result == "failed"
-             and by.get((o.test, "cli"), o).result == "passed"]
+    print()
+    print(table(results, modes))
+    worse = worse_than_cli(results)
     if worse:
         print("\npycriu fails where the CLI passes:")
         for o in worse:
