@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-stress test-vm test-vm-full fuzz soak docs lint bench clean
+.PHONY: setup demo test test-stress test-vm test-vm-full conformance fuzz soak docs lint bench clean
 
 setup:
 	bash scripts/provision.sh
@@ -26,6 +26,13 @@ test-vm: setup
 # The whole suite in that guest (slow under emulation: not part of CI).
 test-vm-full: setup
 	PYCRIU_VM_TIMEOUT=$${PYCRIU_VM_TIMEOUT:-7200} bash scripts/vm/run.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# CRIU's zdtm tests (built from the provisioned source) through the CLI, pycriu's Criu and every
+# Migration flow; the table and every test pycriu fails where the CLI passes (docs/conformance.rst).
+CONFORMANCE_ARGS ?= --mode all --all
+conformance: setup
+	bash scripts/zdtm.sh
+	$(PY) -m pycriu.conformance $(CONFORMANCE_ARGS) --json build/conformance.json
 
 # The agent's fuzzing at a larger budget; the counts per message type go to fuzz-counts.json.
 fuzz: setup

@@ -1,0 +1,111 @@
+"""CRIU's own zdtm tests, run through pycriu: every mode must pass what the ``criu`` CLI passes.
+
+The programs come from the provisioned CRIU source (``scripts/zdtm.sh`` builds them into
+``build/zdtm``); :mod:`pycriu.conformance` starts each as ``zdtm.py`` does, checkpoints and
+restores it through the CLI, :class:`pycriu.Criu` and :class:`pycriu.Migration` (to a local agent,
+in every flow this kernel allows), then lets the test check its own state. CI runs the subset
+below (each a different kind of kernel state); ``make conformance`` runs every eligible test.
+
+The first tests need no root: how ``.desc`` files, their options and the verdicts are read.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import FEATURES, needs_root
+
+from pycriu.conformance import MODES, Outcome, ZdtmTest, eligible, load_tests, run_trial
+from pycriu.conformance.__main__ import worse_than_cli
+from pycriu.conformance.suite import _split  # noqa: PLC2701 - the parser is the unit under test
+
+ROOT = Path(__file__).resolve().parents[1]
+ZDTM = ROOT / "build" / "zdtm"
+CRIU_SOURCE = Path(os.environ.get("PYCRIU_CRIU_SRC", "/var/cache/pycriu/build/criu-4.2.1"))
+
+#: One of each kind of state CRIU must carry: memory and threads, pipes and FIFOs, listening,
+#: connected and Unix sockets, file locks, deleted and unlinked files (ghosts), signals, timers, ptys,
+#: zombies, inotify, memfd, epoll, eventfd, and tasks stopped by SIGSTOP and by job control.
+SUBSET = ("env00", "maps00", "pthread00", "pipe00", "fifo", "fifo_ro", "socket_listen", "socket-tcp",
+          "sockets00", "sk-unix-rel", "file_locks00", "unlink_fstat00", "sigpending", "posix_timers", "pty00",
+          "zombie00", "inotify00", "memfd00", "epoll", "ghost_holes00", "eventfs00", "vdso00", "stopped",
+          "stopped03")
+
+#: Modes this host runs; lazy and page-server-on-source need userfaultfd.
+HOST_MODES = tuple(m for m in MODES if FEATURES is None or FEATURES.lazy_pages
+                   or m not in ("lazy", "page-server-on-source"))
+
+
+# -- reading zdtm's descriptions (no root) ---------------------------------------------------------
+
+def test_a_desc_is_read_as_zdtm_reads_it(tmp_path: Path) -> None:
+    (tmp_path / "static").mkdir()
+    for name, desc in (("plain", None), ("locks", "{'flags': 'suid', 'opts': '--file-locks'}"),
+                       ("nsonly", "{'flavor': 'ns uns'}"), ("code", "os.getenv('X') and {'flags': 'x'}")):
+        (tmp_path / "static" / f"{name}.c").write_text("")
+        (tmp_path / "static" / name).write_text("")
+        if desc is not None:
+            (tmp_path / "static" / f"{name}.desc").write_text(desc)
+    tests = {t.name: t for t in load_tests(tmp_path)}
+    assert tests["plain"].flavors == ["h", "ns", "uns"] and tests["plain"].flags == []
+    assert tests["locks"].opts("dump") == ["--file-locks"] and tests["locks"].flags == ["suid"]
+    assert eligible(tests["nsonly"], "criu") == "flavor ns uns only (not the host flavor)"
+    # zdtm.py evals a few descriptions that read its environment: those run only when set up by hand
+    assert tests["code"].flags == ["noauto"] and eligible(tests["code"], "criu") == "flag noauto"
+
+
+def test_options_split_into_pycriu_fields_and_criu_options() -> None:
+    fields, other, rest = _split(["--tcp-established", "--ghost-limit", "8M", "--no-ghost-fiemap",
+                                  "--manage-cgroups=full", "--external", "a", "--external", "b"])
+    assert fields == {"tcp_established": True}
+    assert other == {"ghost-limit": "8M", "no-ghost-fiemap": True, "manage-cgroups": "full", "external": "a"}
+    assert rest == ["--external", "b"]  # criu_options holds one value per option
+
+
+def test_only_a_mode_failing_where_the_cli_passes_counts_against_pycriu() -> None:
+    results = [Outcome("a", "cli", "passed", ""), Outcome("a", "classic", "failed", "x"),
+               Outcome("b", "cli", "failed", "y"), Outcome("b", "classic", "failed", "y"),
+               Outcome("c", "cli", "passed", ""), Outcome("c", "criu", "skipped", "z")]
+    assert [(o.test, o.mode) for o in worse_than_cli(results)] == [("a", "classic")]
+
+
+# -- the suite itself (root, real CRIU) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zdtm() -> dict[str, ZdtmTest]:
+    """The subset, built from the provisioned CRIU source (a second build only relinks)."""
+    if not (CRIU_SOURCE / "test" / "zdtm" / "static").is_dir():
+        pytest.skip(f"no CRIU source at {CRIU_SOURCE} (scripts/provision.sh unpacks it)")
+    subprocess.run(["bash", str(ROOT / "scripts" / "zdtm.sh"), *SUBSET], check=True, timeout=600)
+    return {t.name: t for t in load_tests(ZDTM) if t.name in SUBSET}
+
+
+_cli: dict[str, Outcome] = {}
+
+
+@needs_root
+@pytest.mark.criu
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [m for m in HOST_MODES if m != "cli"])
+@pytest.mark.parametrize("name", SUBSET)
+def test_pycriu_passes_what_the_criu_cli_passes(zdtm: dict[str, ZdtmTest], name: str, mode: str,
+                                                tmp_path: Path) -> None:
+    """zdtm's test ``name``, dumped and restored by the CLI and then in ``mode``: where the CLI
+    passes, pycriu must pass too, and the test program itself says whether its state survived."""
+    test = zdtm.get(name)
+    assert test is not None, f"{name} did not build (see build/zdtm/static/{name}.build.err)"
+    why = eligible(test, "/usr/local/sbin/criu")
+    if why:
+        pytest.skip(f"zdtm's {name} cannot run here: {why}")
+    if name not in _cli:
+        _cli[name] = run_trial(test, "cli", work=tmp_path)
+    baseline = _cli[name]
+    if baseline.result != "passed":
+        pytest.skip(f"the criu CLI itself does not pass {name} here: {baseline.reason}")
+    got = run_trial(test, mode, work=tmp_path)
+    if got.result == "skipped":
+        pytest.skip(f"{mode} cannot express {name}: {got.reason}")
+    assert got.result == "passed", f"{name} [{mode}]: {got.reason} (the CLI passes it)"
