@@ -29,7 +29,7 @@ test-vm-full: setup
 
 # CRIU's zdtm tests (built from the provisioned source) through the CLI, pycriu's Criu and every
 # Migration flow; the table and every test pycriu fails where the CLI passes (docs/conformance.rst).
-CONFORMANCE_ARGS ?= --mode all --all
+CONFORMANCE_ARGS ?= --mode all --flavor h,ns --all
 conformance: setup
 	bash scripts/zdtm.sh
 	$(PY) -m pycriu.conformance $(CONFORMANCE_ARGS) --json build/conformance.json

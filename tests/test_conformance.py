@@ -4,7 +4,8 @@ The programs come from the provisioned CRIU source (``scripts/zdtm.sh`` builds t
 ``build/zdtm``); :mod:`pycriu.conformance` starts each as ``zdtm.py`` does, checkpoints and
 restores it through the CLI, :class:`pycriu.Criu` and :class:`pycriu.Migration` (to a local agent,
 in every flow this kernel allows), then lets the test check its own state. CI runs the subset
-below (each a different kind of kernel state); ``make conformance`` runs every eligible test.
+below (each a different kind of kernel state), in this host's namespaces and in new ones (zdtm's
+``ns`` flavor); ``make conformance`` runs every eligible test in both.
 
 The first tests need no root: how ``.desc`` files, their options and the verdicts are read.
 """
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import FEATURES, needs_root
 
-from pycriu.conformance import MODES, Outcome, ZdtmTest, eligible, load_tests, run_trial
+from pycriu.conformance import MODES, Flavor, HostFlavor, NsFlavor, Outcome, ZdtmTest, eligible, load_tests, run_trial
 from pycriu.conformance.__main__ import worse_than_cli
+from pycriu.conformance.flavor import libraries
 from pycriu.conformance.suite import _split  # noqa: PLC2701 - the parser is the unit under test
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +36,11 @@ SUBSET = ("env00", "maps00", "pthread00", "pipe00", "fifo", "fifo_ro", "socket_l
           "sockets00", "sk-unix-rel", "file_locks00", "unlink_fstat00", "sigpending", "posix_timers", "pty00",
           "zombie00", "inotify00", "memfd00", "epoll", "ghost_holes00", "eventfs00", "vdso00", "stopped",
           "stopped03")
+
+#: Kinds whose namespaces matter, in new namespaces (zdtm's ns flavor): a pid-ns init with its
+#: zombies and stopped tasks, the network namespace's sockets, IPC, a pty of its own devpts.
+NS_SUBSET = ("env00", "pipe00", "fifo", "socket_listen", "socket-tcp", "sockets00", "file_locks00", "pty00",
+             "zombie00", "stopped", "posix_timers")
 
 #: Modes this host runs; lazy and page-server-on-source need userfaultfd.
 HOST_MODES = tuple(m for m in MODES if FEATURES is None or FEATURES.lazy_pages
@@ -53,8 +61,26 @@ def test_a_desc_is_read_as_zdtm_reads_it(tmp_path: Path) -> None:
     assert tests["plain"].flavors == ["h", "ns", "uns"] and tests["plain"].flags == []
     assert tests["locks"].opts("dump") == ["--file-locks"] and tests["locks"].flags == ["suid"]
     assert eligible(tests["nsonly"], "criu") == "flavor ns uns only (not the host flavor)"
+    assert eligible(tests["nsonly"], "criu", "ns") is None
     # zdtm.py evals a few descriptions that read its environment: those run only when set up by hand
     assert tests["code"].flags == ["noauto"] and eligible(tests["code"], "criu") == "flag noauto"
+
+
+def test_the_ns_flavor_names_its_root_and_dev_to_criu_as_zdtm_does(tmp_path: Path) -> None:
+    flavor = NsFlavor(tmp_path)
+    flavor._tmp = "/t"  # noqa: SLF001 - the paths without mounting (no root needed)
+    assert flavor.dump_opts() == ["--root", "/t/root/root", "--external", "mnt[/dev]:ZDTM_DEV"]
+    assert flavor.restore_opts() == ["--root", "/t/root/root", "--external", "mnt[ZDTM_DEV]:/t/dev"]
+    c = flavor.container()
+    assert c.dump_fields()["root"] == "/t/root/root" and c.restore_fields()["ext_mounts"][0].key == "ZDTM_DEV"
+    assert flavor.env()["ZDTM_NEWNS"] == "1" and flavor.env()["ZDTM_ROOT"] == "/t/root/root"
+    assert flavor.start_dir(tmp_path / "static") == Path("/t/root/root/static")
+
+
+def test_a_binarys_libraries_are_what_ldd_names() -> None:
+    libs = libraries(Path("/bin/sh"))
+    assert any("libc.so" in lib for lib in libs) and all(lib.startswith("/") for lib in libs)
+    assert not any("vdso" in lib for lib in libs)
 
 
 def test_options_split_into_pycriu_fields_and_criu_options() -> None:
@@ -79,11 +105,38 @@ def zdtm() -> dict[str, ZdtmTest]:
     """The subset, built from the provisioned CRIU source (a second build only relinks)."""
     if not (CRIU_SOURCE / "test" / "zdtm" / "static").is_dir():
         pytest.skip(f"no CRIU source at {CRIU_SOURCE} (scripts/provision.sh unpacks it)")
-    subprocess.run(["bash", str(ROOT / "scripts" / "zdtm.sh"), *SUBSET], check=True, timeout=600)
-    return {t.name: t for t in load_tests(ZDTM) if t.name in SUBSET}
+    names = sorted({*SUBSET, *NS_SUBSET})
+    subprocess.run(["bash", str(ROOT / "scripts" / "zdtm.sh"), *names], check=True, timeout=600)
+    return {t.name: t for t in load_tests(ZDTM) if t.name in names}
 
 
-_cli: dict[str, Outcome] = {}
+@pytest.fixture(scope="module")
+def ns_flavor(zdtm: dict[str, ZdtmTest]) -> Iterator[NsFlavor]:
+    """zdtm's ns flavor: a root and a /dev of its own, unmounted at the end."""
+    with NsFlavor(ZDTM) as flavor:
+        yield flavor
+
+
+_cli: dict[tuple[str, str], Outcome] = {}
+
+
+def _compare(test: ZdtmTest | None, name: str, mode: str, flavor: Flavor, tmp_path: Path) -> None:
+    """The CLI's outcome of ``name`` (once per flavor), then ``mode``'s: where the CLI passes,
+    ``mode`` must pass too, and the test program itself says whether its state survived."""
+    assert test is not None, f"{name} did not build (see build/zdtm/static/{name}.build.err)"
+    why = eligible(test, "/usr/local/sbin/criu", flavor.name)
+    if why:
+        pytest.skip(f"zdtm's {name} cannot run here: {why}")
+    key = (name, flavor.name)
+    if key not in _cli:
+        _cli[key] = run_trial(test, "cli", work=tmp_path, flavor=flavor)
+    baseline = _cli[key]
+    if baseline.result != "passed":
+        pytest.skip(f"the criu CLI itself does not pass {name} ({flavor.name} flavor) here: {baseline.reason}")
+    got = run_trial(test, mode, work=tmp_path, flavor=flavor)
+    if got.result == "skipped":
+        pytest.skip(f"{mode} cannot express {name}: {got.reason}")
+    assert got.result == "passed", f"{name} [{mode}, {flavor.name} flavor]: {got.reason} (the CLI passes it)"
 
 
 @needs_root
@@ -93,19 +146,17 @@ _cli: dict[str, Outcome] = {}
 @pytest.mark.parametrize("name", SUBSET)
 def test_pycriu_passes_what_the_criu_cli_passes(zdtm: dict[str, ZdtmTest], name: str, mode: str,
                                                 tmp_path: Path) -> None:
-    """zdtm's test ``name``, dumped and restored by the CLI and then in ``mode``: where the CLI
-    passes, pycriu must pass too, and the test program itself says whether its state survived."""
-    test = zdtm.get(name)
-    assert test is not None, f"{name} did not build (see build/zdtm/static/{name}.build.err)"
-    why = eligible(test, "/usr/local/sbin/criu")
-    if why:
-        pytest.skip(f"zdtm's {name} cannot run here: {why}")
-    if name not in _cli:
-        _cli[name] = run_trial(test, "cli", work=tmp_path)
-    baseline = _cli[name]
-    if baseline.result != "passed":
-        pytest.skip(f"the criu CLI itself does not pass {name} here: {baseline.reason}")
-    got = run_trial(test, mode, work=tmp_path)
-    if got.result == "skipped":
-        pytest.skip(f"{mode} cannot express {name}: {got.reason}")
-    assert got.result == "passed", f"{name} [{mode}]: {got.reason} (the CLI passes it)"
+    """zdtm's test ``name`` in this host's namespaces, by the CLI and then in ``mode``."""
+    _compare(zdtm.get(name), name, mode, HostFlavor(), tmp_path)
+
+
+@needs_root
+@pytest.mark.criu
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [m for m in HOST_MODES if m != "cli"])
+@pytest.mark.parametrize("name", NS_SUBSET)
+def test_pycriu_passes_what_the_criu_cli_passes_in_new_namespaces(zdtm: dict[str, ZdtmTest], ns_flavor: NsFlavor,
+                                                                  name: str, mode: str, tmp_path: Path) -> None:
+    """zdtm's ns flavor: the test in new PID, mount, network, UTS and IPC namespaces under a root
+    of its own, checkpointed as a container (``--root``, ``/dev`` an external mount)."""
+    _compare(zdtm.get(name), name, mode, ns_flavor, tmp_path)

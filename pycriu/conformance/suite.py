@@ -17,13 +17,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from ..containers.options import ContainerOptions
 from ..criu import Criu
 from ..errors import CriuError, first_error_line
 from ..migration.procs import pids_taken
-from ..options import DumpOptions, RestoreOptions
+from ..options import CgroupRoot, DumpOptions, RestoreOptions
+from .flavor import Flavor, HostFlavor, umount_detached
 
 __all__ = ["MODES", "Outcome", "ZdtmTest", "default_zdtm_dir", "eligible", "load_tests", "run_trial"]
 
@@ -124,10 +127,11 @@ def _has_feature(criu_bin: str, feature: str) -> bool:
     return _feature_cache[feature]
 
 
-def eligible(test: ZdtmTest, criu_bin: str) -> str | None:
-    """``None`` if the test can run in the host flavor here, else the exact reason it cannot."""
-    if "h" not in test.flavors:
-        return f"flavor {' '.join(test.flavors)} only (not the host flavor)"
+def eligible(test: ZdtmTest, criu_bin: str, flavor: str = "h") -> str | None:
+    """``None`` if the test can run in ``flavor`` here, else the exact reason it cannot."""
+    if flavor not in test.flavors:
+        what = "the host flavor" if flavor == "h" else f"the {flavor} flavor"
+        return f"flavor {' '.join(test.flavors)} only (not {what})"
     for flag in SKIP_FLAGS:
         if flag in test.flags:
             return f"flag {flag}"
@@ -153,10 +157,11 @@ class Outcome:
     result: str
     reason: str = ""
     seconds: float = 0.0
+    flavor: str = "h"
 
     def as_dict(self) -> dict[str, object]:
-        return {"test": self.test, "mode": self.mode, "result": self.result, "reason": self.reason,
-                "seconds": round(self.seconds, 2)}
+        return {"test": self.test, "mode": self.mode, "flavor": self.flavor, "result": self.result,
+                "reason": self.reason, "seconds": round(self.seconds, 2)}
 
 
 def _first_error(log: Path) -> str:
@@ -262,10 +267,29 @@ def _kill(pid: int) -> None:
     _wait_gone(pid, 5)
 
 
-def _make(test: ZdtmTest, target: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``make --no-print-directory -C static TARGET`` as zdtm.py runs it (TMPDIR kept)."""
-    env = dict(os.environ, TMPDIR=os.environ.get("TMPDIR", "/tmp"))
-    return subprocess.run(["make", "--no-print-directory", "-C", str(test.static_dir), target],
+def _unmount_leftovers(test: ZdtmTest) -> None:
+    """Detach what a killed test left mounted in ``static/`` (cgroup00 mounts its ``.test``
+    directory and unmounts it only when it ends normally): ``make NAME.cleanout`` cannot remove a
+    mount point, and the next start would find it ("Can't make dir: File exists")."""
+    prefix = str(test.static_dir.resolve()) + "/"
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefix) and test.name in point[len(prefix):]:
+                points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        try:
+            umount_detached(point)
+        except OSError:
+            pass
+
+
+def _make(test: ZdtmTest, target: str, timeout: float, flavor: Flavor) -> subprocess.CompletedProcess[str]:
+    """``make --no-print-directory -C DIR TARGET`` as zdtm.py runs it (TMPDIR kept, the
+    flavor's environment added)."""
+    env = dict(os.environ, TMPDIR=os.environ.get("TMPDIR", "/tmp"), **flavor.env())
+    return subprocess.run(["make", "--no-print-directory", "-C", str(flavor.start_dir(test.static_dir)), target],
                           env=env, capture_output=True, text=True, timeout=timeout, close_fds=True)
 
 
@@ -299,70 +323,152 @@ def _split(opts: Sequence[str]) -> tuple[dict[str, bool], dict[str, str | int | 
     return fields, other, rest
 
 
+#: CRIU options with a value that a Migration takes as :class:`~pycriu.containers.ContainerOptions`
+CONTAINER_OPTS = ("manage-cgroups", "cgroup-root")
+
+
+def _as_container(base: ContainerOptions | None, other: dict[str, str | int | bool]) -> ContainerOptions | None:
+    """``base`` (the flavor's) plus ``--manage-cgroups[=MODE]`` and ``--cgroup-root [CTRL:]PATH``."""
+    extra: dict[str, Any] = {}
+    if "manage-cgroups" in other:
+        extra["manage_cgroups"] = True
+        if isinstance(other["manage-cgroups"], str):
+            extra["cgroup_mode"] = other["manage-cgroups"]
+    if "cgroup-root" in other:
+        ctrl, _, path = str(other["cgroup-root"]).rpartition(":")
+        extra["cgroup_roots"] = (CgroupRoot(path, ctrl or None),)
+    if not extra:
+        return base
+    return replace(base, **extra) if base is not None else ContainerOptions(**extra)
+
+
 def _ended(pids: set[int], what: str) -> str:
     """``""`` once the dumped tree's PIDs are free for its restore (zombies reaped), else why not."""
     taken = pids_taken(pids, timeout=10)
     return f"dump: {', '.join(taken)} still taken 10s after {what}" if taken else ""
 
 
-def _trial_cli(test: ZdtmTest, pid: int, pids: set[int], images: Path, criu_bin: str) -> str:
+class _HookFailed(Exception):
+    """A test's ``.hook`` exited non-zero (the message says at which step and what it printed)."""
+
+
+def run_hook(test: ZdtmTest, step: str, *, pid: int | None = None, images: Path | None = None) -> None:
+    """Run ``static/NAME.hook STEP`` if the test has one, as zdtm.py does at each step
+    (``--post-start``, ``--pre-dump``, ``--pre-restore``, ``--post-restore``, ``--clean``): the
+    hook prepares or checks what the test cannot itself (cgroups, iptables, the images)."""
+    hook = test.static_dir / f"{test.name}.hook"
+    if not os.access(hook, os.X_OK):
+        return
+    env = dict(os.environ)
+    if pid is not None:
+        env["ZDTM_TEST_PID"] = str(pid)
+    if images is not None:
+        env["ZDTM_IMG_DIR"] = str(images)
+    p = subprocess.run([str(hook), step], cwd=test.static_dir, env=env, capture_output=True, text=True,
+                       timeout=60)
+    if p.returncode:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
+        raise _HookFailed(f"hook {step}: {tail[0]}")
+
+
+@dataclass
+class _Run:
+    """What every trial of one test needs: the started test, its processes, where images go."""
+
+    test: ZdtmTest
+    pid: int
+    pids: set[int]
+    images: Path
+    criu_bin: str
+    flavor: Flavor
+
+
+def _trial_cli(r: _Run) -> str:
     """``criu dump`` then ``criu restore -d``; returns ``""`` or the error."""
-    dump = [criu_bin, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4",
-            *test.opts("dump"), "--timeout", "10"]
-    r = subprocess.run(dump, capture_output=True, timeout=120)
-    if r.returncode:
-        return "dump: " + (_first_error(images / "dump.log") or f"criu exited {r.returncode}")
-    if err := _ended(pids, "criu dump"):
+    dump = [r.criu_bin, "dump", "-t", str(r.pid), "-D", str(r.images), "-o", "dump.log", "-v4",
+            *r.test.opts("dump"), *r.flavor.dump_opts(), "--timeout", "10"]
+    p = subprocess.run(dump, capture_output=True, timeout=120)
+    if p.returncode:
+        return "dump: " + (_first_error(r.images / "dump.log") or f"criu exited {p.returncode}")
+    if err := _ended(r.pids, "criu dump"):
         return err
-    test.pid_file.unlink(missing_ok=True)  # zdtm.py's unlink_pidfile: restore writes it anew
-    restore = [criu_bin, "restore", "-D", str(images), "-o", "restore.log", "-v4", "--restore-detached",
-               "--pidfile", str(test.pid_file.resolve()), *test.opts("restore")]
-    r = subprocess.run(restore, capture_output=True, timeout=120)
-    if r.returncode:
-        return "restore: " + (_first_error(images / "restore.log") or f"criu exited {r.returncode}")
+    r.test.pid_file.unlink(missing_ok=True)  # zdtm.py's unlink_pidfile: restore writes it anew
+    run_hook(r.test, "--pre-restore")
+    restore = [r.criu_bin, "restore", "-D", str(r.images), "-o", "restore.log", "-v4", "--restore-detached",
+               "--pidfile", str(r.test.pid_file.resolve()), *r.test.opts("restore"), *r.flavor.restore_opts()]
+    p = subprocess.run(restore, capture_output=True, timeout=120)
+    if p.returncode:
+        return "restore: " + (_first_error(r.images / "restore.log") or f"criu exited {p.returncode}")
+    run_hook(r.test, "--post-restore", pid=_read_pid(r.test), images=r.images)
     return ""
 
 
-def _trial_criu(test: ZdtmTest, pid: int, pids: set[int], images: Path, criu_bin: str) -> str:
+def _trial_criu(r: _Run) -> str:
     """:meth:`pycriu.Criu.dump` then :meth:`pycriu.Criu.restore` with the same options."""
-    c = Criu(criu_bin)
-    dfields, dother, drest = _split(test.opts("dump"))
-    rfields, rother, rrest = _split(test.opts("restore"))
+    c = Criu(r.criu_bin)
+    dfields, dother, drest = _split(r.test.opts("dump"))
+    rfields, rother, rrest = _split(r.test.opts("restore"))
     if drest or rrest:
-        raise _Skip(f"criu_options holds one value per option; {test.name} needs " + " ".join(drest + rrest))
+        raise _Skip(f"criu_options holds one value per option; {r.test.name} needs " + " ".join(drest + rrest))
+    container = r.flavor.container()
+    dump_kw: dict[str, Any] = {**(container.dump_fields() if container else {}), **dfields}
+    restore_kw: dict[str, Any] = {**(container.restore_fields() if container else {}), **rfields}
     try:
-        c.dump(DumpOptions(pid=pid, images_dir=images, log_file="dump.log", log_level=4, timeout=10,
-                           criu_options=dother or None, **dfields))  # type: ignore[arg-type]
+        c.dump(DumpOptions(pid=r.pid, images_dir=r.images, log_file="dump.log", log_level=4, timeout=10,
+                           criu_options=dother or None, **dump_kw))
     except CriuError as e:
-        return "dump: " + (e.criu_message or _first_error(images / "dump.log") or str(e))
-    if err := _ended(pids, "Criu.dump"):
+        return "dump: " + (e.criu_message or _first_error(r.images / "dump.log") or str(e))
+    if err := _ended(r.pids, "Criu.dump"):
         return err
+    run_hook(r.test, "--pre-restore")
     try:
-        res = c.restore(RestoreOptions(images_dir=images, log_file="restore.log", log_level=4,
-                                       criu_options=rother or None, **rfields))  # type: ignore[arg-type]
+        res = c.restore(RestoreOptions(images_dir=r.images, log_file="restore.log", log_level=4,
+                                       criu_options=rother or None, **restore_kw))
     except CriuError as e:
-        return "restore: " + (e.criu_message or _first_error(images / "restore.log") or str(e))
-    test.pid_file.write_text(f"{res.pid}\n")
+        return "restore: " + (e.criu_message or _first_error(r.images / "restore.log") or str(e))
+    r.test.pid_file.write_text(f"{res.pid}\n")
+    run_hook(r.test, "--post-restore", pid=res.pid, images=r.images)
     return ""
 
 
-def _trial_migration(test: ZdtmTest, pid: int, images: Path, mode: str, criu_bin: str) -> str:
-    """:class:`pycriu.Migration` to a local agent in ``mode``."""
+def _trial_migration(r: _Run, mode: str) -> str:
+    """:class:`pycriu.Migration` to a local agent in ``mode`` (the ns flavor as a container)."""
     from ..migration import Migration
+    from ..migration.phases import Progress
 
-    fields, other, _ = _split(test.opts("dump"))
-    rfields, rother, _ = _split(test.opts("restore"))
-    if other or rother:
-        raise _Skip(f"Migration takes only boolean flags; {test.name} needs "
-                    + " ".join(f"--{k}" for k in {**other, **rother}))
+    fields, other, drest = _split(r.test.opts("dump"))
+    rfields, rother, rrest = _split(r.test.opts("restore"))
+    container = _as_container(r.flavor.container(), {**other, **rother})
+    left = [k for k in {**other, **rother} if k not in CONTAINER_OPTS]
+    left += [o for o in drest + rrest if o.startswith("--")]
+    if left:
+        raise _Skip(f"Migration takes boolean flags and container options only; {r.test.name} needs "
+                    + " ".join(f"--{k}" if not k.startswith("--") else k for k in left))
+    hook_error: list[str] = []
+
+    def at_restore(e: Progress) -> None:
+        # zdtm's --pre-restore step: after the dump ended the source, before the restore
+        # (kept here: Migration ignores what a progress callback raises)
+        if e.phase == "restore" and e.event == "start":
+            try:
+                run_hook(r.test, "--pre-restore")
+            except _HookFailed as exc:
+                hook_error.append(str(exc))
+
     try:
-        report = Migration(pid, to="local", mode=mode, log_dir=images, keep_logs=True,
-                           criu=Criu(criu_bin), flags={**fields, **rfields}).run()
+        report = Migration(r.pid, to="local", mode=mode, log_dir=r.images, keep_logs=True,
+                           criu=Criu(r.criu_bin), flags={**fields, **rfields}, progress=at_restore,
+                           container=container, agent_command=r.flavor.agent_command()).run()
     except CriuError as e:
         msg = e.criu_message or str(e)
         return f"migration: {msg}".splitlines()[0]
+    if hook_error:
+        return hook_error[0]
     if report.outcome != "migrated":
         return f"migration: outcome {report.outcome}"
+    if report.destination_pid:
+        r.test.pid_file.write_text(f"{report.destination_pid}\n")
+    run_hook(r.test, "--post-restore", pid=report.destination_pid or r.pid, images=r.images)
     return ""
 
 
@@ -371,66 +477,80 @@ class _Skip(Exception):
 
 
 def run_trial(test: ZdtmTest, mode: str, *, criu_bin: str = "/usr/local/sbin/criu",
-              work: Path | None = None, timeout: float = 60.0,
+              work: Path | None = None, timeout: float = 60.0, flavor: Flavor | None = None,
               log: Callable[[str], None] | None = None) -> Outcome:
-    """Start ``test`` as zdtm.py does, checkpoint/restore it in ``mode``, SIGTERM it, read ``.out``."""
+    """Start ``test`` as zdtm.py does in ``flavor`` (default: the host's namespaces),
+    checkpoint/restore it in ``mode``, SIGTERM it, read ``.out``."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    flavor = flavor or HostFlavor()
     become_subreaper()
     t0 = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix=f"pycriu-zdtm-{test.name}-{mode}-", dir=work))
+
+    def outcome(result: str, reason: str = "") -> Outcome:
+        return Outcome(test.name, mode, result, reason, time.monotonic() - t0, flavor.name)
+
+    base = Path(tempfile.mkdtemp(prefix=f"pycriu-zdtm-{test.name}-{mode}-{flavor.name}-", dir=work))
     images = base / "images"
     images.mkdir()
     pid = 0
     restored = False
     reaper: _Reaper | None = None
     try:
-        _make(test, f"{test.name}.cleanout", 60)
-        r = _make(test, f"{test.name}.pid", timeout)
-        if r.returncode:
-            return Outcome(test.name, mode, "failed", f"start: {(r.stderr or r.stdout).strip()[-200:]}",
-                           time.monotonic() - t0)
+        flavor.prepare(test.binary, list(test.desc.get("deps", [])))
+        _unmount_leftovers(test)
+        _make(test, f"{test.name}.cleanout", 60, flavor)
+        p = _make(test, f"{test.name}.pid", timeout, flavor)
+        if p.returncode:
+            return outcome("failed", f"start: {(p.stderr or p.stdout).strip()[-200:]}")
         pid = _read_pid(test)
         reaper = _Reaper(_tree(pid))
         reaper.start()
+        run = _Run(test, pid, reaper.pids, images, criu_bin, flavor)
+        run_hook(test, "--post-start", pid=pid)
+        run_hook(test, "--pre-dump", pid=pid)
         try:
             if mode == "cli":
-                err = _trial_cli(test, pid, reaper.pids, images, criu_bin)
+                err = _trial_cli(run)
             elif mode == "criu":
-                err = _trial_criu(test, pid, reaper.pids, images, criu_bin)
+                err = _trial_criu(run)
             else:
-                err = _trial_migration(test, pid, images, mode, criu_bin)
+                err = _trial_migration(run, mode)
         except _Skip as s:
-            return Outcome(test.name, mode, "skipped", str(s), time.monotonic() - t0)
+            return outcome("skipped", str(s))
         if err:
-            return Outcome(test.name, mode, "failed", err, time.monotonic() - t0)
+            return outcome("failed", err)
         restored = True
         pid = _read_pid(test)
         if not _alive(pid):
-            return Outcome(test.name, mode, "failed", f"restored test {pid} is not running",
-                           time.monotonic() - t0)
+            return outcome("failed", f"restored test {pid} is not running")
         os.kill(pid, signal.SIGTERM)
         if not _wait_gone(pid, timeout):
-            return Outcome(test.name, mode, "failed", f"test {pid} did not exit {timeout:.0f}s after SIGTERM",
-                           time.monotonic() - t0)
+            return outcome("failed", f"test {pid} did not exit {timeout:.0f}s after SIGTERM")
         try:
             out = test.out_file.read_text(errors="replace")
         except OSError:
             out = ""
         if "PASS" in [w.strip() for w in out.split()]:
-            return Outcome(test.name, mode, "passed", "", time.monotonic() - t0)
+            return outcome("passed")
         lines = [ln for ln in out.splitlines() if ln.strip()]
-        return Outcome(test.name, mode, "failed", "test: " + (lines[-1] if lines else "no output"),
-                       time.monotonic() - t0)
+        return outcome("failed", "test: " + (lines[-1] if lines else "no output"))
+    except _HookFailed as e:
+        return outcome("failed", str(e))
     except Exception as e:  # noqa: BLE001 - a trial reports every failure as its outcome
-        return Outcome(test.name, mode, "failed", f"{type(e).__name__}: {e}", time.monotonic() - t0)
+        return outcome("failed", f"{type(e).__name__}: {e}")
     finally:
         if pid:
             _kill(pid)
         if reaper is not None:
             reaper.stop()
+        try:
+            run_hook(test, "--clean")
+        except Exception:  # noqa: BLE001 - the outcome is already decided; --clean is best effort
+            pass
+        _unmount_leftovers(test)
         if log is not None:
-            log(f"{test.name} [{mode}] restored={restored} logs in {images}")
+            log(f"{test.name} [{mode}, {flavor.name}] restored={restored} logs in {images}")
         keep = os.environ.get("PYCRIU_CONFORMANCE_KEEP")
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
