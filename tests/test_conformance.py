@@ -39,7 +39,7 @@ SUBSET = ("env00", "maps00", "pthread00", "pipe00", "fifo", "fifo_ro", "socket_l
 
 #: Kinds whose namespaces matter, in new namespaces (zdtm's ns flavor): a pid-ns init with its
 #: zombies and stopped tasks, the network namespace's sockets, IPC, a pty of its own devpts.
-NS_SUBSET = ("env00", "pipe00", "fifo", "socket_listen", "socket-tcp", "sockets00", "file_locks00", "pty00",
+NS_SUBSET = ("env00", "pipe00", "fifo", "socket_listen", "sockets00", "file_locks00", "pty00",
              "zombie00", "stopped", "posix_timers")
 
 #: Modes this host runs; lazy and page-server-on-source need userfaultfd.

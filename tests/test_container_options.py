@@ -13,8 +13,9 @@ from pycriu import CgroupRoot, InheritFd, InvalidOptionError, JoinNamespace, Nam
 from pycriu.containers import ContainerMount, ContainerOptions, ExternalNamespace, RuncBundle, RuncTarget
 from pycriu.containers.runc import _restore_flags
 from pycriu.migration import Migration
-from pycriu.migration.containers import accept
+from pycriu.migration.containers import accept, preflight_resources
 from pycriu.migration.errors import AgentError
+from pycriu.migration.procs import TreeResources
 
 
 def full(tmp_path: Path) -> ContainerOptions:
@@ -185,3 +186,13 @@ def test_bundle_names_its_missing_bind_sources(tmp_path: Path) -> None:
     sources = {m.mountpoint: m.source for m in options.mounts}
     assert sources["/data"] == str(tmp_path / "gone") and sources["/etc/hosts"] == "/etc/hosts"
     assert sources["/dev/null"] == "/dev/null" and "/proc" not in sources
+
+
+def test_on_one_host_a_containers_locks_and_fifos_count_as_held_names() -> None:
+    """The files are the container's (left to the agent's root check), but what only one process
+    on a host can hold stays: a restore next to the frozen source would block on its lock."""
+    held = TreeResources(files={"/etc/x": 1}, tcp_ports={80: 1}, unix_paths={"/run/s": 1},
+                         fifos={"/f": (1, "3")}, locks={"/data/lock": (2, "POSIX")})
+    kept = preflight_resources(held)
+    assert kept.files == {} and kept.locks == held.locks and kept.fifos == held.fifos
+    assert "POSIX lock on /data/lock (pid 2)" in kept.host_names()

@@ -63,9 +63,11 @@ def preflight_resources(resources: TreeResources) -> TreeResources:
     """A container's files are in its own root, which the source sees under host paths that mean
     nothing on the destination: the agent checks the container's root and mounts instead (at
     ``hello``), so the file checks are left out. Ports and socket paths stay (a container in the
-    host's network namespace holds them on the host)."""
+    host's network namespace holds them on the host), and so do FIFOs and file locks: on one host
+    the restored copy opens the same files, and a lock the frozen source still holds blocks its
+    restore (zdtm's file_locks00 in the ns flavor hung there)."""
     return TreeResources(files={}, tcp_ports=dict(resources.tcp_ports), unix_paths=dict(resources.unix_paths),
-                         fifos=dict(resources.fifos))
+                         fifos=dict(resources.fifos), locks=dict(resources.locks))
 
 
 # --- the agent's side ----------------------------------------------------------------------------------
