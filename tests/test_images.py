@@ -227,3 +227,11 @@ def test_the_dicts_are_those_of_crits_own_module(dump: Path) -> None:
     for p in paths:
         ours = [json.loads(json.dumps(images.load(open(p, "rb"), pretty))) for pretty in (False, True)]
         assert ours == theirs[p], Path(p).name
+
+
+def test_a_file_opened_in_text_mode_is_read_as_bytes(tmp_path: Path) -> None:
+    """zdtm's hooks open images with a bare open(), as CRIU's module let them."""
+    path = tmp_path / "pstree.img"
+    path.write_bytes(_image("PSTREE", message_class("pstree_entry")(pid=1, ppid=0, pgid=1, sid=1)))
+    with open(path) as f:
+        assert images.load(f)["entries"] == [{"pid": 1, "ppid": 0, "pgid": 1, "sid": 1}]

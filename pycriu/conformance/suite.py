@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -359,7 +360,9 @@ def run_hook(test: ZdtmTest, step: str, *, pid: int | None = None, images: Path 
     hook = test.static_dir / f"{test.name}.hook"
     if not os.access(hook, os.X_OK):
         return
-    env = dict(os.environ)
+    # this interpreter first on PATH: hooks written for CRIU's Python module ("import pycriu";
+    # "#!/usr/bin/env python3") get pycriu.images, which offers the same load/dump
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     if pid is not None:
         env["ZDTM_TEST_PID"] = str(pid)
     if images is not None:
