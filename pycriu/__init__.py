@@ -95,6 +95,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "images":  # ``import pycriu; pycriu.images.load(f)``, as with CRIU's module (crit)
+        return importlib.import_module(".images", __name__)
     if name not in _MIGRATION and name != "migration":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     migration = importlib.import_module(".migration", __name__)  # not `from . import`: it asks us

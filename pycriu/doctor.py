@@ -129,8 +129,10 @@ def diagnose(binary: str | None = None) -> Diagnosis:
 
     others = _shadowing_modules()
     if others:
-        d.add("module shadowing", "warn", f"other modules named pycriu on sys.path: {', '.join(others)}",
-              "CRIU's own Python module is also named pycriu; uninstall it or keep it off sys.path")
+        # CRIU's own module (crit's) is also named pycriu; pycriu.images offers its load/dump/info, so
+        # crit and scripts written for it work with this one: nothing needs uninstalling
+        d.add("module shadowing", "info", f"pycriu imported from {Path(__file__).resolve().parent}; also on "
+              f"sys.path: {', '.join(others)} (CRIU's module? crit works with either: pycriu.images)")
     else:
         d.add("module shadowing", "ok", f"pycriu imported from {Path(__file__).resolve().parent}")
 

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -235,3 +236,31 @@ def test_a_file_opened_in_text_mode_is_read_as_bytes(tmp_path: Path) -> None:
     path.write_bytes(_image("PSTREE", message_class("pstree_entry")(pid=1, ppid=0, pgid=1, sid=1)))
     with open(path) as f:
         assert images.load(f)["entries"] == [{"pid": 1, "ppid": 0, "pgid": 1, "sid": 1}]
+
+
+CRIT = CRIU_LIB.parent / "crit" / "crit"
+
+
+@needs_root
+@pytest.mark.criu
+@pytest.mark.skipif(not (CRIT / "__main__.py").exists() or not (CRIU_LIB / "pycriu" / "images" / "pb.py").exists(),
+                    reason=f"CRIU's crit or its Python module is not in the provisioned source ({CRIT.parent})")
+@pytest.mark.parametrize("command", [["x", "{d}", "ps"], ["x", "{d}", "fds"], ["x", "{d}", "mems"], ["x", "{d}", "rss"],
+                                     ["info", "{d}/pagemap-1.img"], ["decode", "--pretty", "-i", "{d}/files.img"]])
+def test_crit_runs_on_our_module_and_prints_what_it_prints_on_criu_s(dump: Path, tmp_path: Path,
+                                                                     command: list[str]) -> None:
+    """CRIU's own crit, unchanged, with ``import pycriu`` finding ours, then CRIU's module."""
+    shutil.copytree(CRIT, tmp_path / "crit")
+    (tmp_path / "crit" / "version.py").write_text('__version__ = "test"\n')  # what crit's build writes
+    argv = [sys.executable, "-m", "crit", *(a.format(d=dump) for a in command)]
+    our_env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    their_env = {**os.environ, "PYTHONPATH": f"{CRIU_LIB}:{tmp_path}"}
+    which = [sys.executable, "-c", "import pycriu; print(pycriu.__file__)"]
+    # run outside the checkout: its pycriu/ would come first on sys.path for both
+    assert subprocess.run(which, capture_output=True, text=True, cwd=tmp_path,
+                          env=their_env).stdout.startswith(str(CRIU_LIB))
+    ours = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=our_env)
+    theirs = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=their_env)
+    assert theirs.returncode == 0, theirs.stderr
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == theirs.stdout and ours.stdout.strip()
