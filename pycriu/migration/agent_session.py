@@ -18,6 +18,7 @@ from typing import Any
 from .._threads import spawn
 from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
 from ..options import PageServerAddress, RestoreOptions
+from ..results import RestoreResult
 from . import checks, containers, pagetls, preflight, procs
 from .agent_config import RESTORE_FLAGS, AgentConfig
 from .agent_lazy import LazySupervisor
@@ -347,15 +348,19 @@ class AgentSession:
         criu = self.config.criu()
         work = self.sandbox.work
         t_restore = time.monotonic()
-        try:
+        def restore() -> RestoreResult:
             if self.container is not None:
-                result = self.container.restore(criu, images=images, work=work, lazy=lazy, notify=notify, flags=flags,
-                                                log_level=self.config.log_level)
-            else:
-                result = criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
-                                                     log_level=self.config.log_level,
-                                                     lazy_pages=True if lazy else None, leave_stopped=True,
-                                                     notify=notify, **flags))
+                return self.container.restore(criu, images=images, work=work, lazy=lazy, notify=notify, flags=flags,
+                                              log_level=self.config.log_level)
+            return criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
+                                               log_level=self.config.log_level, lazy_pages=True if lazy else None,
+                                               leave_stopped=True, notify=notify, **flags))
+
+        try:
+            # on the source's host, a PID the tree takes back may be held for a moment by a
+            # process being created: a restore that failed at its first fork can run again (not a
+            # lazy one: its daemon is already attached to the first attempt)
+            result = procs.retry_pid_clash(restore, log=log) if self.config.same_host and not lazy else restore()
         except CriuError as exc:
             self.lazy.stop()
             self.state = "failed"

@@ -159,6 +159,8 @@ class ProcTree:
 
     def release(self) -> None:
         taken = procs.pids_taken(self._pids)
+        if not taken:
+            procs.hold_back_pids(self._pids)
         if taken:
             raise PidInUseError(
                 f"the source's dump ended it, but {', '.join(taken)} still holds a PID its restore "
@@ -193,7 +195,7 @@ class ProcTree:
         if self._restore is None:
             raise CustodyError("this tree has no images to be restored from")
         self.release()
-        self.pid = self._restore()
+        self.pid = procs.retry_pid_clash(self._restore)
         return self.pid
 
 

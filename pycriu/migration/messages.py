@@ -21,7 +21,7 @@ IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}(?:\.[a-z0-9_-]{1,31}){0,4}\.i
 #: CRIU log file names the agent sends back.
 LOG_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\.log")
 #: CRIU's page images (what a page server writes), the only files ``page-images`` hands back.
-PAGE_IMAGE = re.compile(r"(?:pagemap|pages)-[0-9]{1,10}\.img")
+PAGE_IMAGE = re.compile(r"(?:pagemap|pagemap-shmem|pages)-[0-9]{1,10}\.img")
 #: Directories inside a session: the final images, and one per pre-dump iteration.
 DIR_NAME = re.compile(r"images|pre-[1-9][0-9]{0,3}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
