@@ -61,3 +61,14 @@ def test_a_damaged_image_is_a_clear_error(tmp_path: Path, damage: str) -> None:
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         stopped_tasks(tmp_path)
     assert "pstree" in str(e.value) or "core-5.img" in str(e.value)
+
+
+def test_the_page_images_a_page_server_writes_include_the_shared_memory_pagemap() -> None:
+    """A page server writes pagemap-N, pagemap-shmem-N and pages-N; a rollback on one host takes
+    all of them back (without pagemap-shmem, CRIU 'Can't restore shmem content': zdtm maps06)."""
+    from pycriu.migration.messages import PAGE_IMAGE
+
+    for name in ("pagemap-12.img", "pagemap-shmem-0.img", "pages-3.img"):
+        assert PAGE_IMAGE.fullmatch(name), name
+    for name in ("core-12.img", "pagemap-shmem-x.img", "../pages-1.img", "pstree.img"):
+        assert not PAGE_IMAGE.fullmatch(name), name
