@@ -312,10 +312,6 @@ class AgentSession:
             raise ProtocolError("restore requested before the images were sent")
         if self.channel.peer_gone():
             raise TransportError("the source went away before the restore started")
-        try:  # CRIU's leave_stopped stops every task; the commit resumes all but these
-            self.tree.keep_stopped = stopped_tasks(images)
-        except (OSError, ValueError) as exc:
-            raise ProtocolError(f"the images sent cannot be read: {exc}") from None
         lazy = msg["lazy"]
         address = self._source_page_server(msg["page_server"]) if msg["page_server"] is not None else None
         if lazy and not self.config.local_info()["features"]["lazy_pages"]:
@@ -338,6 +334,11 @@ class AgentSession:
                 self.state = "failed"
                 raise
             lazy_seconds = time.monotonic() - t0
+        try:  # CRIU's leave_stopped stops every task; the commit resumes all but these
+            self.tree.keep_stopped = stopped_tasks(images)
+        except (OSError, ValueError) as exc:
+            self.state = "failed"
+            raise ProtocolError(f"the images sent cannot be read: {exc}") from None
         times: dict[str, float] = {}
 
         def notify(action: str, pid: int) -> None:

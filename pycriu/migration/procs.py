@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import CriuError
-
 T = TypeVar("T")
 
 __all__ = ["tree_state", "comm", "descendants", "kill_tree", "wait_gone", "resume_tree", "resume_until_running",
@@ -335,8 +333,8 @@ def retry_pid_clash(restore: Callable[[], T], *, attempts: int = 10, delay: floa
     for i in range(attempts):
         try:
             return restore()
-        except CriuError as exc:
-            clash = pid_clash(exc.criu_message or str(exc))
+        except Exception as exc:  # CriuError; this module stays standard library only (guard.py)
+            clash = pid_clash(getattr(exc, "criu_message", None) or str(exc))
             if i == attempts - 1 or clash is None:
                 raise
             if log is not None:
