@@ -83,6 +83,13 @@ def test_a_binarys_libraries_are_what_ldd_names() -> None:
     assert not any("vdso" in lib for lib in libs)
 
 
+def test_a_nolazy_test_is_not_run_with_lazy_pages(tmp_path: Path) -> None:
+    test = ZdtmTest("cow00", tmp_path, {"flags": "suid nolazy"})
+    for mode in ("lazy", "page-server-on-source"):
+        got = run_trial(test, mode, work=tmp_path)
+        assert (got.result, got.reason) == ("skipped", "flag nolazy (zdtm does not run it with lazy pages)")
+
+
 def test_options_split_into_pycriu_fields_and_criu_options() -> None:
     fields, other, rest = _split(["--tcp-established", "--ghost-limit", "8M", "--no-ghost-fiemap",
                                   "--manage-cgroups=full", "--external", "a", "--external", "b"])

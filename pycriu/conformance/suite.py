@@ -33,6 +33,8 @@ __all__ = ["MODES", "Outcome", "ZdtmTest", "default_zdtm_dir", "eligible", "load
 
 #: ``cli``: the criu binary; ``criu``: :class:`pycriu.Criu`; the rest: :class:`pycriu.Migration` modes.
 MODES = ("cli", "criu", "classic", "page-server", "lazy", "page-server-on-source")
+#: the modes whose restore takes its pages lazily (zdtm's ``nolazy`` flag rules them out)
+LAZY_MODES = ("lazy", "page-server-on-source")
 
 #: Flags of a ``.desc`` that keep a test out of a plain host run (as ``zdtm.py`` reads them):
 #: ``crfail`` (dump is expected to fail), ``reqrst`` (needs restore-time setup zdtm does itself),
@@ -492,6 +494,11 @@ def run_trial(test: ZdtmTest, mode: str, *, criu_bin: str = "/usr/local/sbin/cri
 
     def outcome(result: str, reason: str = "") -> Outcome:
         return Outcome(test.name, mode, result, reason, time.monotonic() - t0, flavor.name)
+
+    if mode in LAZY_MODES and "nolazy" in test.flags:
+        # zdtm.py skips these in its lazy runs: what they check (pages shared copy-on-write
+        # between processes) does not survive a restore with lazy pages
+        return outcome("skipped", "flag nolazy (zdtm does not run it with lazy pages)")
 
     base = Path(tempfile.mkdtemp(prefix=f"pycriu-zdtm-{test.name}-{mode}-{flavor.name}-", dir=work))
     images = base / "images"
