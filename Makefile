@@ -54,4 +54,4 @@ bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build docs/_build .pytest_cache pycriu/_libcriu*.so pycriu/_libcriu.c
+	rm -rf build docs/_build .pytest_cache pycriu/_libcriu*.so pycriu/_libcriu.c pycriu/images/_scan.c pycriu/images/_scan*.so

@@ -168,9 +168,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp=$venv/.pycriu-installed
 # Reinstall when the build inputs changed (declarations, build glue, packaging metadata).
-inputs=$(cd "$here" && cat setup.py pyproject.toml csrc/*.py csrc/decl/*.h 2>/dev/null | sha256sum | awk '{print $1}')
+inputs=$(cd "$here" && cat setup.py pyproject.toml csrc/*.py csrc/decl/*.h pycriu/images/*.pyx 2>/dev/null | sha256sum | awk '{print $1}')
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs-$criu_bin" ] ||
-	! "$venv/bin/python" -c 'import pycriu._libcriu' 2>/dev/null; then
+	! "$venv/bin/python" -c 'import pycriu._libcriu, pycriu.images._scan' 2>/dev/null; then
 	say "installing pycriu into $venv"
 	"$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
 	PKG_CONFIG_PATH="$(criu_pc_path)" "$venv/bin/python" -m pip install -q -e "$here[test,docs,dev,bench]"
