@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-b", "--bundle", required=True, metavar="DIR")
     p.set_defaults(func=cmd_container)
 
+    importlib.import_module("pycriu.inspect.cli").register(sub)
+
     try:
         migration_cli = importlib.import_module("pycriu.migration.cli")
     except ModuleNotFoundError as exc:  # only a missing migration package is tolerated

@@ -19,7 +19,8 @@ from ..errors import KernelUnsupportedError
 if TYPE_CHECKING:
     from .flows.base import Flow
 
-__all__ = ["FlowSpec", "FLOWS", "MODES", "NEEDS_LAZY", "NEEDS_MEM_TRACK", "NO_MEM_TRACK", "choose_mode"]
+__all__ = ["FlowSpec", "FLOWS", "MODES", "NEEDS_LAZY", "NEEDS_MEM_TRACK", "NO_MEM_TRACK", "choose_mode", "DirtyAdvice",
+           "advise"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,52 @@ def choose_mode(requested: str, src_lazy: bool, src_track: bool, dst_lazy: bool,
         raise KernelUnsupportedError(f"{requested} migration needs lazy pages (userfaultfd) on the {side}",
                                      operation="migrate", hint="use mode='page-server' or 'classic'")
     return requested, "requested"
+
+
+@dataclass(frozen=True)
+class DirtyAdvice:
+    """Which flow fits a workload that rewrites ``dirty_rate`` bytes/s of its ``memory`` bytes
+    over a link of ``bandwidth`` bytes/s (what :func:`advise` reasons from, and its answer)."""
+
+    dirty_rate: float
+    memory: int
+    bandwidth: float
+    #: the flows that fit, best first
+    modes: tuple[str, ...]
+    #: seconds a stop-and-copy flow (classic, page-server) keeps the tree frozen to move its memory
+    stop_and_copy_downtime: float
+    #: whether pre-copy's rounds shrink (each round sends what the last one's time let it dirty)
+    precopy_converges: bool
+    reason: str
+
+
+#: Pre-copy converges when the workload dirties memory slower than this share of the link: each
+#: round then sends at most this share of the one before.
+_CONVERGE_SHARE = 0.5
+#: A stop-and-copy flow is good enough when it freezes the tree for less than this (seconds).
+_SHORT_FREEZE = 0.5
+
+
+def advise(dirty_rate: float, memory: int, bandwidth: float = 125e6) -> DirtyAdvice:
+    """The flows that fit a workload, from how fast it rewrites memory (measured between two
+    checkpoints: :func:`pycriu.images.diff.diff`), how much memory it has and the link's speed
+    (default 1 Gbit/s). Every flow works; this orders them by the downtime each would cause."""
+    if dirty_rate < 0 or memory < 0 or bandwidth <= 0:
+        raise ValueError("dirty_rate and memory must not be negative, bandwidth must be positive")
+    freeze = memory / bandwidth
+    converges = dirty_rate < _CONVERGE_SHARE * bandwidth
+    mib = 1 << 20
+    figures = (f"it rewrote {dirty_rate / mib:.1f} MiB/s of {memory / mib:.0f} MiB; at {bandwidth / mib:.0f} MiB/s "
+               f"a stop-and-copy flow keeps it frozen about {freeze:.2f} s")
+    if freeze < _SHORT_FREEZE and dirty_rate < 0.05 * bandwidth:
+        modes: tuple[str, ...] = ("page-server", "lazy", "pre-copy", "classic")
+        why = "little memory and few writes: the page server moves it all in the freeze, and nothing runs remote"
+    elif not converges:
+        modes = ("lazy", "page-server", "classic")
+        why = ("it writes faster than pre-copy's rounds can send, so they would not shrink: lazy (post-copy) "
+               "freezes it only for the non-memory state and fetches pages on demand")
+    else:
+        modes = ("lazy", "hybrid", "pre-copy", "page-server", "classic")
+        why = ("lazy keeps the freeze shortest whatever the size; pre-copy (or hybrid) converges at this rate, "
+               "so its final freeze sends only what the last round dirtied")
+    return DirtyAdvice(dirty_rate, memory, bandwidth, modes, freeze, converges, f"{figures}; {why}")
