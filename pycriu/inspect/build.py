@@ -140,7 +140,7 @@ def _inspect(mem: Memory, environ: bool, container: dict[str, Any] | None) -> In
                        creds.uid if creds is not None else None, creds.gid if creds is not None else None,
                        None, None, namespaces, dict(cgroups.get(cg_set, {})),
                        exit_code=core.tc.exit_code if state == "zombie" else None)
-        if state != "zombie" and ckpt.has(f"mm-{pid}.img"):
+        if state in ("alive", "stopped"):  # a zombie has no memory, files or fs left
             space = mem.space(pid)
             mm = ckpt.mm(pid)
             proc.mappings = space.mappings
