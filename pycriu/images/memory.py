@@ -148,6 +148,8 @@ class Memory:
         self._pagemaps: dict[tuple[str, str], _Pagemap | None] = {}
         self._maps: dict[tuple[str, int], tuple[mmap.mmap | None, memoryview]] = {}
         self._spaces: dict[int, AddressSpace] = {}
+        #: this checkpoint and its parents (a loop of parent links is refused here)
+        self._chain = self.checkpoint.chain()
 
     def __enter__(self) -> Memory:
         return self
@@ -238,7 +240,7 @@ class Memory:
             if flags & PE_PRESENT:
                 pieces.append((pos, stop - pos, DATA, self._pages(ckpt, pm), pm.offsets[i] + pos - pm.starts[i], depth))
             elif flags & PE_PARENT:
-                parent = ckpt.parent
+                parent = self._chain[depth + 1] if depth + 1 < len(self._chain) else None
                 if parent is None:
                     pieces.append((pos, stop - pos, NO_PARENT, None, 0, depth))
                 else:
