@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_root
+from image_support import assert_round_trips, image_files
 
 import pycriu
 from pycriu import images
@@ -161,22 +162,10 @@ def dump(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tree.close()
 
 
-def _image_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("pages-")
-                  and not p.name.endswith(".log"))
-
-
 @needs_root
 @pytest.mark.criu
 def test_every_image_of_a_dump_decodes_and_encodes_back_to_its_bytes(dump: Path) -> None:
-    kinds = set()
-    for path in _image_files(dump):
-        raw = path.read_bytes()
-        for pretty in (False, True):
-            img = images.loads(raw, pretty=pretty)
-            kinds.add(img["magic"])
-            # through JSON, as crit decode | crit encode would carry it
-            assert images.dumps(json.loads(json.dumps(img))) == raw, f"{path.name} (pretty={pretty})"
+    kinds = assert_round_trips(dump)
     # the payload-carrying kinds were all there to be tested
     assert {"PIPES_DATA", "SK_QUEUES", "TCP_STREAM", "GHOST_FILE", "IPCNS_SHM", "IPCNS_SEM", "IPCNS_MSG",
             "CORE", "PSTREE", "PAGEMAP", "FILES", "STATS"} <= kinds, kinds  # sockets are in FILES
@@ -186,7 +175,7 @@ def test_every_image_of_a_dump_decodes_and_encodes_back_to_its_bytes(dump: Path)
 @pytest.mark.criu
 def test_the_payloads_hold_what_the_tree_had(dump: Path) -> None:
     def entries(prefix: str) -> list[dict[str, object]]:
-        return [e for p in _image_files(dump) if p.name.startswith(prefix)
+        return [e for p in image_files(dump) if p.name.startswith(prefix)
                 for e in images.loads(p.read_bytes())["entries"]]
 
     def data(extra: object) -> bytes:
@@ -220,7 +209,7 @@ def test_the_dicts_are_those_of_crits_own_module(dump: Path) -> None:
             out[p] = [I.load(open(p, "rb"), pretty) for pretty in (False, True)]
         print(json.dumps(out))
     """)
-    paths = [str(p) for p in _image_files(dump)]
+    paths = [str(p) for p in image_files(dump)]
     r = subprocess.run([sys.executable, "-c", oracle, *paths], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr

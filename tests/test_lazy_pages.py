@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
+from image_support import assert_round_trips, lazy_and_present_pages
 
 import pycriu
 from pycriu.workload import Workload
@@ -90,6 +91,11 @@ def test_lazy_migration_restores_at_once_and_fetches_memory_from_the_frozen_sour
 
     for image in src.glob("*.img"):
         shutil.copy2(image, dst / image.name)
+    # The lazy images are CRIU images like any: they round-trip, and inspect counts the memory
+    # left at the source (the workload's pattern at least) apart from the pages they hold.
+    assert "PAGEMAP" in assert_round_trips(dst)
+    present, lazy = lazy_and_present_pages(dst)
+    assert lazy >= mib * 256 and present * 4096 <= on_disk
     with criu.lazy_pages(pycriu.LazyPagesOptions(
             images_dir=dst, page_server=pycriu.PageServerAddress("127.0.0.1", port))) as daemon:
         restored = criu.restore(pycriu.RestoreOptions(images_dir=dst, lazy_pages=True))

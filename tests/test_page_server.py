@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_root
+from image_support import assert_round_trips, lazy_and_present_pages
 
 import pycriu
 from pycriu.workload import Workload
@@ -66,6 +67,10 @@ def test_pages_go_to_the_page_server_and_the_tree_restores_from_there(
     for image in src.glob("*.img"):
         if not (dst / image.name).exists():
             shutil.copy2(image, dst / image.name)
+    # the page server's pagemaps and the source's images round-trip; inspect sees every page
+    assert {"PAGEMAP", "CORE", "MM"} <= assert_round_trips(dst)
+    present, lazy = lazy_and_present_pages(dst)
+    assert present == dumped.stats.pages_written and lazy == 0
 
     restored = criu.restore(pycriu.RestoreOptions(images_dir=dst))
     w.adopt(restored.pid)
