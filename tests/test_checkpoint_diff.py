@@ -12,16 +12,18 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import needs_root
 from memory_support import PAGES, REWRITE, KnownTree, known_tree
 
+from pycriu import Migration
 from pycriu.images.diff import diff
 from pycriu.images.memory import Memory
 from pycriu.migration.modes import advise
+from pycriu.workload import Workload
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,36 @@ def test_nonsense_figures_are_refused() -> None:
         advise(1.0, 1, bandwidth=0)
     with pytest.raises(ValueError):
         advise(-1.0, 1)
+
+
+# -- before a migration --------------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.criu
+def test_a_migration_can_sample_how_fast_the_tree_writes_and_leaves_it_running(
+        workload: Callable[..., Workload]) -> None:
+    """The workload rewrites half of its 16 MiB every second: the sample sees megabytes."""
+    w = workload(mib=16, touch=0.5)
+    sample = Migration(w.pid, to="local").sample_dirty_rate(1.0)
+    assert sample.diff.rewritten_bytes > 1 << 20
+    assert sample.memory >= 16 << 20
+    assert sample.advice.modes and "MiB/s" in sample.advice.reason
+    assert w.alive(w.pid)
+    w.wait_beats(3)  # still running: the dumps left it so
+
+
+@needs_root
+@pytest.mark.criu
+def test_the_dry_run_prints_the_sample(workload: Callable[..., Workload]) -> None:
+    w = workload(mib=8, touch=0.5)
+    out = subprocess.run([sys.executable, "-m", "pycriu", "migrate", str(w.pid), "--dry-run", "--sample-dirty",
+                          "0.5", "--json", "-q"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["outcome"] == "checked"
+    assert data["dirty_sample"]["rewritten_bytes"] > 0 and data["dirty_sample"]["modes"]
+    alone = subprocess.run([sys.executable, "-m", "pycriu", "migrate", str(w.pid), "--sample-dirty", "1"],
+                           capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 2 and "goes with --dry-run" in alone.stderr
+    assert w.alive(w.pid)

@@ -15,6 +15,7 @@ it runs), 2 on bad usage, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import threading
@@ -90,6 +91,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check everything that can be known before the freeze (both hosts, the mode auto would "
                         "pick, the destination's files, ports and socket paths) and stop: nothing is frozen")
+    p.add_argument("--sample-dirty", type=float, metavar="S",
+                   help="with --dry-run: dump the tree twice, S s apart, leaving it running, and say how fast it "
+                        "rewrites memory and which flows fit it (costs two short freezes and two copies of its "
+                        "memory for the time of the sample)")
+    p.add_argument("--bandwidth", type=float, default=1000.0, metavar="MBIT",
+                   help="the link's speed in Mbit/s, for --sample-dirty's advice (default 1000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     if not _has_option(p, "--json"):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -193,7 +200,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         migration = _migration(args)
         if not args.quiet and sys.stderr.isatty():
             print(f"pycriu migrate: pid {args.pid} -> {args.to}, mode {args.mode}", file=sys.stderr)
+        if args.sample_dirty is not None and not args.dry_run:
+            raise InvalidOptionError("--sample-dirty goes with --dry-run (it measures; a migration then chooses "
+                                     "with --mode)")
         report = migration.dry_run() if args.dry_run else migration.run()
+        sample = (migration.sample_dirty_rate(args.sample_dirty, args.bandwidth * 1e6 / 8)
+                  if args.sample_dirty is not None else None)
     except InvalidOptionError as exc:
         print(f"pycriu migrate: {exc}", file=sys.stderr)
         return 2
@@ -204,7 +216,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         interrupted = isinstance(exc, KeyboardInterrupt)
         print(f"pycriu migrate: {'interrupted' if interrupted else exc}", file=sys.stderr)
         return 130 if interrupted else 1
-    _print_report(report, as_json, args.timeline)
+    if sample is not None and as_json:
+        print(json.dumps({**json.loads(report.to_json()), "dirty_sample": sample.to_dict()}, indent=2), flush=True)
+    else:
+        _print_report(report, as_json, args.timeline)
+        if sample is not None:
+            print(sample)
     return 0
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..containers.options import ContainerOptions
 from ..containers.runc import RuncTarget
@@ -44,6 +44,9 @@ from .phases import PhaseClock, Progress
 from .policy import PreCopyPolicy
 from .report import MigrationReport, Phase
 from .transport import Connection, Destination, TLSConfig
+
+if TYPE_CHECKING:
+    from .sampling import DirtySample
 
 __all__ = ["Migration", "MODES", "Progress"]
 
@@ -197,6 +200,15 @@ class Migration:
     def run(self) -> MigrationReport:
         """Migrate; return the report, or raise :class:`MigrationError` (with ``.report``)."""
         return MigrationRun(self).execute()
+
+    def sample_dirty_rate(self, seconds: float = 2.0, bandwidth: float = 125e6) -> DirtySample:
+        """How fast the tree rewrites memory, and the flows that fit it: two dumps of the tree
+        that leave it running, ``seconds`` apart, compared page by page
+        (:func:`pycriu.migration.sampling.sample_dirty_rate`; ``bandwidth``: the link's bytes/s)."""
+        from .sampling import sample_dirty_rate
+
+        return sample_dirty_rate(self.pid, seconds, criu=self.criu, flags=dict(self.flags),
+                                 container=self.container, bandwidth=bandwidth, scratch=self.scratch_dir)
 
     def dry_run(self) -> MigrationReport:
         """Everything a migration does before the freeze, and nothing after: both hosts'
