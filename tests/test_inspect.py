@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ import pytest
 from conftest import needs_root
 from memory_support import KnownTree, known_tree
 
+import pycriu
 from pycriu.images import ImageError
 from pycriu.inspect import Inspection, inspect
+from pycriu.workload import PidNamespaceTree
 
 pytestmark = [needs_root, pytest.mark.criu]
 
@@ -162,3 +165,40 @@ def test_an_image_missing_from_the_checkpoint_is_named(dumped: Dumped, tmp_path:
             os.link(f, broken / f.name)
     with pytest.raises(ImageError, match=r"mm-1.img: missing"):
         inspect(broken)
+
+
+ZOMBIE_AND_STOPPED = """
+import os, signal, time
+if os.fork() == 0:
+    os._exit(7)                      # never reaped: a zombie with exit code 7
+stopped = os.fork()
+if stopped == 0:
+    os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(1000)
+time.sleep(0.3)
+open("ready", "w").close()
+time.sleep(1000)
+"""
+
+
+def test_a_zombie_and_a_stopped_child_are_shown_as_they_were(tmp_path: Path) -> None:
+    """CRIU writes a stopped task as state 3 (crit calls 3 "Zombie") and a zombie as 2, with its wait
+    status (7 << 8) as the exit code."""
+    (tmp_path / "tree.py").write_text(ZOMBIE_AND_STOPPED)
+    tree = PidNamespaceTree([sys.executable, "tree.py"], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline, "the tree did not start"
+            time.sleep(0.02)
+        images = tmp_path / "images"
+        images.mkdir()
+        pycriu.Criu().dump(pycriu.DumpOptions(pid=tree.pid, images_dir=images, log_file="dump.log", shell_job=True,
+                                              leave_running=True))
+    finally:
+        tree.close()
+    seen = inspect(images)
+    states = sorted((p.state, p.exit_code) for p in seen.processes)
+    assert states == [("alive", None), ("stopped", None), ("zombie", 7)]
+    zombie = next(p for p in seen.processes if p.state == "zombie")
+    assert zombie.mappings == [] and zombie.fds == []

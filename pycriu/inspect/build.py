@@ -24,7 +24,8 @@ from .model import Inspection, MountInfo, OpenFd, Process, SocketInfo, Thread
 __all__ = ["inspect", "images_dir"]
 
 _NAMESPACES = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
-_STATES = {1: "alive", 2: "dead", 3: "stopped", 6: "zombie"}
+#: compel's task states (compel/include/uapi/task-state.h); CRIU writes a zombie as 2 (dead)
+_STATES = {1: "alive", 2: "zombie", 3: "stopped", 6: "zombie"}
 #: a command line longer than this is cut (a process can make it as long as its stack)
 _MAX_ARGS = 1 << 20
 
@@ -49,10 +50,18 @@ def images_dir(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any] | Non
 
 
 def _state(core: Entry) -> str:
-    # compel's task states (compel/include/uapi/task-state.h). CRIU's own crit names 3 "Zombie"
-    # and 6 "Stopped" in its dicts, the other way round; pycriu.images keeps crit's dicts as they
-    # are (scripts compare them), and this view says what the task was.
+    # CRIU's own crit names 3 "Zombie" and 6 "Stopped" in its dicts, but 3 is a stopped task
+    # and a zombie comes as 2; pycriu.images keeps crit's dicts as they are (scripts compare
+    # them), and this view says what the task was.
     return _STATES.get(core.tc.task_state, f"state {core.tc.task_state}")
+
+
+def _exit_code(status: int) -> int:
+    """A zombie's exit code from the wait status CRIU saved (``-N``: killed by signal N)."""
+    try:
+        return os.waitstatus_to_exitcode(status)
+    except ValueError:
+        return status
 
 
 def _strings(data: bytes) -> list[str]:
@@ -123,9 +132,11 @@ def _inspect(mem: Memory, environ: bool, container: dict[str, Any] | None) -> In
     for entry in ckpt.pstree:
         pid = entry.pid
         core = ckpt.core(pid)
-        threads = [Thread(tid, ckpt.core(tid).thread_core.comm if tid != pid else core.tc.comm)
-                   for tid in entry.threads]
         state = _state(core)
+        # a zombie has only its pid left (CRIU writes no thread list worth reading for it: the
+        # entry's tid is whatever was in memory, and no core image goes with it)
+        tids = [pid] if state == "zombie" else list(entry.threads)
+        threads = [Thread(tid, ckpt.core(tid).thread_core.comm if tid != pid else core.tc.comm) for tid in tids]
         ids = ckpt.ids(pid) if ckpt.has(f"ids-{pid}.img") else None
         namespaces = {ns: getattr(ids, f"{ns}_ns_id") for ns in _NAMESPACES
                       if ids is not None and ids.HasField(f"{ns}_ns_id")}
@@ -139,7 +150,7 @@ def _inspect(mem: Memory, environ: bool, container: dict[str, Any] | None) -> In
         proc = Process(pid, entry.ppid, entry.pgid, entry.sid, core.tc.comm, state, threads,
                        creds.uid if creds is not None else None, creds.gid if creds is not None else None,
                        None, None, namespaces, dict(cgroups.get(cg_set, {})),
-                       exit_code=core.tc.exit_code if state == "zombie" else None)
+                       exit_code=_exit_code(core.tc.exit_code) if state == "zombie" else None)
         if state in ("alive", "stopped"):  # a zombie has no memory, files or fs left
             space = mem.space(pid)
             mm = ckpt.mm(pid)
