@@ -8,13 +8,16 @@ import json
 from pathlib import Path
 
 from pycriu import images
+from pycriu.images import magic
 from pycriu.inspect import Inspection, inspect
 
 
 def image_files(d: Path) -> list[Path]:
-    """The entry images of ``d`` (page contents and logs are not entries)."""
-    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("pages-")
-                  and not p.name.endswith(".log"))
+    """The entry images of ``d``: ``*.img`` and CRIU's stats, but for the raw ones (page
+    contents, ``ip`` and ``iptables`` dumps, tmpfs tars); logs and a runtime's own files (runc's
+    ``descriptors.json``) are not images."""
+    return sorted(p for p in d.iterdir() if p.is_file() and not magic.is_raw(p.name)
+                  and (p.name.endswith(".img") or p.name.startswith("stats-")))
 
 
 def assert_round_trips(d: Path) -> set[str]:

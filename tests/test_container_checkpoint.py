@@ -11,10 +11,12 @@ import os
 import signal
 
 import pytest
-from container_support import gone, needs_runc, sites  # noqa: F401 - fixture
+from container_support import WORKLOAD, gone, needs_runc, sites  # noqa: F401 - fixture
+from image_support import assert_round_trips
 
 import pycriu
 from pycriu.containers import DESCRIPTORS_FILE, RuncBundle, RuncContainer
+from pycriu.inspect import inspect
 
 pytestmark = [needs_runc, pytest.mark.containers]
 
@@ -44,6 +46,26 @@ def test_pycriu_checkpoint_leave_running(sites, tmp_path) -> None:  # noqa: F811
     ct.checkpoint(tmp_path / "images", leave_running=True)
     assert ct.status == "running"
     source.wait_counting(above=source.counter())
+
+
+def test_a_container_checkpoint_round_trips_and_inspect_shows_its_mounts_and_cgroups(sites, tmp_path) -> None:  # noqa: F811
+    """A container's images hold what a host tree's do not: its mount namespace (mountpoints),
+    cgroups, network and UTS namespaces. Every one round-trips; inspect shows them."""
+    source, _ = sites
+    ct = source.run(source.ids[0])
+    ct.checkpoint(tmp_path / "images", leave_running=True)
+    kinds = assert_round_trips(tmp_path / "images")
+    assert {"MNTS", "CGROUP", "NETNS", "UTSNS", "CORE", "PAGEMAP"} <= kinds, kinds
+    seen = inspect(tmp_path / "images")
+    mounts = {m.mountpoint: m for m in seen.mounts}
+    assert "/" in mounts and mounts["/proc"].fstype == "proc"
+    assert mounts["/data"].external  # the bind mount from the host is an external one
+    root = next(p for p in seen.processes if p.ppid == 0)
+    assert root.cmdline == ["sh", "-c", WORKLOAD]
+    assert root.pid == 1 and root.cgroups  # the container's init, in its runc cgroup
+    live = open(f"/proc/{ct.pid}/cgroup").read().split(":")[-1].strip()
+    assert any(path.endswith(live.rsplit("/", 1)[-1]) for path in root.cgroups.values()), (root.cgroups, live)
+    assert seen.hostnames  # its own UTS namespace
 
 
 def test_runc_checkpoint_restores_with_pycriu(sites, tmp_path, criu) -> None:  # noqa: F811

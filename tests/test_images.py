@@ -253,3 +253,12 @@ def test_crit_runs_on_our_module_and_prints_what_it_prints_on_criu_s(dump: Path,
     assert theirs.returncode == 0, theirs.stderr
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout == theirs.stdout and ours.stdout.strip()
+
+
+def test_raw_files_are_told_from_images_by_name() -> None:
+    """CRIU's raw files (magic.h's RAW_IMAGE_MAGIC aliases) have no magic to read."""
+    for raw in ("pages-1.img", "ifaddr-10.img", "route6-10.img", "iptables-10.img", "tmpfs-dev-42.tar.gz.img",
+                "netns-ct-10.img"):
+        assert magic.is_raw(raw), raw
+    for image in ("pagemap-1.img", "pagemap-shmem-83313.img", "core-1.img", "tty-data.img", "netns-10.img"):
+        assert not magic.is_raw(image), image

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["by_name", "by_val", "IMG_COMMON", "IMG_SERVICE", "RAW"]
+__all__ = ["by_name", "by_val", "IMG_COMMON", "IMG_SERVICE", "RAW", "RAW_PREFIXES", "is_raw"]
 
 
 def _load() -> dict[str, int]:
@@ -34,3 +34,15 @@ for _name, _value in by_name.items():
     if _name.startswith("CRTOOLS_IMAGES"):
         continue
     by_val.setdefault(_value, _name)
+
+#: Files of an images directory CRIU writes raw, without magics (``magic.h``'s aliases of
+#: ``RAW_IMAGE_MAGIC``: page contents, the output of ``ip ... save`` and ``iptables-save``, a tar
+#: of a tmpfs, conntrack dumps): no image reader decodes them, crit's neither. By file name, as
+#: ``criu/image-desc.c`` names them.
+RAW_PREFIXES = ("pages-", "ifaddr-", "route-", "route6-", "rule-", "iptables-", "ip6tables-", "nftables-",
+                "tmpfs-", "netns-ct-", "netns-exp-")
+
+
+def is_raw(name: str) -> bool:
+    """Whether the file ``name`` of an images directory is one CRIU writes raw."""
+    return name.startswith(RAW_PREFIXES) or name.endswith(".tar.gz.img")
