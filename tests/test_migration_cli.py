@@ -20,6 +20,7 @@ from migration_support import assert_moved
 from pycriu import MigrationReport
 from pycriu.migration import Progress
 from pycriu.migration.cli import ProgressDisplay, register
+from pycriu.migration.phases import RateMeter
 from pycriu.workload import Workload
 
 PYCRIU = [sys.executable, "-m", "pycriu.migration.cli"]
@@ -57,7 +58,32 @@ def test_the_progress_display_shows_phases_and_bytes() -> None:
     show(Progress("image transfer", "end", 0.6, seconds=0.2, message="12 files"))
     text = out.getvalue()
     assert "checks" in text and "300.0 ms" in text
-    assert "1.0 / 4.0 MiB" in text and "12 files" in text
+    assert "1.0 / 4.0 MiB (25%)" in text and "12 files" in text
+
+
+def test_off_a_terminal_a_transfer_prints_a_line_every_few_seconds_with_rate_and_time_left() -> None:
+    out = io.StringIO()  # a log file or a pipe: no terminal
+    show = ProgressDisplay(out, every=3.0)
+    show(Progress("page transfer", "start", 0.0))
+    for tenth in range(1, 101):  # 10 s at 10 MiB/s of 200 MiB
+        show(Progress("page transfer", "bytes", tenth / 10, done=tenth << 20, total=200 << 20))
+    show(Progress("page transfer", "end", 10.0, seconds=10.0))
+    lines = [line for line in out.getvalue().splitlines() if "MiB/s" in line]
+    assert len(lines) == 3  # at 3, 6 and 9 s
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert "30.0 / 200.0 MiB (15%), 10.0 MiB/s, 17.0 s left" in lines[0]
+
+
+def test_the_rate_is_that_of_the_last_seconds_and_restarts_with_a_new_transfer() -> None:
+    meter = RateMeter(window=2.0)
+    assert meter.update(0.0, 0, 100) == (None, None)
+    for t in range(1, 11):  # 1 byte/s for 10 s...
+        meter.update(float(t), t, 100)
+    for t in range(11, 14):  # ...then 11 bytes/s
+        rate, left = meter.update(float(t), 10 + 11 * (t - 10), 100)
+    assert rate == pytest.approx(11.0, rel=0.01)
+    assert left == pytest.approx((100 - 43) / rate)
+    assert meter.update(14.0, 5, None)[1] is None  # fewer bytes: another transfer, no total
 
 
 @needs_root

@@ -12,7 +12,7 @@ from typing import Any
 
 from .report import MigrationReport, Phase
 
-__all__ = ["PhaseClock", "Progress"]
+__all__ = ["RateMeter", "PhaseClock", "Progress"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,29 @@ class Progress:
     done: int | None = None
     total: int | None = None
     message: str = ""
+
+
+class RateMeter:
+    """Bytes per second over the last ``window`` seconds of a transfer, and the time left."""
+
+    def __init__(self, window: float = 2.0) -> None:
+        self.window = window
+        self._samples: list[tuple[float, int]] = []
+
+    def update(self, elapsed: float, done: int, total: int | None = None) -> tuple[float | None, float | None]:
+        """Record ``done`` bytes at ``elapsed`` s; return (bytes/s, seconds left), each ``None``
+        until two samples a moment apart exist (or, for the time left, without a total)."""
+        if self._samples and done < self._samples[-1][1]:
+            self._samples.clear()  # a new transfer in the same phase
+        self._samples.append((elapsed, done))
+        while len(self._samples) > 2 and elapsed - self._samples[1][0] >= self.window:
+            self._samples.pop(0)
+        t0, d0 = self._samples[0]
+        if elapsed - t0 <= 0:
+            return None, None
+        rate = (done - d0) / (elapsed - t0)
+        left = (total - done) / rate if total is not None and rate > 0 else None
+        return rate, left
 
 
 class PhaseClock:
