@@ -19,9 +19,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .criu import MIN_CRIU_VERSION, Criu, CriuVersion, find_criu, required_version
-from .daemons import LazyPages, PageServer
-from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, NotifyAction, PreDumpMode
 from .errors import (
     CheckError,
     ContainerRuntimeError,
@@ -40,25 +37,24 @@ from .errors import (
     RestoreError,
     ServiceError,
 )
-from .options import (
-    CgroupRoot,
-    DumpOptions,
-    ExternalMount,
-    InheritFd,
-    JoinNamespace,
-    LazyPagesOptions,
-    PageServerAddress,
-    PageServerOptions,
-    PreDumpOptions,
-    RestoreOptions,
-    VethPair,
-    external_mount,
-    external_namespace,
-    external_veth,
-)
-from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats
+
+# The core's classes load on first use, as the migration layer does: `pycriu inspect` and the
+# agent start without libcriu's binding and the option classes (60 ms of every start-up).
+# (``dir(pycriu)`` and ``from pycriu import *`` list them all the same.)
+_CORE = {name: module for module, names in {
+    'enums': ('CgroupMode', 'LogLevel', 'Namespace', 'NetworkLockMethod', 'NotifyAction', 'PreDumpMode'),
+    'criu': ('MIN_CRIU_VERSION', 'Criu', 'CriuVersion', 'find_criu', 'required_version'),
+    'daemons': ('LazyPages', 'PageServer'),
+    'options': ('CgroupRoot', 'DumpOptions', 'ExternalMount', 'InheritFd', 'JoinNamespace', 'LazyPagesOptions',
+                'PageServerAddress', 'PageServerOptions', 'PreDumpOptions', 'RestoreOptions', 'VethPair',
+                'external_mount', 'external_namespace', 'external_veth'),
+    'results': ('DumpResult', 'DumpStats', 'Features', 'RestoreResult', 'RestoreStats'),
+}.items() for name in names}
 
 if TYPE_CHECKING:
+    from .criu import MIN_CRIU_VERSION, Criu, CriuVersion, find_criu, required_version
+    from .daemons import LazyPages, PageServer
+    from .enums import CgroupMode, LogLevel, Namespace, NetworkLockMethod, NotifyAction, PreDumpMode
     from .migration import (
         AgentError,
         AuthenticationError,
@@ -71,6 +67,23 @@ if TYPE_CHECKING:
         TLSConfig,
         TransportError,
     )
+    from .options import (
+        CgroupRoot,
+        DumpOptions,
+        ExternalMount,
+        InheritFd,
+        JoinNamespace,
+        LazyPagesOptions,
+        PageServerAddress,
+        PageServerOptions,
+        PreDumpOptions,
+        RestoreOptions,
+        VethPair,
+        external_mount,
+        external_namespace,
+        external_veth,
+    )
+    from .results import DumpResult, DumpStats, Features, RestoreResult, RestoreStats
 
 # The migration layer is imported on first use (see pycriu.migration): the destination agent
 # needs none of the source's side, and its start-up counts in every local migration's time.
@@ -97,6 +110,10 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name == "images":  # ``import pycriu; pycriu.images.load(f)``, as with CRIU's module (crit)
         return importlib.import_module(".images", __name__)
+    if name in _CORE:
+        value = getattr(importlib.import_module(f".{_CORE[name]}", __name__), name)
+        globals()[name] = value
+        return value
     if name not in _MIGRATION and name != "migration":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     migration = importlib.import_module(".migration", __name__)  # not `from . import`: it asks us

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, doctor
-from .containers import ContainerOptions, Runc, RuncContainer
+from . import __version__
+from ._argparse import SubcommandParser
 from .criu import Criu, find_criu
 from .errors import CriuError, InvalidOptionError
 from .options import (
@@ -108,6 +108,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         done = kdat.remove()
         print("\n".join(done) if done else "nothing of pycriu's kernel-probe cache was in place")
         return 0
+    from . import doctor
+
     return doctor.main(args.criu, as_json=args.json)
 
 
@@ -124,6 +126,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
               leave_stopped=args.leave_stopped, page_server=page_server, lazy_port=lazy_port,
               lazy_address=lazy_address, **_criu_options(args))
     if args.container:
+        from .containers import ContainerOptions
+
         opts = ContainerOptions.load(args.container).dump_options(pid=args.tree, images_dir=args.images_dir, **kw)
     else:
         opts = DumpOptions(pid=args.tree, images_dir=args.images_dir, **kw)
@@ -144,6 +148,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     kw = dict(leave_stopped=args.leave_stopped, inherit_fds=args.inherit_fd or None,
               restore_sibling=args.restore_sibling, **_criu_options(args))
     if args.container:
+        from .containers import ContainerOptions
+
         with ContainerOptions.load(args.container).restore_options(images_dir=args.images_dir, **kw) as opts:
             result = Criu(args.criu).restore(opts)
     else:
@@ -156,6 +162,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_container(args: argparse.Namespace) -> int:
+    from .containers import Runc, RuncContainer
+
     runc = Runc(root=args.runc_root, criu=find_criu(args.criu))
     if args.action == "options":
         print(json.dumps(RuncContainer(args.id, runc).options().to_dict(), indent=1))
@@ -191,15 +199,6 @@ def cmd_lazy_pages(args: argparse.Namespace) -> int:
     return 0
 
 
-class _SubcommandParser(argparse.ArgumentParser):
-    """A subcommand's parser: also accepts the top-level ``--criu`` and ``--json``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.add_argument("--criu", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        self.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pycriu`` command, with the migration commands when present."""
     parser = argparse.ArgumentParser(prog="pycriu", description="Checkpoint, restore and live-migrate "
@@ -207,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pycriu {__version__}")
     parser.add_argument("--criu", metavar="PATH", help="criu binary (default: $PYCRIU_CRIU or PATH)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    # Every subcommand's parser (the migration ones too) is a _SubcommandParser, which takes the
+    # Every subcommand's parser (the migration ones too) is a SubcommandParser, which takes the
     # same two options after the subcommand (pycriu dump --json ...).
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_SubcommandParser)
+                                parser_class=SubcommandParser)
 
     p = sub.add_parser("doctor", help="check that this machine can checkpoint/restore/migrate")
     p.add_argument("--undo-kdat", action="store_true",
@@ -290,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pycriu`` command; returns its exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         return int(args.func(args) or 0)
     except InvalidOptionError as exc:  # bad input, like bad usage

@@ -8,6 +8,7 @@ import re
 import sys
 from typing import Any
 
+from .._argparse import SubcommandParser
 from ..images.diff import diff
 from ..images.errors import ImageError
 from ..images.memory import PAGE_SIZE, Hit, Memory
@@ -15,7 +16,7 @@ from ..migration.modes import advise
 from .build import images_dir, inspect
 from .render import SECTIONS, render, render_diff, render_hits
 
-__all__ = ["register"]
+__all__ = ["register", "main"]
 
 
 def _address(text: str) -> tuple[int, int, int]:
@@ -59,6 +60,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bandwidth", type=float, default=1000.0, metavar="MBIT",
                    help="the migration link's speed, Mbit/s, for the advice (default 1000)")
     p.set_defaults(func=cmd_diff)
+
+
+def main(argv: list[str]) -> int:
+    """``pycriu inspect ...`` / ``pycriu diff ...`` on their own (``pycriu.cli`` hands them over
+    before it loads anything else)."""
+    parser = argparse.ArgumentParser(prog="pycriu")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                   parser_class=SubcommandParser))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"pycriu {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _hexdump(address: int, data: bytes) -> str:
