@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-stress test-vm test-vm-full conformance fuzz soak docs lint bench clean
+.PHONY: setup demo test test-stress test-vm test-vm-full conformance fuzz soak docs lint bench bench-images clean
 
 setup:
 	bash scripts/provision.sh
@@ -52,6 +52,11 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Checkpoint inspection: search, diff and inspect over a 1 GiB checkpoint against grep -c and
+# CRIU's crit (bench/images.py; results in bench/results/images.{json,md}).
+bench-images: setup
+	$(PY) -m bench.images $(BENCH_ARGS)
 
 clean:
 	rm -rf build docs/_build .pytest_cache pycriu/_libcriu*.so pycriu/_libcriu.c pycriu/images/_scan.c pycriu/images/_scan*.so
