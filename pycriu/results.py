@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._protobuf import fields
-
 __all__ = ["DumpStats", "RestoreStats", "DumpResult", "RestoreResult", "Features", "read_stats"]
 
-_IMG_SERVICE_MAGIC = 0x55105940
-_STATS_MAGIC = 0x57093306
 
 
 @dataclass(frozen=True)
@@ -78,32 +73,27 @@ class Features:
 
 def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
     """Parse a CRIU ``stats-dump`` or ``stats-restore`` image; ``None`` if absent or unreadable."""
+    from .images import ImageError, read_messages  # protobuf loads on the first dump, not at import
+
     try:
-        data = Path(path).read_bytes()
-    except OSError:
+        entry: Any = next(iter(read_messages(path, "STATS")), None)  # a message made at run time
+    except (OSError, ImageError):
         return None
-    if len(data) < 12:
+    if entry is None:
         return None
-    magic0, magic1, size = struct.unpack_from("<III", data)
-    if magic0 != _IMG_SERVICE_MAGIC or magic1 != _STATS_MAGIC:
-        return None
-    try:
-        entry = fields(data[12:12 + size])
-        if 1 in entry:
-            d = fields(entry[1])
-            return DumpStats(
-                freezing_time=d.get(1, 0) / 1e6, frozen_time=d.get(2, 0) / 1e6,
-                memdump_time=d.get(3, 0) / 1e6, memwrite_time=d.get(4, 0) / 1e6,
-                pages_scanned=d.get(5, 0), pages_skipped_parent=d.get(6, 0),
-                pages_written=d.get(7, 0), pages_lazy=d.get(9, 0),
-            )
-        if 2 in entry:
-            r = fields(entry[2])
-            return RestoreStats(
-                pages_compared=r.get(1, 0), pages_skipped_cow=r.get(2, 0),
-                forking_time=r.get(3, 0) / 1e6, restore_time=r.get(4, 0) / 1e6,
-                pages_restored=r.get(5, 0),
-            )
-    except ValueError:
-        return None
+    if entry.HasField("dump"):
+        d = entry.dump
+        return DumpStats(
+            freezing_time=d.freezing_time / 1e6, frozen_time=d.frozen_time / 1e6,
+            memdump_time=d.memdump_time / 1e6, memwrite_time=d.memwrite_time / 1e6,
+            pages_scanned=d.pages_scanned, pages_skipped_parent=d.pages_skipped_parent,
+            pages_written=d.pages_written, pages_lazy=d.pages_lazy,
+        )
+    if entry.HasField("restore"):
+        r = entry.restore
+        return RestoreStats(
+            pages_compared=r.pages_compared, pages_skipped_cow=r.pages_skipped_cow,
+            forking_time=r.forking_time / 1e6, restore_time=r.restore_time / 1e6,
+            pages_restored=r.pages_restored,
+        )
     return None

@@ -1,5 +1,5 @@
 """Reading CRIU's images for what the migration needs from them: which tasks the dump found
-stopped (and by which signal). Real images come from zdtm's ``stopped*`` tests in
+stopped (and by which signal), and the pagemaps. Real images come from zdtm's ``stopped*`` tests in
 tests/test_conformance.py; here, hostile ones, which must give a clear error."""
 
 from __future__ import annotations
@@ -9,36 +9,33 @@ from pathlib import Path
 
 import pytest
 
-from pycriu.migration.images import stopped_tasks
+from pycriu.images import magic
+from pycriu.images.schema import message_class
+from pycriu.migration.images import read_pagemap, stopped_tasks
 
-COMMON, PSTREE, CORE = 0x54564319, 0x50273030, 0x55053847
+COMMON, PSTREE, CORE = magic.IMG_COMMON, magic.by_name["PSTREE"], magic.by_name["CORE"]
 
 
-def _image(path: Path, magic: int, *messages: bytes) -> None:
-    path.write_bytes(struct.pack("<II", COMMON, magic)
+def _image(path: Path, type_magic: int, *messages: bytes) -> None:
+    path.write_bytes(struct.pack("<II", COMMON, type_magic)
                      + b"".join(struct.pack("<I", len(m)) + m for m in messages))
 
 
-def _varint(value: int) -> bytes:
-    out = b""
-    while True:
-        b, value = value & 0x7F, value >> 7
-        out += bytes([b | (0x80 if value else 0)])
-        if not value:
-            return out
-
-
-def _varint_field(num: int, value: int) -> bytes:
-    return _varint(num << 3) + _varint(value)
+def _pstree(pid: int) -> bytes:
+    return message_class("pstree_entry")(pid=pid, ppid=0, pgid=pid, sid=pid).SerializeToString()
 
 
 def _core(state: int, signo: int | None) -> bytes:
-    tc = _varint_field(1, state) + (_varint_field(21, signo) if signo is not None else b"")
-    return _varint_field(1, 1) + bytes([3 << 3 | 2, len(tc)]) + tc
+    """A core image's entry with CRIU's own schema (proto2: the required fields are set)."""
+    tc = message_class("task_core_entry")(task_state=state, exit_code=0, personality=0, flags=0, blk_sigset=0,
+                                          comm="t")
+    if signo is not None:
+        tc.stop_signo = signo
+    return message_class("core_entry")(mtype=1, tc=tc).SerializeToString()
 
 
 def test_stopped_tasks_are_read_with_their_signal(tmp_path: Path) -> None:
-    _image(tmp_path / "pstree.img", PSTREE, _varint_field(1, 1), _varint_field(1, 7), _varint_field(1, 9))
+    _image(tmp_path / "pstree.img", PSTREE, _pstree(1), _pstree(7), _pstree(9))
     _image(tmp_path / "core-1.img", CORE, _core(1, None))  # alive
     _image(tmp_path / "core-7.img", CORE, _core(3, 20))  # stopped by SIGTSTP
     _image(tmp_path / "core-9.img", CORE, _core(3, None))  # stopped, no signal recorded
@@ -47,11 +44,11 @@ def test_stopped_tasks_are_read_with_their_signal(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["magic", "truncated", "length", "missing core"])
 def test_a_damaged_image_is_a_clear_error(tmp_path: Path, damage: str) -> None:
-    _image(tmp_path / "pstree.img", PSTREE, _varint_field(1, 5))
+    _image(tmp_path / "pstree.img", PSTREE, _pstree(5))
     _image(tmp_path / "core-5.img", CORE, _core(3, 19))
     pstree = tmp_path / "pstree.img"
     if damage == "magic":
-        _image(pstree, CORE, _varint_field(1, 5))
+        _image(pstree, CORE, _pstree(5))
     elif damage == "truncated":
         pstree.write_bytes(pstree.read_bytes()[:10])
     elif damage == "length":
@@ -72,3 +69,20 @@ def test_the_page_images_a_page_server_writes_include_the_shared_memory_pagemap(
         assert PAGE_IMAGE.fullmatch(name), name
     for name in ("core-12.img", "pagemap-shmem-x.img", "../pages-1.img", "pstree.img"):
         assert not PAGE_IMAGE.fullmatch(name), name
+
+
+def test_a_pagemap_is_read_with_its_head_and_each_entry_s_flags(tmp_path: Path) -> None:
+    m = message_class
+    entries = [m("pagemap_entry")(vaddr=0x1000, compat_nr_pages=0, nr_pages=3, flags=4),   # present
+               m("pagemap_entry")(vaddr=0x8000, compat_nr_pages=2, in_parent=True),         # an old image
+               m("pagemap_entry")(vaddr=0xa000, compat_nr_pages=0, nr_pages=1, flags=2 | 4)]  # lazy, present
+    _image(tmp_path / "pagemap-3.img", magic.by_name["PAGEMAP"], m("pagemap_head")(pages_id=9).SerializeToString(),
+           *(e.SerializeToString() for e in entries))
+    pm = read_pagemap(tmp_path / "pagemap-3.img")
+    assert pm.pages_name == "pages-9.img"
+    assert [(e.vaddr, e.nr_pages, e.present, e.in_parent, e.lazy) for e in pm.entries] == [
+        (0x1000, 3, True, False, False), (0x8000, 2, False, True, False), (0xA000, 1, True, False, True)]
+    assert pm.count(lazy=False, present=True) == 3
+    with pytest.raises(ValueError, match="PSTREE image, expected PAGEMAP"):
+        _image(tmp_path / "pagemap-4.img", PSTREE, _pstree(1))
+        read_pagemap(tmp_path / "pagemap-4.img")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _protobuf
 from .._fs import MEMORY_FILESYSTEMS, filesystem_of
 from .protocol import IMAGE_NAME
 
@@ -19,10 +17,6 @@ __all__ = ["ImageFile", "list_images", "dir_usage", "Pagemap", "read_pagemap", "
            "non_lazy_ranges", "stopped_tasks", "filesystem_of", "memory_dir", "MEMORY_FILESYSTEMS"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_IMG_COMMON_MAGIC = 0x54564319
-_PAGEMAP_MAGIC = 0x56084025
-_PSTREE_MAGIC = 0x50273030
-_CORE_MAGIC = 0x55053847
 _TASK_STOPPED = 3  # compel's COMPEL_TASK_STOPPED, the task_state of a core image
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
@@ -179,26 +173,12 @@ class Pagemap:
                    if (lazy is None or e.lazy == lazy) and (present is None or e.present == present))
 
 
-def _messages(path: str | os.PathLike[str], magic: int, kind: str) -> list[dict[int, Any]]:
-    """The size-prefixed protobuf messages of one CRIU image (after its two magics), as fields."""
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short for a {kind} image")
-    if struct.unpack_from("<II", data) != (_IMG_COMMON_MAGIC, magic):
-        raise ValueError(f"{path}: not a {kind} image")
-    head = 8
-    pos = head
-    messages = []
-    while pos < len(data):
-        if pos + 4 > len(data):
-            raise ValueError(f"{path}: truncated")
-        (size,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        if pos + size > len(data):
-            raise ValueError(f"{path}: truncated")
-        messages.append(_protobuf.fields(data[pos:pos + size]))
-        pos += size
-    return messages
+def _messages(path: str | os.PathLike[str], kind: str) -> list[Any]:
+    """The entries of one CRIU image of type ``kind`` (``"PSTREE"``), as typed messages
+    (:mod:`pycriu.images`, loaded on first use: the agent starts without protobuf)."""
+    from ..images import read_messages
+
+    return list(read_messages(path, kind))
 
 
 def stopped_tasks(directory: str | os.PathLike[str]) -> dict[int, int]:
@@ -208,30 +188,26 @@ def stopped_tasks(directory: str | os.PathLike[str]) -> dict[int, int]:
     stopped by SIGSTOP; these stay stopped when the others resume, by their own signal."""
     d = Path(directory)
     stopped = {}
-    for entry in _messages(d / "pstree.img", _PSTREE_MAGIC, "pstree"):
-        pid = entry.get(1)
-        if not isinstance(pid, int):
-            raise ValueError(f"{d / 'pstree.img'}: an entry without a pid")
-        core = _messages(d / f"core-{pid}.img", _CORE_MAGIC, "core")
-        tc = _protobuf.fields(core[0][3]) if core and isinstance(core[0].get(3), bytes) else {}
-        if tc.get(1) == _TASK_STOPPED:
-            signo = tc.get(21, 0)
-            stopped[pid] = signo if isinstance(signo, int) else 0
+    for entry in _messages(d / "pstree.img", "PSTREE"):
+        core = _messages(d / f"core-{entry.pid}.img", "CORE")
+        tc = core[0].tc if core and core[0].HasField("tc") else None
+        if tc is not None and tc.task_state == _TASK_STOPPED:
+            stopped[entry.pid] = tc.stop_signo if tc.HasField("stop_signo") else 0
     return stopped
 
 
 def read_pagemap(path: str | os.PathLike[str]) -> Pagemap:
-    """Parse a CRIU ``pagemap-*.img`` (magics, then size-prefixed PagemapHead and entries)."""
-    messages = _messages(path, _PAGEMAP_MAGIC, "pagemap")
+    """A CRIU ``pagemap-*.img``: its PagemapHead (which ``pages-N.img`` it indexes) and entries."""
+    messages = _messages(path, "PAGEMAP")
     if not messages:
         raise ValueError(f"{path}: no pagemap head")
     head, *rest = messages
     entries = []
-    for fields in rest:
-        nr = fields.get(5, fields.get(2, 0))
-        flags = fields[4] if 4 in fields else (PE_PARENT if fields.get(3) else PE_PRESENT)
-        entries.append(PagemapEntry(fields.get(1, 0), nr, flags))
-    return Pagemap(Path(path).name, head.get(1, 0), tuple(entries))
+    for e in rest:
+        nr = e.nr_pages if e.HasField("nr_pages") else e.compat_nr_pages
+        flags = e.flags if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
+        entries.append(PagemapEntry(e.vaddr, nr, flags))
+    return Pagemap(Path(path).name, head.pages_id, tuple(entries))
 
 
 def pagemaps(directory: str | os.PathLike[str]) -> list[Pagemap]:
