@@ -34,6 +34,10 @@ _LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
 
 
+#: lengths up to this are read and checked afterwards; above it, checked against the file first
+_CHECK_ABOVE = 1 << 20
+
+
 def _remaining(f: IO[bytes]) -> int | None:
     try:
         here = f.tell()
@@ -45,16 +49,16 @@ def _remaining(f: IO[bytes]) -> int | None:
 
 
 def read_exact(f: IO[bytes], n: int, what: str) -> bytes:
-    """``n`` bytes of ``f`` or :class:`ImageError` (a length beyond the file's end is refused
-    before anything is read)."""
+    """``n`` bytes of ``f`` or :class:`ImageError` (a large length beyond the file's end is
+    refused before anything is read: no buffer of an absurd size is allocated)."""
     if n < 0:
         raise ImageError(f"{what}: negative length {n}")
-    left = _remaining(f)
+    left = _remaining(f) if n > _CHECK_ABOVE else None  # two seeks a message cost 40 % of a read
     if left is not None and n > left:
         raise ImageError(f"{what}: {n} bytes announced at offset {f.tell()}, only {left} left (truncated image)")
     data = f.read(n)
     if len(data) != n:
-        raise ImageError(f"{what}: truncated at {len(data)} of {n} bytes")
+        raise ImageError(f"{what}: {n} bytes announced, only {len(data)} left (truncated image)")
     return data
 
 
