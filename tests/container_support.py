@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from pycriu.containers import Runc, RuncContainer
+from pycriu.migration.phases import Progress
 
 BUSYBOX = shutil.which("busybox", path="/bin:/usr/bin:/usr/local/bin")
 RUNC = shutil.which("runc")
@@ -97,6 +98,20 @@ def _copy_unless_gone(src: str, dst: str) -> None:
     except FileNotFoundError:
         if os.path.lexists(src):
             raise
+
+
+def final_sync(source: Path, bundle: Path) -> Callable[[Progress], None]:
+    """A migration's progress callback that, when the restore starts (the source is frozen or
+    gone: its rootfs holds still), copies the source's rootfs files to the destination's again,
+    as a runtime's last sync of a live-copied rootfs does: a file the tree had open at the freeze
+    (``/sum.new``, held by the shell's echo for a moment) then exists there too."""
+    def sync(e: Progress) -> None:
+        if e.phase == "restore" and e.event == "start":
+            src, dst = source / "rootfs", bundle / "rootfs"
+            for f in src.iterdir():
+                if f.is_file() and not f.is_symlink():
+                    _copy_unless_gone(str(f), str(dst / f.name))
+    return sync
 
 
 def _spec(bundle: Path) -> dict:  # type: ignore[type-arg]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_lazy_pages
-from container_support import copy_bundle, dest_cgroup_of, gone, needs_runc, sites  # noqa: F401 - fixture
+from container_support import copy_bundle, dest_cgroup_of, final_sync, gone, needs_runc, sites  # noqa: F401 - fixture
 
 from pycriu import Migration
 from pycriu.containers import RuncTarget
@@ -44,7 +44,7 @@ def test_runc_container_migrates(sites, mode: str) -> None:  # noqa: F811
     target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
 
     report = Migration(pid, "local", mode, container=options, runtime=target,
-                       agent_command=agent_command(dest.root)).run()
+                       agent_command=agent_command(dest.root), progress=final_sync(source.bundle, dest.bundle)).run()
 
     assert report.outcome == "migrated", report
     assert source.runc.state(ct.id)["status"] == "stopped"  # type: ignore[index]  # the source's runc saw it end
@@ -72,7 +72,7 @@ def test_migrate_runc_does_runcs_bookkeeping(sites) -> None:  # noqa: F811
     target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
     report = migrate_runc(ct, "local", target=target,
                           remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}},
-                          agent_command=agent_command(dest.root))
+                          agent_command=agent_command(dest.root), progress=final_sync(source.bundle, dest.bundle))
     assert report.outcome == "migrated"
     assert source.runc.state(ct.id) is None and dest.running() == [ct.id]
     dest.wait_counting(above=source.counter())
@@ -96,7 +96,8 @@ def test_container_options_migrate_without_a_runtime(sites) -> None:  # noqa: F8
         for name in ("cpuset.cpus", "cpuset.mems"):
             (parent / name).write_text((cpuset / name).read_text())
 
-    report = Migration(ct.pid, "local", "classic", container=options, agent_command=agent).run()
+    report = Migration(ct.pid, "local", "classic", container=options, agent_command=agent,
+                       progress=final_sync(source.bundle, dest.bundle)).run()
 
     assert report.outcome == "migrated" and report.destination_pid is not None
     try:

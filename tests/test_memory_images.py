@@ -19,11 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
-from memory_support import PAGES, TAG_BYTES, KnownTree, known_tree, word
+from conftest import needs_mem_track, needs_root
+from memory_support import PAGES, REWRITE, TAG_BYTES, KnownTree, known_tree, word
 
+import pycriu
 from pycriu.images import ImageError, magic
 from pycriu.images.checkpoint import Checkpoint
+from pycriu.images.diff import diff
 from pycriu.images.memory import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT, Memory, MemoryNotInImages
 from pycriu.images.schema import message_class
 
@@ -206,3 +208,38 @@ def test_a_truncated_page_file_and_a_disordered_pagemap_are_refused(tmp_path: Pa
         Checkpoint(looped).chain()
     with pytest.raises(ImageError, match="form a loop"):
         Memory(looped)
+
+
+# -- a real incremental dump (needs the kernel's soft-dirty tracking: the test VM has it) --------
+
+
+@needs_root
+@needs_mem_track
+@pytest.mark.criu
+@pytest.mark.mem_track
+def test_an_incremental_dump_is_read_through_its_parent(tmp_path: Path) -> None:
+    """A pre-dump, the tree rewrites REWRITE pages, a dump on top: the dump holds only what
+    changed, the rest is read from the pre-dump; the diff of the two finds the rewritten pages."""
+    with known_tree(tmp_path) as kt:
+        (tmp_path / "pre").mkdir()
+        (tmp_path / "dump").mkdir()
+        pycriu.Criu().pre_dump(pycriu.PreDumpOptions(pid=kt.tree.pid, images_dir=tmp_path / "pre", track_mem=True,
+                                                     shell_job=True))
+        kt.rewrite()
+        pycriu.Criu().dump(pycriu.DumpOptions(pid=kt.tree.pid, images_dir=tmp_path / "dump", track_mem=True,
+                                              parent_images="../pre", shell_job=True, leave_running=True))
+    with Memory(tmp_path / "dump") as mem:
+        space = mem.space(1)
+        region = space.mapping_at(kt.base)
+        assert region is not None
+        # the rewritten pages are in the dump's own files, the others in the pre-dump's
+        assert region.pages_images >= REWRITE and region.pages_parent >= PAGES - REWRITE
+        whole = space.read(kt.base, PAGES * PAGE_SIZE)
+        assert [whole[i * PAGE_SIZE:i * PAGE_SIZE + 8] for i in range(PAGES)] == [
+            word(i, rewritten=i < REWRITE) for i in range(PAGES)]
+        count, hits = space.find(TAG_BYTES, limit=10_000)
+        assert sum(h.address in range(kt.base, kt.base + PAGES * PAGE_SIZE) for h in hits) == PAGES
+        with Memory(tmp_path / "pre") as pre:
+            d = diff(pre, mem)
+    [row] = [m for m in d.mappings if m.pid == 1 and m.mapping.contains(kt.base)]
+    assert row.changed == REWRITE
