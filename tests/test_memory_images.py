@@ -25,7 +25,6 @@ from memory_support import PAGES, REWRITE, TAG_BYTES, KnownTree, known_tree, wor
 import pycriu
 from pycriu.images import ImageError, magic
 from pycriu.images.checkpoint import Checkpoint
-from pycriu.images.diff import diff
 from pycriu.images.memory import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT, Memory, MemoryNotInImages
 from pycriu.images.schema import message_class
 
@@ -219,7 +218,7 @@ def test_a_truncated_page_file_and_a_disordered_pagemap_are_refused(tmp_path: Pa
 @pytest.mark.mem_track
 def test_an_incremental_dump_is_read_through_its_parent(tmp_path: Path) -> None:
     """A pre-dump, the tree rewrites REWRITE pages, a dump on top: the dump holds only what
-    changed, the rest is read from the pre-dump; the diff of the two finds the rewritten pages."""
+    changed, the rest is read from the pre-dump."""
     with known_tree(tmp_path) as kt:
         (tmp_path / "pre").mkdir()
         (tmp_path / "dump").mkdir()
@@ -239,7 +238,6 @@ def test_an_incremental_dump_is_read_through_its_parent(tmp_path: Path) -> None:
             word(i, rewritten=i < REWRITE) for i in range(PAGES)]
         count, hits = space.find(TAG_BYTES, limit=10_000)
         assert sum(h.address in range(kt.base, kt.base + PAGES * PAGE_SIZE) for h in hits) == PAGES
-        with Memory(tmp_path / "pre") as pre:
-            d = diff(pre, mem)
-    [row] = [m for m in d.mappings if m.pid == 1 and m.mapping.contains(kt.base)]
-    assert row.changed == REWRITE
+    # the pre-dump alone holds memory only: it is named so, not taken for a broken checkpoint
+    with Memory(tmp_path / "pre") as pre, pytest.raises(ImageError, match="a pre-dump's images"):
+        pre.pids()

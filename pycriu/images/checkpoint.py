@@ -71,6 +71,9 @@ class Checkpoint:
     def pstree(self) -> list[Entry]:
         """The processes, parents before children, as ``pstree.img`` lists them (pids are those
         of the tree's own PID namespace when it has one)."""
+        if not self.has("pstree.img") and any(self.path.glob("pagemap-*.img")):
+            raise ImageError(f"{self.path}: a pre-dump's images (memory only, no process tree): inspect the dump "
+                             "built on it, which reads these pages through its parent link")
         return self.entries("pstree.img", "PSTREE")
 
     def core(self, tid: int) -> Entry:
