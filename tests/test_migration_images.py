@@ -42,22 +42,26 @@ def test_stopped_tasks_are_read_with_their_signal(tmp_path: Path) -> None:
     assert stopped_tasks(tmp_path) == {7: 20, 9: 0}
 
 
-@pytest.mark.parametrize("damage", ["magic", "truncated", "length", "missing core"])
-def test_a_damaged_image_is_a_clear_error(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize("damage", ["magic", "truncated", "length", "garbage", "truncated core", "missing core"])
+def test_a_damaged_image_is_a_clear_error_that_names_the_file(tmp_path: Path, damage: str) -> None:
     _image(tmp_path / "pstree.img", PSTREE, _pstree(5))
     _image(tmp_path / "core-5.img", CORE, _core(3, 19))
-    pstree = tmp_path / "pstree.img"
+    pstree, core = tmp_path / "pstree.img", tmp_path / "core-5.img"
     if damage == "magic":
         _image(pstree, CORE, _pstree(5))
     elif damage == "truncated":
         pstree.write_bytes(pstree.read_bytes()[:10])
     elif damage == "length":
         pstree.write_bytes(struct.pack("<III", COMMON, PSTREE, 1 << 30) + b"\x08\x05")
+    elif damage == "garbage":
+        _image(pstree, PSTREE, b"\xff" * 6)
+    elif damage == "truncated core":
+        core.write_bytes(core.read_bytes()[:-3])
     else:
-        (tmp_path / "core-5.img").unlink()
+        core.unlink()
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         stopped_tasks(tmp_path)
-    assert "pstree" in str(e.value) or "core-5.img" in str(e.value)
+    assert str(core if "core" in damage else pstree) in str(e.value)
 
 
 def test_the_page_images_a_page_server_writes_include_the_shared_memory_pagemap() -> None:
@@ -86,3 +90,10 @@ def test_a_pagemap_is_read_with_its_head_and_each_entry_s_flags(tmp_path: Path) 
     with pytest.raises(ValueError, match="PSTREE image, expected PAGEMAP"):
         _image(tmp_path / "pagemap-4.img", PSTREE, _pstree(1))
         read_pagemap(tmp_path / "pagemap-4.img")
+    truncated = tmp_path / "pagemap-5.img"
+    truncated.write_bytes((tmp_path / "pagemap-3.img").read_bytes()[:-2])
+    with pytest.raises(ValueError, match=r"pagemap-5\.img: .*truncated"):
+        read_pagemap(truncated)
+    (tmp_path / "pagemap-6.img").write_bytes(struct.pack("<II", COMMON, magic.by_name["PAGEMAP"]))
+    with pytest.raises(ValueError, match="no pagemap head"):
+        read_pagemap(tmp_path / "pagemap-6.img")

@@ -175,10 +175,16 @@ class Pagemap:
 
 def _messages(path: str | os.PathLike[str], kind: str) -> list[Any]:
     """The entries of one CRIU image of type ``kind`` (``"PSTREE"``), as typed messages
-    (:mod:`pycriu.images`, loaded on first use: the agent starts without protobuf)."""
-    from ..images import read_messages
+    (:mod:`pycriu.images`, loaded on first use: the agent starts without protobuf). A damaged
+    image is an :class:`~pycriu.images.ImageError` (a ``ValueError``) that names the file."""
+    from ..images import ImageError, read_messages
 
-    return list(read_messages(path, kind))
+    try:
+        return list(read_messages(path, kind))
+    except ImageError as e:
+        if os.fspath(path) in str(e):
+            raise
+        raise ImageError(f"{os.fspath(path)}: {e}") from e  # a truncated message names only its type
 
 
 def stopped_tasks(directory: str | os.PathLike[str]) -> dict[int, int]:
