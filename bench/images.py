@@ -204,16 +204,17 @@ def pycriu_diff(a: Path, b: Path) -> dict[str, Any]:
             "changed_elsewhere": result.total("changed") - sum(m.changed for m in big)}
 
 
-def python_env(cache: Path, *, write: bool = True) -> dict[str, str]:
+def python_env(cache: Path | None) -> dict[str, str]:
     """The environment of the Python subprocesses: bytecode cached under ``cache`` (written by
-    the untimed first run, as an installed package has it; nothing written in the checkout or in
-    CRIU's source), or with ``write=False`` never written, so that every module is compiled from
-    source at every start (``cache`` stays empty)."""
+    the untimed first run, as an installed package has it; nothing is written in the checkout or
+    in CRIU's source), or with ``None`` no bytecode written: the standard library and the
+    installed packages come from their own ``__pycache__``, the checkout's modules and CRIU's
+    are compiled from source at every start."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
-    cache.mkdir(exist_ok=True)
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
-    if not write:
+    if cache is None:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+    else:
+        env["PYTHONPYCACHEPREFIX"] = str(cache)
     return env
 
 
@@ -304,8 +305,8 @@ def targets(r: dict[str, dict[str, Any]], ck: dict[str, Any]) -> list[dict[str, 
         f"{i['s'] * 1000:.0f} ms vs {c['s'] * 1000:.0f} ms (bytecode cached)")
     if "crit_ps_mems_nocache" in r:
         i, c = r["inspect_cli_nocache"], r["crit_ps_mems_nocache"]
-        out[-1]["note"] += (f"; without bytecode caches {i['s'] * 1000:.0f} ms vs {c['s'] * 1000:.0f} ms "
-                            f"({i['s'] / c['s']:.2f}, not a target)")
+        out[-1]["note"] = (f"{out[-1]['note']}; without bytecode caches {i['s'] * 1000:.0f} ms vs "
+                           f"{c['s'] * 1000:.0f} ms ({i['s'] / c['s']:.2f}, not a target)")
     return out
 
 
@@ -315,7 +316,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# pycriu checkpoint-inspection benchmark, {doc['started']}", "",
         f"CRIU {env['criu_version']}, pycriu {env['pycriu_version']}, kernel {env['kernel']}, {env['cpus']} CPUs, "
-        f"git {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}, {env['grep']}. "
+        f"git {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}, {env['grep']}, load average "
+        f"{env['loadavg_start'][0]:.2f} at the start, {env['loadavg_end'][0]:.2f} at the end, DAMON: {env['damon']}. "
         f"Command: `{doc['command']}`. Checkpoints of {cfg['procs']} processes, {gib:.2f} GiB of pages each, "
         f"in {cfg['workdir_fs']} ({cfg['workdir']}), page cache warm; medians of {cfg['repeat']} runs "
         "(each case once untimed first), pycriu and its reference alternating. GB = 10^9 bytes.", "",
@@ -363,6 +365,26 @@ def _fs_type(path: Path) -> str:
         if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
             best, fstype = mnt, fs
     return fstype
+
+
+def damon() -> str:
+    """What this machine's DAMON does, if anything: a ``pageout`` scheme evicts page cache that
+    was not touched for a while, so "warm" holds only for files read shortly before."""
+    root = Path("/sys/kernel/mm/damon/admin/kdamonds")
+    out = []
+    for kd in sorted(root.glob("[0-9]*")):
+        try:
+            if (kd / "state").read_text().strip() != "on":
+                continue
+            for scheme in sorted(kd.glob("contexts/*/schemes/*")):
+                ctx = scheme.parent.parent
+                age = int((scheme / "access_pattern/age/min").read_text())
+                aggr_us = int((ctx / "monitoring_attrs/intervals/aggr_us").read_text())
+                out.append(f"{(scheme / 'action').read_text().strip()} of {(ctx / 'operations').read_text().strip()} "
+                           f"memory idle for {age * aggr_us / 1e6:.0f} s")
+        except (OSError, ValueError):
+            continue
+    return "; ".join(out) or "off"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -425,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "diff": lambda: pycriu_diff(a, b),
             "inspect_api": api,
         }
-        cached, uncached = python_env(work / "pycache"), python_env(work / "no-pycache", write=False)
+        cached, uncached = python_env(work / "pycache"), python_env(None)
         cases["inspect_cli"] = lambda: pycriu_inspect_cli(a, cached)
         if has_crit:
             env, cwd = crit_env(work, cached)
@@ -448,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     environment = runner.environment(pycriu.Criu())
     environment["grep"] = subprocess.run(["grep", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     environment["loadavg_end"] = os.getloadavg()
+    environment["damon"] = damon()
     doc: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "duration_s": time.monotonic() - t_start,
