@@ -35,21 +35,26 @@ H_MAGIC, H_VERSION, H_RING, H_INTERVAL_NS, H_MIB, H_RATE_PPM = 0, 8, 16, 24, 32,
 H_SEQ, H_FILL_NS, H_VERIFY_COUNT, H_VERIFY_BAD, H_PAGES_WRITTEN = 48, 56, 64, 72, 80
 
 
-def build(cc: str | None = None) -> Path:
-    """Compile ``workload.c`` into ``bench/.build/`` (cached by the source's hash); return the binary."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:12]
-    binary = BUILD_DIR / f"workload-{digest}"
+def compile_c(source: Path, name: str, cc: str | None = None) -> Path:
+    """Compile the C program ``source`` into ``bench/.build/NAME-HASH`` (cached by the source's
+    hash); return the binary."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = BUILD_DIR / f"{name}-{digest}"
     if binary.exists():
         return binary
     compiler = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        raise RuntimeError("no C compiler found (install gcc) to build bench/workload.c")
+        raise RuntimeError(f"no C compiler found (install gcc) to build bench/{source.name}")
     BUILD_DIR.mkdir(exist_ok=True)
     tmp = binary.with_suffix(".tmp")
-    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(SOURCE)], check=True)
+    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(source)], check=True)
     tmp.rename(binary)
     return binary
+
+
+def build(cc: str | None = None) -> Path:
+    """Compile ``workload.c`` into ``bench/.build/`` (cached by the source's hash); return the binary."""
+    return compile_c(SOURCE, "workload", cc)
 
 
 @dataclass(frozen=True)

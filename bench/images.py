@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -49,10 +48,11 @@ from pycriu.images.diff import diff
 from pycriu.images.memory import PAGE_SIZE, Memory
 from pycriu.workload import PidNamespaceTree
 
+from .heartbeat import compile_c
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SOURCE = HERE / "images_workload.c"
-BUILD_DIR = HERE / ".build"
 DEFAULT_OUT = HERE / "results"
 CRIU_SRC = Path(os.environ.get("PYCRIU_CRIU_SRC", "/var/cache/pycriu/build/criu-4.2.1"))
 CRIU_LIB = CRIU_SRC / "lib"
@@ -69,18 +69,7 @@ GB = 1e9
 
 def build(cc: str | None = None) -> Path:
     """Compile ``images_workload.c`` into ``bench/.build/`` (cached by the source's hash)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    binary = BUILD_DIR / f"images_workload-{digest}"
-    if binary.exists():
-        return binary
-    compiler = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (install gcc) to build bench/images_workload.c")
-    BUILD_DIR.mkdir(exist_ok=True)
-    tmp = binary.with_suffix(".tmp")
-    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(SOURCE)], check=True)
-    tmp.rename(binary)
-    return binary
+    return compile_c(SOURCE, "images_workload", cc)
 
 
 def _tree_pids(root: int) -> list[int]:
