@@ -254,16 +254,21 @@ class Memory:
         return pieces
 
     @cached_property
-    def _memfd_shmids(self) -> dict[int, int]:
-        """memfd inode id → the shmid of its pages (``memfd.img``)."""
-        return {e.inode_id: e.shmid for e in self.checkpoint.optional("memfd.img", "MEMFD_INODE")}
+    def memfd_inodes(self) -> dict[int, Entry]:
+        """The memfd inodes (``memfd.img``) by inode id: their names and the shmid of their pages."""
+        return {e.inode_id: e for e in self.checkpoint.optional("memfd.img", "MEMFD_INODE")}
+
+    def held_bytes(self) -> int:
+        """Bytes of memory the checkpoint holds for its processes: pages in its own page files
+        and in its parents' (shared memory counts once per process that maps it)."""
+        return sum(m.pages_images + m.pages_parent for s in self.spaces() for m in s.mappings) * PAGE_SIZE
 
     def shared_pagemap(self, vma: Entry) -> str | None:
         """The pagemap of the shared object a mapping maps, when it has one."""
         if vma.status & _MEMFD:
             f = self.checkpoint.files.get(vma.shmid)
-            shmid = self._memfd_shmids.get(f.memfd.inode_id) if f is not None and f.HasField("memfd") else None
-            return None if shmid is None else f"pagemap-shmem-{shmid}.img"
+            inode = self.memfd_inodes.get(f.memfd.inode_id) if f is not None and f.HasField("memfd") else None
+            return None if inode is None else f"pagemap-shmem-{inode.shmid}.img"
         if vma.status & (_ANON_SHARED | _SYSVIPC):
             return f"pagemap-shmem-{vma.shmid}.img"
         return None
@@ -337,9 +342,9 @@ class AddressSpace:
         if f.HasField("reg"):
             return f.reg.name
         if f.HasField("memfd"):
-            for e in self.memory.checkpoint.optional("memfd.img", "MEMFD_INODE"):
-                if e.inode_id == f.memfd.inode_id:
-                    return f"memfd:{e.name}"
+            inode = self.memory.memfd_inodes.get(f.memfd.inode_id)
+            if inode is not None:
+                return f"memfd:{inode.name}"
         return f"file {vma.shmid}"
 
     def mapping_at(self, address: int) -> Mapping | None:

@@ -11,7 +11,7 @@ from typing import Any
 from .._argparse import SubcommandParser
 from ..images.diff import diff
 from ..images.errors import ImageError
-from ..images.memory import PAGE_SIZE, Hit, Memory
+from ..images.memory import Hit, Memory
 from ..migration.modes import advise
 from .build import images_dir, inspect
 from .render import SECTIONS, render, render_diff, render_hits
@@ -151,7 +151,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         b_dir, _ = images_dir(args.b)
         with Memory(a_dir) as a, Memory(b_dir) as b:
             result = diff(a, b)
-            memory = sum(m.pages_images + m.pages_parent for s in b.spaces() for m in s.mappings) * PAGE_SIZE
+            memory = b.held_bytes()
     except (ImageError, ValueError) as exc:
         return _fail("diff", exc)
     rate = result.dirty_rate

@@ -15,7 +15,7 @@ from typing import Any
 from ..images.checkpoint import Checkpoint, Entry
 from ..images.convert import DICT_MAPS
 
-__all__ = ["FileInfo", "describe", "describe_by_id", "enum_name"]
+__all__ = ["FileInfo", "describe", "enum_name"]
 
 _SK = DICT_MAPS["sk"]
 _REMAP = {0: "linked", 1: "deleted", 2: "procfs"}
@@ -114,8 +114,3 @@ def describe(ckpt: Checkpoint, f: Entry, remaps: dict[int, int] | None = None) -
     if f.HasField("ext"):
         return FileInfo(kind, f"external file {f.ext.id}")
     return FileInfo(kind, f"{kind.lower()} {f.id}")
-
-
-def describe_by_id(ckpt: Checkpoint, fid: int, remaps: dict[int, int] | None = None) -> FileInfo:
-    f = ckpt.files.get(fid)
-    return describe(ckpt, f, remaps) if f is not None else FileInfo("?", f"file {fid} (not in files.img)")

@@ -19,7 +19,7 @@ from typing import Any
 from ..containers.options import ContainerOptions
 from ..criu import Criu
 from ..images.diff import CheckpointDiff, diff
-from ..images.memory import PAGE_SIZE, Memory
+from ..images.memory import Memory
 from ..options import DumpOptions
 from .images import memory_dir
 from .modes import DirtyAdvice, advise
@@ -74,7 +74,7 @@ def sample_dirty_rate(pid: int, seconds: float = 2.0, *, criu: Criu | None = Non
         b = dump("b")
         with Memory(a) as ma, Memory(b) as mb:
             result = diff(ma, mb)
-            memory = sum(m.pages_images + m.pages_parent for s in mb.spaces() for m in s.mappings) * PAGE_SIZE
+            memory = mb.held_bytes()
         rate = result.dirty_rate if result.dirty_rate is not None else result.rewritten_bytes / seconds
         return DirtySample(seconds, memory, result, advise(rate, memory, bandwidth))
     finally:
