@@ -24,6 +24,7 @@ from typing import Any
 from . import _scan
 from .checkpoint import Checkpoint, Entry
 from .errors import ImageError
+from .stream import read_messages
 
 __all__ = ["Memory", "AddressSpace", "Mapping", "Hit", "MemoryNotInImages", "PAGE_SIZE",
            "PE_PARENT", "PE_LAZY", "PE_PRESENT"]
@@ -187,8 +188,10 @@ class Memory:
     def _pagemap(self, ckpt: Checkpoint, name: str) -> _Pagemap | None:
         key = (str(ckpt.path), name)
         if key not in self._pagemaps:
-            self._pagemaps[key] = (_Pagemap(list(ckpt.entries(name, "PAGEMAP")), str(ckpt.path / name))
-                                   if ckpt.has(name) else None)
+            # read straight into the arrays: the checkpoint's own cache would keep every entry's
+            # message too (a pagemap can hold hundreds of thousands)
+            path = ckpt.path / name
+            self._pagemaps[key] = _Pagemap(list(read_messages(path, "PAGEMAP")), str(path)) if ckpt.has(name) else None
         return self._pagemaps[key]
 
     def _pages(self, ckpt: Checkpoint, pm: _Pagemap) -> memoryview:
