@@ -133,7 +133,7 @@ class LazySupervisor:
             if status != 0 and self._tree.pid is not None and self._tree.killed is None:
                 log.error("%s: lazy-pages daemon failed (status %d): killing restored tree %d",
                           self._session, status, self._tree.pid)
-                self._tree.kill_locked(committed_too=True)
+                self._tree.pages_lost_locked()
         self._done.set()
 
     # -- after the commit ------------------------------------------------------------------------

@@ -7,23 +7,55 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..criu import Criu
 from ..daemons import PageServer
-from ..errors import CriuError
-from ..options import PageServerOptions
+from ..errors import CriuError, InvalidOptionError
+from ..options import PageServerAddress, PageServerOptions
 from .errors import AgentError, ProtocolError
+
+if TYPE_CHECKING:
+    from .pagetls import PageTLS
+    from .transport import TLSConfig
 
 __all__ = ["PageServers", "check_source_address"]
 
 
 class PageServers:
-    """The session's page servers by directory name; each receives one dump or pre-dump."""
+    """The session's page connections: its page servers by directory name (each receives one
+    dump or pre-dump), the TLS they and the lazy-pages daemon use, and which page server of the
+    source the lazy-pages daemon may be sent to."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, peer: str | None, allowed_sources: Iterable[str],
+                 agent_tls: TLSConfig | None) -> None:
         self.address = address  # where the source's CRIU connects
+        self._peer = peer
+        self._allowed_sources = tuple(allowed_sources)
+        self._agent_tls = agent_tls
+        #: this session's own certificate for CRIU's page connections, once the source issued it
+        self.page_tls: PageTLS | None = None
         self._servers: dict[str, PageServer] = {}
+
+    def tls_options(self, requested: bool) -> dict[str, Any]:
+        """CRIU's own TLS options for a page connection: none unless the source asked; then the
+        session's certificate, else the agent's own."""
+        if not requested:
+            return {}
+        if self.page_tls is not None:
+            return self.page_tls.criu_options()
+        if self._agent_tls is None:
+            raise AgentError("TLS for CRIU's page connections was requested but this agent has no certificate",
+                             code="unsupported")
+        return self._agent_tls.criu_options()
+
+    def source_server(self, ps: dict[str, Any]) -> PageServerAddress:
+        """The source's page server named by a message, once :func:`check_source_address` allows it."""
+        check_source_address(ps["address"], self._peer, self._allowed_sources)
+        try:
+            return PageServerAddress(ps["address"], ps["port"])
+        except InvalidOptionError as exc:
+            raise ProtocolError(f"the source's page server: {exc.message}") from None
 
     def start(self, criu: Criu, name: str, images: Path, work: Path, tls: dict[str, Any]) -> int:
         """Start the page server for ``name`` and return its port."""
@@ -39,20 +71,35 @@ class PageServers:
         self._servers[name] = ps
         return ps.port
 
-    def received(self, name: str, what: str = "the dump", *, keep: bool = True) -> bool:
+    def received(self, name: str, what: str = "the dump") -> bool:
         """Wait until the page server of ``name`` has received ``what`` and exited; False when
-        none was started for it. With ``keep=False`` it is forgotten (and stopped on failure)."""
-        ps = self._servers.get(name) if keep else self._servers.pop(name, None)
+        none was started for it. It stays known: its pages may be asked for again."""
+        ps = self._servers.get(name)
+        if ps is None:
+            return False
+        self._wait(ps, name, what)
+        return True
+
+    def take(self, name: str) -> bool:
+        """:meth:`received` for the restore, which reads the pages: the server is forgotten, and
+        stopped if it failed. False when none was started for ``name``."""
+        ps = self._servers.pop(name, None)
         if ps is None:
             return False
         try:
+            self._wait(ps, name, "the dump")
+        except AgentError:
+            ps.stop()
+            raise
+        return True
+
+    @staticmethod
+    def _wait(ps: PageServer, name: str, what: str) -> None:
+        try:
             ps.wait(timeout=60)
         except (CriuError, TimeoutError) as exc:
-            if not keep:
-                ps.stop()
             raise AgentError(f"the page server did not receive {what} ({name}): {exc}",
                              code="page-server-failed") from None
-        return True
 
     def __contains__(self, name: str) -> bool:
         return name in self._servers

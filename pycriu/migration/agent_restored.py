@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from .guard import Guard
 from .procs import kill_tree, resume_tree
@@ -19,8 +20,8 @@ class TreeKilled(Exception):
 
 
 class RestoredTree:
-    """The restored tree's pid and fate; every change under one lock (the lazy-pages watcher
-    and the session's thread both decide)."""
+    """The restored tree's pid and fate, one method per event of the session; every change
+    under one lock (the lazy-pages watcher and the session's thread both decide)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -32,33 +33,25 @@ class RestoredTree:
         self.keep_stopped: dict[int, int] = {}
 
     def hold(self, pid: int) -> None:
-        """The guard holds ``pid`` from the moment CRIU names it (before the restore returns)."""
+        """CRIU named the tree (before its restore returns): the guard holds ``pid`` from now on."""
         if self.guard is not None:
             self.guard.hold(pid)
 
-    def restored(self, pid: int) -> None:
-        """CRIU restored the tree, stopped: the session now owns it."""
+    def restored(self, pid: int, daemon_failed: Callable[[], bool] | None = None) -> None:
+        """CRIU restored the tree, stopped: the session now owns it. ``daemon_failed`` (asked
+        under the lock) says whether the lazy-pages daemon died meanwhile: then the tree has
+        holes, is killed, and :class:`TreeKilled` is raised."""
         with self.lock:
             self.pid = pid
             self.hold(pid)
-
-    def kill(self, *, committed_too: bool = False) -> int | None:
-        """Kill the tree unless the source committed it or it is already dead; return
-        :attr:`killed`. ``committed_too``: also a committed tree, one that can no longer run
-        correctly (its lazy pages will never come)."""
-        with self.lock:
-            return self.kill_locked(committed_too=committed_too)
-
-    def kill_locked(self, *, committed_too: bool = False) -> int | None:
-        """:meth:`kill`, for a caller that holds :attr:`lock` (a decision made with other state)."""
-        if self.pid is not None and (committed_too or not self.committed) and self.killed is None:
-            self.killed = kill_tree(self.pid)
-        return self.killed
+            if daemon_failed is not None and daemon_failed():
+                self._kill(committed_too=False)
+                raise TreeKilled("the lazy-pages daemon failed during the restore; the restored tree was killed")
 
     def commit(self) -> float:
         """The source gave the process up: release it from the guard and resume it (CRIU left
-        every task stopped; the ones stopped before the dump stay so). Returns the monotonic time of the resume. Raises
-        :class:`TreeKilled` when the tree was killed already."""
+        every task stopped; the ones stopped before the dump stay so). Returns the monotonic
+        time of the resume. Raises :class:`TreeKilled` when the tree was killed already."""
         assert self.pid is not None
         with self.lock:
             if self.killed is not None:
@@ -69,3 +62,32 @@ class RestoredTree:
             t_resume = time.monotonic()
             resume_tree(self.pid, self.keep_stopped)
         return t_resume
+
+    def abort(self) -> int | None:
+        """The source aborted: kill the tree unless it was committed; return :attr:`killed`."""
+        with self.lock:
+            return self._kill(committed_too=False)
+
+    def pages_lost(self) -> int | None:
+        """Its lazy pages will never all come (the transfer timed out): kill the tree even if
+        committed, since the kernel would fill the holes with zeros; return :attr:`killed`."""
+        with self.lock:
+            return self._kill(committed_too=True)
+
+    def pages_lost_locked(self) -> int | None:
+        """:meth:`pages_lost`, for the lazy-pages watcher, which holds :attr:`lock` to record
+        the daemon's exit status with it."""
+        return self._kill(committed_too=True)
+
+    def session_ended(self) -> bool:
+        """The session ends: a tree never committed is killed. Returns whether this killed it."""
+        with self.lock:
+            if self.pid is None or self.committed or self.killed is not None:
+                return False
+            self._kill(committed_too=False)
+            return True
+
+    def _kill(self, *, committed_too: bool) -> int | None:
+        if self.pid is not None and (committed_too or not self.committed) and self.killed is None:
+            self.killed = kill_tree(self.pid)
+        return self.killed

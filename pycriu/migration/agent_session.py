@@ -1,8 +1,9 @@
 """One agent session: a migration from ``hello`` to ``bye`` over one channel. This file holds the
 dispatch by state, the handlers and the teardown (one ExitStack, run on every path); the jobs the
-handlers hand off have their own files: the session's directory (:mod:`.agent_sandbox`), page
-servers and the source-address policy (:mod:`.agent_pages`), the lazy-pages daemon
-(:mod:`.agent_lazy`) and the restored tree's fate (:mod:`.agent_restored`). :mod:`.agent` is the
+handlers hand off have their own files: the session's directory (:mod:`.agent_sandbox`), its
+files (:mod:`.agent_files`), its page connections (:mod:`.agent_pages`), the restore
+(:mod:`.agent_restore`), the lazy-pages daemon (:mod:`.agent_lazy`) and the restored tree's fate
+(:mod:`.agent_restored`). :mod:`.agent` is the
 agent's command line; :mod:`.agent_server` serves sessions over stdio or TCP."""
 
 from __future__ import annotations
@@ -17,32 +18,21 @@ from contextlib import ExitStack
 from typing import Any
 
 from .._threads import spawn
-from ..errors import CriuError, InvalidOptionError, KernelUnsupportedError
-from ..options import PageServerAddress, RestoreOptions
-from ..results import RestoreResult
+from ..errors import CriuError, KernelUnsupportedError
 from . import checks, containers, pagetls, preflight, procs
-from .agent_config import RESTORE_FLAGS, AgentConfig
+from .agent_config import AgentConfig
+from .agent_files import SessionFiles
 from .agent_lazy import LazySupervisor
-from .agent_pages import PageServers, check_source_address
+from .agent_pages import PageServers
+from .agent_restore import SessionRestore
 from .agent_restored import RestoredTree, TreeKilled
 from .agent_sandbox import SessionDir
 from .containers import AcceptedContainer
 from .errors import AgentError, ProtocolError, TransportError
 from .guard import Guard
-from .images import memory_dir, stopped_tasks
+from .images import memory_dir
 from .modes import FLOWS, choose_mode
-from .protocol import (
-    LOG_NAME,
-    PAGE_IMAGE,
-    PROTOCOL_VERSION,
-    Channel,
-    Limits,
-    accept_link,
-    check_dir_name,
-    finite,
-    receive_file,
-    send_files,
-)
+from .protocol import PROTOCOL_VERSION, Channel, Limits, check_dir_name, finite
 
 __all__ = ["AgentSession"]
 
@@ -60,15 +50,18 @@ class AgentSession:
         self.peer_address = peer_address
         self.name = "s-" + secrets.token_hex(4)
         self.sandbox = SessionDir(config.root, self.name)
-        self.limits = Limits(max_file_size=config.max_file_size, max_total_bytes=config.max_session_bytes,
-                             max_files=config.max_files)
+        limits = Limits(max_file_size=config.max_file_size, max_total_bytes=config.max_session_bytes,
+                        max_files=config.max_files)
+        self.limits = limits
         self.state = "new"
-        self.pages = PageServers(self.data_address)
+        self.pages = PageServers(self.data_address, peer=peer_address, allowed_sources=config.page_server_addresses,
+                                 agent_tls=config.tls)
+        self.files = SessionFiles(channel, self.sandbox, self.pages, limits, same_host=config.same_host,
+                                  timeout=config.idle_timeout)
         self.tree = RestoredTree()
         self.lazy: LazySupervisor | None = None  # made with the session's directory
         self.failed = False
         self.guard: Guard | None = None
-        self.page_tls: pagetls.PageTLS | None = None
         self.container: AcceptedContainer | None = None  # a container migration (containers.py)
         self._prestart: Future[None] | None = None
         # The teardown, in the order it runs: the uncommitted tree dies first, the session's
@@ -116,12 +109,10 @@ class AgentSession:
     # the teardown's own steps
 
     def _kill_uncommitted(self) -> None:
-        with self.tree.lock:
-            if self.tree.pid is not None and not self.tree.committed and self.tree.killed is None:
-                log.warning("%s: restored tree %d was not committed: killing it", self.name, self.tree.pid)
-                self.tree.kill_locked()
-            if self.container is not None and not self.tree.committed:
-                self.container.discard()  # the runtime forgets what it never ran
+        if self.tree.session_ended():
+            log.warning("%s: restored tree %d was not committed: killed it", self.name, self.tree.pid)
+        if self.container is not None and not self.tree.committed:
+            self.container.discard()  # the runtime forgets what it never ran
 
     def _stop_guard(self) -> None:
         if self.guard is not None:
@@ -218,9 +209,9 @@ class AgentSession:
     def _page_tls(self, msg: dict[str, Any]) -> None:
         """The certificate the source issued for this session's key, and its one-migration CA."""
         tls_dir = self.sandbox.own("tls", create=False)
-        if self.page_tls is not None or not (tls_dir / "key.pem").exists():
+        if self.pages.page_tls is not None or not (tls_dir / "key.pem").exists():
             raise ProtocolError("page-tls without a certificate request, or twice")
-        self.page_tls = pagetls.install(tls_dir, msg["cert"], msg["ca"])
+        self.pages.page_tls = pagetls.install(tls_dir, msg["cert"], msg["ca"])
         self.channel.send({"type": "page-tls-ok"})
 
     def _ping(self, msg: dict[str, Any]) -> None:
@@ -244,49 +235,11 @@ class AgentSession:
 
     def _page_server(self, msg: dict[str, Any]) -> None:
         name = check_dir_name(msg["dir"])
-        if name in self.pages:
-            raise ProtocolError(f"a page server for {name!r} was already started")
         images = self.sandbox.subpath(name)
         self.sandbox.link_parent(name, msg.get("parent"))
-        port = self.pages.start(self.config.criu(), name, images, self.sandbox.work, self._tls_options(msg))
+        port = self.pages.start(self.config.criu(), name, images, self.sandbox.work,
+                                self.pages.tls_options(bool(msg.get("tls"))))
         self.channel.send({"type": "page-server", "dir": name, "address": self.data_address, "port": port})
-
-    def _tls_options(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """CRIU's own TLS for a page connection, with this agent's certificate, when asked."""
-        if not msg.get("tls"):
-            return {}
-        if self.page_tls is not None:
-            return self.page_tls.criu_options()
-        tls = self.config.tls
-        if tls is None:
-            raise AgentError("TLS for CRIU's page connections was requested but this agent has no certificate",
-                             code="unsupported")
-        return tls.criu_options()
-
-    def _source_page_server(self, ps: dict[str, Any]) -> PageServerAddress:
-        check_source_address(ps["address"], self.peer_address, self.config.page_server_addresses)
-        try:
-            return PageServerAddress(ps["address"], ps["port"])
-        except InvalidOptionError as exc:
-            raise ProtocolError(f"the source's page server: {exc.message}") from None
-
-    def _file(self, msg: dict[str, Any]) -> None:
-        name = check_dir_name(msg["dir"])
-        receive_file(self.channel, msg, self.sandbox.subdir(name), self.limits, timeout=self.config.idle_timeout)
-
-    def _file_link(self, msg: dict[str, Any]) -> None:
-        if not self.config.same_host:
-            raise ProtocolError("file-link is accepted only by an agent on the source's host (--same-host)")
-        accept_link(msg, self.sandbox.subdir(check_dir_name(msg["dir"])), self.limits)
-
-    def _files_done(self, msg: dict[str, Any]) -> None:
-        count, total = self.limits.received_files, self.limits.received_bytes + self.limits.linked_bytes
-        self.channel.send({"type": "files-ok", "count": count, "bytes": total})
-        # counters are per batch; the session's allowance shrinks by what the batch used
-        self.limits.received_files = 0
-        self.limits.received_bytes = 0
-        self.limits.max_total_bytes -= total
-        self.limits.max_files -= count
 
     def _lazy_pages(self, msg: dict[str, Any]) -> None:
         """Start the lazy-pages daemon now, in the background, while the other images arrive:
@@ -301,97 +254,22 @@ class AgentSession:
         images = self.sandbox.subpath(name)
         if not (images / "inventory.img").exists() or not (images / "pstree.img").exists():
             raise ProtocolError("lazy-pages requested before inventory.img and pstree.img were sent")
-        address = self._source_page_server(msg["page_server"])
-        self.lazy.start_early(images, name, address, self._tls_options(msg))  # TLS refused now, not later
+        address = self.pages.source_server(msg["page_server"])
+        tls = self.pages.tls_options(bool(msg.get("tls")))  # refused now, not at the restore
+        self.lazy.start_early(images, name, address, tls)
 
     def _restore(self, msg: dict[str, Any]) -> None:
         assert self.lazy is not None
         name = check_dir_name(msg["dir"])
-        images = self.sandbox.subpath(name)
-        flags = msg["flags"]
-        for key, value in flags.items():
-            if key not in RESTORE_FLAGS or not isinstance(value, bool):
-                raise ProtocolError(f"restore flag {key!r} is not allowed")
-        if not (images / "inventory.img").exists() or not (images / "pstree.img").exists():
-            raise ProtocolError("restore requested before the images were sent")
         if self.channel.peer_gone():
             raise TransportError("the source went away before the restore started")
-        lazy = msg["lazy"]
-        address = self._source_page_server(msg["page_server"]) if msg["page_server"] is not None else None
-        if lazy and not self.config.local_info()["features"]["lazy_pages"]:
-            raise AgentError("lazy pages are not supported on this host", code="unsupported")
-        if address is not None and not lazy:
-            raise ProtocolError("a page server to read from only makes sense with lazy=true")
-        t_request = time.monotonic()
-        try:  # page-server flow: every page must be in before the restore reads them
-            waited = self.pages.received(name, keep=False)
-        except AgentError:
-            self.state = "failed"
-            raise
-        ps_wait = time.monotonic() - t_request if waited else 0.0
-        lazy_seconds = None
-        if lazy:
-            t0 = time.monotonic()
-            try:
-                self.lazy.ensure(images, name, address, self._tls_options(msg))
-            except AgentError:
-                self.state = "failed"
-                raise
-            lazy_seconds = time.monotonic() - t0
-        try:  # CRIU's leave_stopped stops every task; the commit resumes all but these
-            self.tree.keep_stopped = stopped_tasks(images)
-        except (OSError, ValueError) as exc:
-            self.state = "failed"
-            raise ProtocolError(f"the images sent cannot be read: {exc}") from None
-        times: dict[str, float] = {}
-
-        def notify(action: str, pid: int) -> None:
-            times[action] = time.monotonic()
-            if pid > 0:  # setup-namespaces: the first to name the tree
-                self.tree.hold(pid)
-
-        criu = self.config.criu()
-        work = self.sandbox.work
-        t_restore = time.monotonic()
-        def restore() -> RestoreResult:
-            if self.container is not None:
-                return self.container.restore(criu, images=images, work=work, lazy=lazy, notify=notify, flags=flags,
-                                              log_level=self.config.log_level)
-            return criu.restore(RestoreOptions(images_dir=images, work_dir=work, log_file="restore.log",
-                                               log_level=self.config.log_level, lazy_pages=True if lazy else None,
-                                               leave_stopped=True, notify=notify, **flags))
-
-        try:
-            # on the source's host, a PID the tree takes back may be held for a moment by a
-            # process being created: a restore that failed at its first fork can run again (not a
-            # lazy one: its daemon is already attached to the first attempt)
-            result = procs.retry_pid_clash(restore, log=log) if self.config.same_host and not lazy else restore()
-        except CriuError as exc:
-            self.lazy.stop()
-            self.state = "failed"
-            raise AgentError(exc.message + (f": {exc.criu_message}" if exc.criu_message else ""),
-                             code="restore-failed") from None
-        except KeyboardInterrupt as exc:  # SIGTERM/Ctrl-C held back until CRIU answered
-            restored = getattr(exc, "result", None)
-            if restored is not None:
-                self.tree.restored(restored.pid)  # never committed: the teardown kills it
-            raise
-        now = time.monotonic()
-        with self.tree.lock:
-            self.tree.pid = result.pid
-            self.tree.hold(result.pid)
-            if self.lazy.failed_locked():  # the daemon died while the restore finished: the tree has holes
-                self.tree.kill_locked()
-                self.state = "failed"
-                raise AgentError("the lazy-pages daemon failed during the restore; the restored tree was killed",
-                                 code="lazy-pages-failed")
+        cfg = self.config
+        restore = SessionRestore(self.name, cfg.criu(), self.sandbox.work, cfg.log_level, cfg.same_host,
+                                 cfg.local_info()["features"]["lazy_pages"], self.pages, self.lazy, self.tree,
+                                 self.container)
+        reply = restore.run(msg, name, self.sandbox.subpath(name))
         self.state = "restored"
-        resumed = times.get("post-resume", now)
-        log.info("%s: restored pid %d (lazy=%s)", self.name, result.pid, lazy)
-        self.channel.send({"type": "restored", "pid": result.pid, "resumed_ago": finite(now - resumed),
-                           "restore_seconds": finite(now - t_restore), "lazy_daemon_seconds": lazy_seconds,
-                           "stats": result.stats.to_dict() if result.stats else None,
-                           "page_server_wait": finite(ps_wait)})
+        self.channel.send(reply)
 
     def _commit(self, msg: dict[str, Any]) -> None:
         """The source gives the process up: resume the restored tree (CRIU left every task
@@ -410,7 +288,7 @@ class AgentSession:
 
     def _abort(self, msg: dict[str, Any]) -> bool:
         log.warning("%s: source aborted: %s", self.name, msg["reason"][:200])
-        killed = self.tree.kill()
+        killed = self.tree.abort()
         if self.lazy is not None:
             self.lazy.stop()
         self.failed = True
@@ -427,7 +305,7 @@ class AgentSession:
         error = None
         if not finished:
             error = f"lazy pages still missing after {timeout:.0f} s"
-            self.tree.kill(committed_too=True)  # the kernel would fill the holes with zeros
+            self.tree.pages_lost()
             self.lazy.stop()
         elif status != 0:
             error = f"the lazy-pages daemon failed (exit status {status}); the restored tree was killed"
@@ -439,35 +317,6 @@ class AgentSession:
                            "uncork": self.lazy.uncork_note})
         self.state = "done" if ok else "failed"
 
-    def _logs(self, msg: dict[str, Any]) -> None:
-        work = self.sandbox.work
-        files = [(p.name, p, None) for p in sorted(work.iterdir())
-                 if LOG_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
-        send_files(self.channel, "images", files, pattern=LOG_NAME)
-
-    def _page_images(self, msg: dict[str, Any]) -> None:
-        """Hand the source back the page images its dump sent to this session's page server (by
-        hard link on this host's filesystem, else as data): on one host, with the source ended
-        by its dump, they complete its own images, its rollback until the commit."""
-        name = check_dir_name(msg["dir"])
-        if not self.pages.received(name):
-            raise ProtocolError(f"no page server received pages into {name!r} in this session")
-        images = self.sandbox.subpath(name)
-        files = [(p.name, p, None) for p in sorted(images.iterdir())
-                 if PAGE_IMAGE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
-        send_files(self.channel, name, files, pattern=PAGE_IMAGE, link=self.config.same_host)
-
-    def _pagemaps(self, msg: dict[str, Any]) -> None:
-        """Send the pagemap images of a pre-dump iteration once its page server has written them
-        (only the index of the pages: the pages stay here)."""
-        name = check_dir_name(msg["dir"])
-        # CRIU writes the pagemap when the pre-dump's connection ends
-        if not name.startswith("pre-") or not self.pages.received(name, "the pre-dump"):
-            raise ProtocolError(f"pagemaps of {name!r}: no pre-dump page server was started for it")
-        images = self.sandbox.subpath(name)
-        files = [(p.name, p, None) for p in sorted(images.glob("pagemap*.img")) if p.is_file() and not p.is_symlink()]
-        send_files(self.channel, name, files)
-
     def _bye(self, msg: dict[str, Any]) -> bool:
         # what this side wrote: files the source handed over by hard link were written there
         usage, memory = self.sandbox.usage(skip=self.limits.linked)
@@ -478,10 +327,12 @@ class AgentSession:
 
     _HANDLERS: dict[str, Any] = {
         "hello": _hello, "page-tls": _page_tls, "ping": _ping, "preflight": _preflight, "lazy-pages": _lazy_pages,
-        "prepare-dir": _prepare_dir, "page-server": _page_server, "file": _file,
-        "file-link": _file_link, "files-done": _files_done,
-        "restore": _restore, "commit": _commit, "abort": _abort, "lazy-wait": _lazy_wait, "logs": _logs,
-        "page-images": _page_images, "pagemaps": _pagemaps, "bye": _bye,
+        "prepare-dir": _prepare_dir, "page-server": _page_server, "restore": _restore, "commit": _commit,
+        "abort": _abort, "lazy-wait": _lazy_wait, "bye": _bye,
+        # the session's files (agent_files.py)
+        "file": lambda s, m: s.files.receive(m), "file-link": lambda s, m: s.files.link(m),
+        "files-done": lambda s, m: s.files.batch_done(m), "logs": lambda s, m: s.files.logs(m),
+        "page-images": lambda s, m: s.files.page_images(m), "pagemaps": lambda s, m: s.files.pagemaps(m),
     }
     _ALLOWED: dict[str, frozenset[str]] = {
         "new": frozenset({"hello"}),
