@@ -129,7 +129,7 @@ def test_the_lazy_daemon_starts_from_the_images_the_migration_sends_it_first(
     those are complete and every other image is an empty file (one whose transfer has just
     begun): the daemon must still start. (With only the inventory and the process tree sent
     first, it read a task's half-received ``ids`` image: "Unexpected EOF".)"""
-    from pycriu.migration.migration import lazy_daemon_reads
+    from pycriu.migration.transfer import lazy_daemon_reads
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

@@ -34,7 +34,7 @@ from ..enums import LogLevel
 from ..errors import InvalidOptionError
 from ..options import DumpOptions, PageServerAddress, RestoreOptions
 from ..results import DumpResult, DumpStats
-from . import containers, handshake, pagetls, procs, teardown
+from . import containers, handover, handshake, pagetls, procs, teardown, transfer
 from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
@@ -43,23 +43,13 @@ from .images import DirUsage, memory_dir
 from .modes import FLOWS, MODES
 from .phases import PhaseClock, Progress
 from .policy import PreCopyPolicy
-from .report import MigrationReport, Phase
+from .report import MigrationReport
 from .transport import Connection, Destination, TLSConfig
 
 if TYPE_CHECKING:
     from .sampling import DirtySample
 
 __all__ = ["Migration", "MODES", "Progress"]
-
-
-
-def lazy_daemon_reads(name: str) -> bool:
-    """Whether ``criu lazy-pages`` reads image ``name`` when it starts (CRIU's
-    prepare_dummy_pstree: the inventory, the process tree and every task's ``ids-PID.img``);
-    the others only once the restore hands it the tasks. The agent starts the daemon while the
-    other images still arrive, so these must all be complete first: a daemon that opened an
-    ``ids`` image still being received failed with "Unexpected EOF (criu/image.c:887)"."""
-    return name in ("inventory.img", "pstree.img") or (name.startswith("ids-") and name.endswith(".img"))
 
 
 class Migration:
@@ -352,7 +342,6 @@ class MigrationRun:
             self.note("images by hard link to the local agent (same host and filesystem): no copy")
 
 
-
     def _restore_source(self) -> int:
         """The rollback on one host: restore the source from its own images (its new root pid)."""
         assert self.images is not None and self.src_logs is not None
@@ -361,8 +350,6 @@ class MigrationRun:
                                                   log_file="rollback-restore.log", log_level=LogLevel.INFO, **flags))
         self.report.logs["source rollback-restore"] = str(result.log_path)
         return result.pid
-
-
 
 
     # -- building blocks for the flows -----------------------------------------------------------
@@ -425,110 +412,13 @@ class MigrationRun:
 
     def send_images(self, name: str, files: Sequence[tuple[str, Path, list[tuple[int, int]] | None]],
                     detail: str = "", lazy_daemon: PageServerAddress | None = None) -> int:
-        """Stream ``files`` to the agent's directory ``name``. With ``lazy_daemon`` (the address the
-        destination's lazy-pages daemon reads pages from), the images that daemon needs go first
-        and the agent starts it while the others follow."""
-        assert self.client is not None
-        total = sum(sum(n for _, n in r) if r is not None else p.stat().st_size for _, p, r in files)
-        done = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            self.check_cancelled()
-            done += n
-            self.emit("image transfer", "bytes", done=done, total=total)
-
-        client = self.client
-        waiting = {f[0] for f in files if lazy_daemon_reads(f[0])} if lazy_daemon is not None else set()
-        if lazy_daemon is not None:
-            files = sorted(files, key=lambda f: (not lazy_daemon_reads(f[0]), f[0]))
-
-        def on_file(sent: str) -> None:
-            self.check_cancelled()  # after every file: a hard-linked one moves no bytes
-            if waiting:
-                waiting.discard(sent)
-                if not waiting and lazy_daemon is not None:
-                    client.start_lazy_pages(name, lazy_daemon, tls=bool(self.criu_tls_options()))
-
-        link = self.link_images
-        with self.phase("image transfer", (detail or f"{len(files)} files, {total} bytes")
-                        + (" (whole files by hard link)" if link else "")):
-            self.client.send_images(name, files, on_bytes=on_bytes, on_file=on_file, link=link)
-        return total
+        return transfer.send_images(self, name, files, detail, lazy_daemon)
 
     def release_source_pages(self) -> None:
-        """Remove the source's page images once the destination holds a copy: the rollback is the
-        stopped source itself, not its images, and the memory their page cache held then serves
-        the restore. On one host (an agent that copied rather than linked them), this is the
-        difference between the restore reusing warm memory and faulting in memory the hypervisor
-        took back (free page reporting): measured here for 1 GiB, CRIU's restore took 0.7-1.1 s
-        instead of 3.0-3.3 s. (Hard-linked images stay the agent's: then this frees nothing.)
-        The report still counts them, as written by the source."""
-        assert self.images is not None
-        for p in self.images.glob("pages-*.img"):
-            st = p.lstat()
-            p.unlink()
-            self.released += DirUsage(min(st.st_size, st.st_blocks * 512), page_images_apparent=st.st_size)
+        transfer.release_source_pages(self)
 
     def restore_and_commit(self, *, lazy: bool, page_server: PageServerAddress | None, name: str = "images") -> None:
-        """Ask the agent to restore; on success commit (from here the destination owns the
-        process)."""
-        assert self.client is not None
-        with self.phase("restore"):
-            reply = self.client.restore(name, lazy=lazy, page_server=page_server, flags=self.m.flags,
-                                        tls=bool(page_server is not None and self.criu_tls_options()))
-        t_reply = time.monotonic()
-        self._destination_phases(reply, t_reply)
-        self.custody.restored(reply["pid"])  # held stopped: the agent resumes it at the commit
-        if reply["stats"] is not None:
-            self.report.criu_stats["restore"] = reply["stats"]
-        if reply["page_server_wait"]:
-            self.note(f"the destination waited {reply['page_server_wait'] * 1000:.0f} ms for its page server "
-                      "to finish writing before restoring")
-        if reply["lazy_daemon_seconds"] is not None:
-            self.note(f"starting the lazy-pages daemon took {reply['lazy_daemon_seconds'] * 1000:.0f} ms of the "
-                      "restore phase")
-        self.custody.commit_sending()
-        try:
-            ack = self.client.commit()
-        finally:  # what the channel knows, also when the call raised (Ctrl-C right after the ack)
-            if self.client.committed:
-                self.custody.commit_acknowledged()
-                if lazy:
-                    self.custody.serving()  # the destination runs; this frozen source serves its pages
-            elif not self.client.commit_sent:  # no whole frame left, or the agent refused it
-                self.custody.commit_not_delivered()
-        t_ack = time.monotonic()
-        if ack.get("resumed_ago") is not None:
-            self.t_resume = t_ack - float(ack["resumed_ago"]) - self.client.rtt / 2
-            how = ("source pre-dump notification (freeze) to the agent's SIGCONT of the restored tree at the "
-                   "commit, on the source's clock: the agent's delay after the SIGCONT and half the round trip "
-                   f"({self.client.rtt * 1000:.2f} ms) are subtracted from the arrival of its commit acknowledgement")
-        else:  # an agent that resumes at the restore
-            self.t_resume = t_reply - float(reply["resumed_ago"]) - self.client.rtt / 2
-            how = ("source pre-dump notification (freeze) to destination post-resume notification, on the source's "
-                   f"clock: the agent's delay after the resume and half the round trip ({self.client.rtt * 1000:.2f} "
-                   "ms) are subtracted from the arrival of its reply")
-        if self.t_freeze is not None:
-            self.report.downtime = round(max(0.0, self.t_resume - self.t_freeze), 6)
-            self.report.downtime_method = how
-            self.report.marks.update(freeze=round(self.t_freeze - self.t0, 6), resume=round(self.t_resume - self.t0, 6))
-
-    def _destination_phases(self, reply: Mapping[str, Any], t_reply: float) -> None:
-        """The agent's own steps of the restore, placed on this clock: its reply left when CRIU's
-        restore returned, half a round trip before it arrived here."""
-        assert self.client is not None
-        end = t_reply - self.client.rtt / 2 - self.t0
-        steps = [("criu restore", float(reply["restore_seconds"]))]
-        if reply["lazy_daemon_seconds"] is not None:
-            steps.append(("lazy-pages daemon start", float(reply["lazy_daemon_seconds"])))
-        if reply["page_server_wait"]:
-            steps.append(("page server finishing", float(reply["page_server_wait"])))
-        for name, seconds in steps:  # each ended where the next (later) one began
-            start = end - seconds
-            self.report.phases.append(Phase(name, round(seconds, 6), start=round(start, 6), host="destination"))
-            end = start
-
+        handover.restore_and_commit(self, lazy=lazy, page_server=page_server, name=name)
 
     def dump_stats(self) -> DumpStats | None:
         return self.dump_result.stats if self.dump_result is not None else None
@@ -538,10 +428,6 @@ class MigrationRun:
     def _on_failure(self, exc: BaseException) -> None:
         self.report.error = teardown.describe(exc)
         self.custody.fail(self.report.error)
-
-
-
-
 
 
 class AgentCopy:

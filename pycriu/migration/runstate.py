@@ -1,13 +1,15 @@
 """What the stages of one run share, as the protocols they are written against: the caller's
 :class:`Arguments` (a :class:`~pycriu.migration.migration.Migration`) and the run's
 :class:`RunState` (a :class:`~pycriu.migration.migration.MigrationRun`). The handshake
-(:mod:`.handshake`) and the end (:mod:`.teardown`) use only these, so that they depend on what
+(:mod:`.handshake`), the image transfer (:mod:`.transfer`), the handover (:mod:`.handover`)
+and the end (:mod:`.teardown`) use only these, so that they depend on what
 they read, not on the module that runs them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +46,7 @@ class Arguments(Protocol):
     source_address: str | None
     container: ContainerOptions | None
     container_hello: dict[str, Any] | None
+    flags: dict[str, bool]
 
 
 class RunState(Protocol):
@@ -71,6 +74,17 @@ class RunState(Protocol):
     cleanups: list[Callable[[], object]]
     page_bytes: int
     released: DirUsage
+    link_images: bool
     t0: float
+    t_freeze: float | None
+    t_resume: float | None
 
     def note(self, text: str) -> None: ...
+
+    def emit(self, phase: str, event: str, **kw: Any) -> None: ...
+
+    def phase(self, name: str, detail: str = "") -> AbstractContextManager[None]: ...
+
+    def check_cancelled(self) -> None: ...
+
+    def criu_tls_options(self) -> dict[str, Any]: ...
