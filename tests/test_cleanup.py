@@ -44,7 +44,7 @@ def leftovers() -> set[str]:
 
 
 @pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def counted_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """pycriu's temporary files go to a directory only this test uses, so that other processes
     working in /tmp at the same time cannot disturb the count."""
     d = tmp_path / "tmp"
@@ -54,7 +54,7 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_many_operations_leak_no_fd_no_child_and_no_temporary_file(
-        criu: pycriu.Criu, images_dir: Path, tmp_path: Path, private_tmp: Path) -> None:
+        criu: pycriu.Criu, images_dir: Path, tmp_path: Path, counted_tmp: Path) -> None:
     victim = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # not a session leader: CRIU refuses it
     fds, kids, temp = open_fds(), children() - {victim.pid}, leftovers()
@@ -169,7 +169,7 @@ def _swrk_now() -> set[int]:
     return found
 
 
-def test_a_prestarted_worker_serves_the_next_operation_or_is_discarded(private_tmp: Path) -> None:
+def test_a_prestarted_worker_serves_the_next_operation_or_is_discarded(counted_tmp: Path) -> None:
     """:meth:`Criu.prestart` starts the next operation's ``criu swrk`` ahead of time (an agent
     does it before the freeze): the next operation uses it instead of starting one, and
     :meth:`Criu.discard_prestarted` stops it when no operation came. Nothing is left either way."""
@@ -191,7 +191,7 @@ def test_a_prestarted_worker_serves_the_next_operation_or_is_discarded(private_t
 
 @pytest.mark.criu
 def test_a_successful_migration_leaves_no_log_directory_unless_asked(
-        workload: WorkloadFactory, private_tmp: Path) -> None:
+        workload: WorkloadFactory, counted_tmp: Path) -> None:
     """Without ``log_dir`` a successful migration removes its logs (a thousand of them leave
     nothing in the temporary directory); ``keep_logs=True`` keeps them, and so does a failure."""
     from pycriu.migration import Migration, Progress
@@ -201,7 +201,7 @@ def test_a_successful_migration_leaves_no_log_directory_unless_asked(
     w.adopt(report.destination_pid)  # type: ignore[arg-type]
     assert report.log_dir is None and report.logs == {}
     assert any("logs were removed" in n for n in report.notes)
-    assert not [p for p in private_tmp.iterdir() if p.name.startswith("pycriu-migration-")]
+    assert not [p for p in counted_tmp.iterdir() if p.name.startswith("pycriu-migration-")]
 
     report = Migration(w.pid, to="local", mode="classic", keep_logs=True).run()
     w.adopt(report.destination_pid)  # type: ignore[arg-type]
