@@ -370,6 +370,32 @@ def test_interrupt_right_after_the_commit_ack_leaves_the_destination(
     assert w.checksum(report.destination_pid) == w.expected_checksum
 
 
+def test_ctrl_c_while_the_destination_s_logs_are_fetched_still_settles_the_migration(
+        workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after the handover, while the teardown fetches the agent's logs: the remote part
+    is cut short, the local steps are not. KeyboardInterrupt comes with the whole report (the
+    source's fate settled, outcome migrated), the agent is ended and its directory removed
+    (``private_tmp`` checks that nothing was left)."""
+    w = workload(mib=16)
+
+    def fetch_logs(self: AgentClient, into: Path) -> list[Path]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AgentClient, "fetch_logs", fetch_logs)
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode="classic", log_dir=private_tmp.parent / "logs").run()
+    report = info.value.report  # type: ignore[attr-defined]
+    source = w.pid
+    assert report.outcome == "migrated", report
+    assert report.source_state == "gone" and report.destination_state == "running"
+    assert any("interrupted" in n and "destination's logs" in n for n in report.notes), report.notes
+    assert report.total_seconds is not None and report.total_seconds > 0
+    assert wait_gone(source)
+    w.adopt(report.destination_pid)
+    assert _running_copies(w) == [report.destination_pid]
+    assert w.checksum(report.destination_pid) == w.expected_checksum
+
+
 def test_commit_sent_then_link_cut_leaves_the_source_stopped(
         workload: Callable[..., Workload], private_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit reaches the agent (which resumes its copy) but its acknowledgement is lost with

@@ -306,7 +306,8 @@ class MigrationRun:
             error = exc
             self._on_failure(exc)
         finally:
-            teardown.finish(self, error)
+            interrupted = teardown.finish(self, error)
+        error = error or interrupted  # a Ctrl-C during the teardown, raised with the finished report
         if error is not None:
             raise teardown.final_error(self, error)
         return self.report

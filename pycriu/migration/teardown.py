@@ -57,13 +57,26 @@ def _destination_page_server_error(report: MigrationReport) -> str | None:
     return None
 
 
-def finish(run: RunState, error: BaseException | None) -> None:
+def finish(run: RunState, error: BaseException | None) -> KeyboardInterrupt | None:
+    """End the run on every path: cleanups, the destination's logs and figures, custody's
+    verdict into the report, the scratch and log directories. A Ctrl-C on the way (a user done
+    waiting for the agent's logs) cuts the remote part short, never the local steps: the
+    source's fate is still settled and the report completed. It is returned, for the caller to
+    raise once the report is whole."""
+    interrupted: KeyboardInterrupt | None = None
     for fn in reversed(run.cleanups):
         try:
             fn()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
         except Exception:  # noqa: BLE001
             pass
-    collect_remote(run, error)
+    try:
+        collect_remote(run, error)
+    except KeyboardInterrupt as exc:
+        interrupted = exc
+        run.note("interrupted (KeyboardInterrupt) while collecting the destination's logs and figures: "
+                 "they are incomplete")
     report = run.report
     report.source_state = run.custody.settle()
     assert run.custody.outcome is not None
@@ -92,6 +105,7 @@ def finish(run: RunState, error: BaseException | None) -> None:
         report.logs["agent stderr"] = str(agent_log)
     drop_logs(run)
     report.total_seconds = round(time.monotonic() - run.t0, 6)
+    return interrupted
 
 
 def drop_logs(run: RunState) -> None:

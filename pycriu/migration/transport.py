@@ -349,14 +349,16 @@ class Connection:
         and remove the local agent's root directory. Idempotent."""
         self.channel.close()
         proc, self.process = self.process, None
-        if proc is not None:
-            stop_process(proc, timeout, ask=None)
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-        root, self.root = self.root, None
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+        try:
+            if proc is not None:
+                stop_process(proc, timeout, ask=None)  # Ctrl-C meanwhile: killed at once
+        finally:
+            if self._stderr is not None:
+                self._stderr.close()
+                self._stderr = None
+            root, self.root = self.root, None
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _agent_env() -> dict[str, str]:
