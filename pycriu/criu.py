@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
-from . import _config, _raw, _threads
+from . import _config, _pids, _raw, _threads
 from ._process import stop_process
 from .errors import (
     INSTALL_CRIU,
@@ -32,6 +32,7 @@ from .errors import (
     InvalidOptionError,
     KernelUnsupportedError,
     NoSuchProcessError,
+    PidInUseError,
     hint_for,
     stderr_message,
 )
@@ -449,7 +450,12 @@ class Criu:
         return self._dump_result(opts)
 
     def restore(self, opts: RestoreOptions) -> RestoreResult:
-        """Restore the tree dumped in ``opts.images_dir``; returns its root pid and statistics."""
+        """Restore the tree dumped in ``opts.images_dir``; returns its root pid and statistics.
+
+        The tree gets its dumped PIDs back. When one is taken and nothing in ``/proc`` holds it
+        (right after the tree's dump on this host, for a moment), the restore runs again, up to
+        10 times 100 ms apart (:attr:`RestoreResult.attempts`; not with ``lazy_pages``). When a
+        visible process holds it, :class:`PidInUseError` names that process at once."""
         if not isinstance(opts, RestoreOptions):
             raise InvalidOptionError("restore() takes RestoreOptions")
         images = Path(opts.images_dir)
@@ -463,15 +469,34 @@ class Criu:
                 raise InvalidOptionError(
                     f"restore_sibling runs `criu` from PATH ({on_path or 'not found'}), not {self.binary}",
                     hint="put the directory of this criu first in PATH, or restore without restore_sibling")
-        with _interrupt_result(lambda pid: self._restore_result(opts, pid)):
-            pid = self._run("restore", opts, "restore-child" if opts.restore_sibling else "restore")
-        return self._restore_result(opts, pid)
+        attempts = 0
+
+        def attempt() -> int:
+            nonlocal attempts
+            attempts += 1
+            with _interrupt_result(lambda pid: self._restore_result(opts, pid, attempts)):
+                return self._run("restore", opts, "restore-child" if opts.restore_sibling else "restore")
+
+        try:
+            # One of the tree's PIDs taken by nothing visible, right after its dump on this host,
+            # is a moment's state (pycriu._pids): tried again. Not for lazy pages: the daemon
+            # serves one restore only.
+            pid = attempt() if opts.lazy_pages else _pids.retry_pid_clash(attempt)
+        except PidInUseError as exc:
+            clash = _pids.pid_clash(exc.criu_message)
+            held = _pids.holders(clash) if clash is not None else []
+            if held:
+                exc.hint = f"{'; '.join(held)}. {exc.hint}" if exc.hint else "; ".join(held)
+            elif attempts > 1:
+                exc.message += f" (after {attempts} attempts, {attempts - 1} of them after this PID was seen free)"
+            raise
+        return self._restore_result(opts, pid, attempts)
 
     @staticmethod
-    def _restore_result(opts: RestoreOptions, pid: int) -> RestoreResult:
+    def _restore_result(opts: RestoreOptions, pid: int, attempts: int = 1) -> RestoreResult:
         stats = read_stats(Path(opts.work_dir or opts.images_dir) / "stats-restore")
         return RestoreResult(pid=pid, log_path=opts.log_path,
-                             stats=stats if isinstance(stats, RestoreStats) else None)
+                             stats=stats if isinstance(stats, RestoreStats) else None, attempts=attempts)
 
     def page_server(self, opts: PageServerOptions) -> PageServer:
         """CRIU's page server as a context manager (see :class:`pycriu.PageServer`)."""

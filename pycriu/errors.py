@@ -111,10 +111,6 @@ class NoSuchProcessError(CriuError, ProcessLookupError):
     """The pid to dump does not exist."""
 
 
-class PidInUseError(CriuError):
-    """Restore needs a pid that another process holds ("Can't fork for N: File exists")."""
-
-
 class InvalidOptionError(CriuError, ValueError):
     """An option value was refused before CRIU ran; the message names the option and the fix."""
 
@@ -137,6 +133,12 @@ class PreDumpError(DumpError):
 
 class RestoreError(CriuError):
     """Restore failed."""
+
+
+class PidInUseError(RestoreError):
+    """Restore needs a pid that is taken ("Can't fork for N: File exists"). The hint names
+    what holds it when ``/proc`` shows that (the dumped tree still running, a zombie nobody
+    reaped, a process group or session of that number)."""
 
 
 class PageServerError(CriuError):

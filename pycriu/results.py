@@ -59,6 +59,9 @@ class RestoreResult:
     pid: int
     log_path: Path
     stats: RestoreStats | None = None
+    #: how many times CRIU's restore ran: more than 1 when a PID of the tree was taken for a
+    #: moment by nothing visible, right after its dump on this host (see :meth:`Criu.restore`)
+    attempts: int = 1
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import pytest
 from conftest import needs_root
 
 from pycriu.migration import procs
@@ -171,34 +170,3 @@ def test_pids_freed_for_a_restore_are_not_the_next_ones_handed_out() -> None:
     nxt = subprocess.Popen(["true"])
     nxt.wait()
     assert nxt.pid != gone.pid
-
-
-def test_a_restore_that_found_a_pid_taken_runs_again_and_others_do_not() -> None:
-    """The decision of retry_pid_clash, with a stand-in for CRIU's restore (no root)."""
-    from pycriu import RestoreError
-
-    calls: list[int] = []
-
-    def clashing_twice() -> str:
-        calls.append(1)
-        if len(calls) < 3:
-            raise RestoreError("restore failed", criu_message="Can't fork for 4242: File exists (cr-restore.c:1237)")
-        return "restored"
-
-    assert procs.retry_pid_clash(clashing_twice, delay=0) == "restored" and len(calls) == 3
-    assert procs.pid_clash("Can't fork for 4242: File exists") == 4242 and procs.pid_clash("No space") is None
-
-    def other_failure() -> str:
-        calls.append(1)
-        raise RestoreError("restore failed", criu_message="Can't bind inet socket: Address already in use")
-
-    calls.clear()
-    with pytest.raises(RestoreError, match="restore failed"):
-        procs.retry_pid_clash(other_failure, delay=0)
-    assert len(calls) == 1  # not a PID clash: no second attempt
-
-    def always() -> str:
-        raise RestoreError("restore failed", criu_message="Can't fork for 7: File exists")
-
-    with pytest.raises(RestoreError):
-        procs.retry_pid_clash(always, attempts=3, delay=0)

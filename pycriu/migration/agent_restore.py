@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import _pids
 from ..criu import Criu
 from ..enums import LogLevel
 from ..errors import CriuError
 from ..options import RestoreOptions
 from ..results import RestoreResult
-from . import procs
 from .agent_config import RESTORE_FLAGS
 from .agent_lazy import LazySupervisor
 from .agent_pages import PageServers
@@ -104,10 +104,11 @@ class SessionRestore:
                                                     leave_stopped=True, notify=notify, **flags))
 
         try:
-            # on the source's host, a PID the tree takes back may be held for a moment by a
-            # process being created: a restore that failed at its first fork can run again (not a
-            # lazy one: its daemon is already attached to the first attempt)
-            return procs.retry_pid_clash(restore, log=log) if self.same_host and not lazy else restore()
+            # on the source's host, a PID the tree takes back may be taken for a moment by nothing
+            # visible: Criu.restore tries again itself; a runtime's restore is tried again here
+            # (not a lazy one: its daemon is already attached to the first attempt)
+            retry = self.container is not None and self.same_host and not lazy
+            return _pids.retry_pid_clash(restore, log=log) if retry else restore()
         except CriuError as exc:
             self.lazy.stop()
             raise AgentError(exc.message + (f": {exc.criu_message}" if exc.criu_message else ""),

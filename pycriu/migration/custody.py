@@ -195,7 +195,7 @@ class ProcTree:
         if self._restore is None:
             raise CustodyError("this tree has no images to be restored from")
         self.release()
-        self.pid = procs.retry_pid_clash(self._restore)
+        self.pid = self._restore()  # Criu.restore tries again while a PID is taken by nothing visible
         return self.pid
 
 

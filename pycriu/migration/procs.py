@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import signal
 import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -311,36 +309,6 @@ def hold_back_pids(pids: Iterable[int]) -> bool:
     except OSError:
         return False  # not allowed here (no CAP_CHECKPOINT_RESTORE/CAP_SYS_ADMIN): the race stays
     return True
-
-
-_PID_CLASH = re.compile(r"Can't fork for (\d+): File exists")
-
-
-def pid_clash(message: str | None) -> int | None:
-    """The PID a failed restore found taken (CRIU's "Can't fork for PID: File exists"), or None."""
-    m = _PID_CLASH.search(message or "")
-    return int(m.group(1)) if m else None
-
-
-def retry_pid_clash(restore: Callable[[], T], *, attempts: int = 10, delay: float = 0.1,
-                    log: logging.Logger | None = None) -> T:
-    """``restore()``, tried again while CRIU finds one of the tree's PIDs taken although the
-    dumped tree is gone from ``/proc`` (and no process shows that PID as its group or session).
-    Seen on one host with zdtm's maps06 (84 MB of maps): 5 of 8 classic migrations found the
-    PID taken at the first attempt and all restored at the second, 100 ms later; what holds it
-    for that moment was not identified. CRIU's fork with that PID fails before it created
-    anything, so the attempt can be repeated. After ``attempts`` the last error is raised."""
-    for i in range(attempts):
-        try:
-            return restore()
-        except Exception as exc:  # CriuError; this module stays standard library only (guard.py)
-            clash = pid_clash(getattr(exc, "criu_message", None) or str(exc))
-            if i == attempts - 1 or clash is None:
-                raise
-            if log is not None:
-                log.info("restore found pid %d taken (attempt %d of %d); trying again", clash, i + 1, attempts)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def own_pid(pid: int) -> int | None:

@@ -1,0 +1,126 @@
+"""A restore that finds one of its PIDs taken (``pycriu._pids``): what holds it, named from
+``/proc``, and the decision to run the restore again (only while nothing visible holds it).
+No root, no CRIU: real processes stand in for the holders and a function for the restore."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pycriu import RestoreError
+from pycriu._pids import holders, pid_clash, retry_pid_clash
+
+
+def _clash(pid: int) -> RestoreError:
+    return RestoreError("restore failed", criu_message=f"Can't fork for {pid}: File exists (cr-restore.c:1237)")
+
+
+@pytest.fixture
+def free_pid() -> int:
+    """A PID that nothing holds: a child's, once reaped."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def zombie() -> Iterator[tuple[int, int]]:
+    """(zombie, its parent): a child that exited and that its parent does not reap."""
+    parent = subprocess.Popen([sys.executable, "-c", "import os, time\npid = os.fork()\n"
+                               "if pid == 0: os._exit(0)\n"
+                               "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        yield int(parent.stdout.readline()), parent.pid
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_the_pid_is_read_from_criu_s_message() -> None:
+    assert pid_clash("Can't fork for 4242: File exists (cr-restore.c:1237)") == 4242
+    assert pid_clash("Can't bind inet socket: Address already in use") is None
+    assert pid_clash(None) is None
+
+
+def test_a_free_pid_has_no_holder(free_pid: int) -> None:
+    assert holders(free_pid) == []
+
+
+def _until(pid: int, pred: Callable[[list[str]], bool]) -> list[str]:
+    deadline = time.monotonic() + 5
+    while not pred(found := holders(pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
+def test_a_process_and_the_members_of_its_session_are_named() -> None:
+    """A session leader whose child still runs: both keep the leader's PID taken."""
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        found = _until(leader.pid, lambda f: len(f) == 2 and "state S" in f[0])  # sh waits for sleep
+        assert found[0].startswith(f"pid {leader.pid} is a process ('sh', state S, parent {os.getpid()})"), found
+        assert found[1].endswith(f"('sleep') is in the session {leader.pid}"), found
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+
+
+def test_a_zombie_is_named_with_its_parent(zombie: tuple[int, int]) -> None:
+    pid, parent = zombie
+    found = _until(pid, lambda f: bool(f) and "zombie" in f[0])
+    assert len(found) == 1, found
+    assert found[0].startswith(f"pid {pid} is a zombie (") and found[0].endswith(f", state Z, parent {parent})")
+
+
+def test_a_pid_taken_by_nothing_visible_is_tried_again(free_pid: int) -> None:
+    calls: list[int] = []
+
+    def clashing_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise _clash(free_pid)
+        return "restored"
+
+    assert retry_pid_clash(clashing_twice, delay=0) == "restored"
+    assert len(calls) == 3
+
+
+def test_a_pid_a_process_holds_is_not_waited_for() -> None:
+    calls: list[int] = []
+
+    def clash_with_ourselves() -> str:
+        calls.append(1)
+        raise _clash(os.getpid())
+
+    with pytest.raises(RestoreError):
+        retry_pid_clash(clash_with_ourselves, delay=0)
+    assert len(calls) == 1
+
+
+def test_other_failures_and_the_last_attempt_are_raised(free_pid: int) -> None:
+    calls: list[int] = []
+
+    def other_failure() -> str:
+        calls.append(1)
+        raise RestoreError("restore failed", criu_message="Can't bind inet socket: Address already in use")
+
+    with pytest.raises(RestoreError, match="restore failed"):
+        retry_pid_clash(other_failure, delay=0)
+    assert len(calls) == 1
+
+    calls.clear()
+
+    def always() -> str:
+        calls.append(1)
+        raise _clash(free_pid)
+
+    with pytest.raises(RestoreError):
+        retry_pid_clash(always, attempts=3, delay=0)
+    assert len(calls) == 3
