@@ -327,7 +327,7 @@ def _split(opts: Sequence[str]) -> tuple[dict[str, bool], dict[str, str | int | 
 
 
 #: CRIU options with a value that a Migration takes as :class:`~pycriu.containers.ContainerOptions`
-CONTAINER_OPTS = ("manage-cgroups", "cgroup-root")
+CONTAINER_OPTS = ("manage-cgroups", "cgroup-root", "network-lock")
 
 
 def _as_container(base: ContainerOptions | None, other: dict[str, str | int | bool]) -> ContainerOptions | None:
@@ -337,6 +337,8 @@ def _as_container(base: ContainerOptions | None, other: dict[str, str | int | bo
         extra["manage_cgroups"] = True
         if isinstance(other["manage-cgroups"], str):
             extra["cgroup_mode"] = other["manage-cgroups"]
+    if "network-lock" in other:
+        extra["network_lock"] = str(other["network-lock"])
     if "cgroup-root" in other:
         ctrl, _, path = str(other["cgroup-root"]).rpartition(":")
         extra["cgroup_roots"] = (CgroupRoot(path, ctrl or None),)
@@ -439,16 +441,20 @@ def _trial_criu(r: _Run) -> str:
 def _trial_migration(r: _Run, mode: str) -> str:
     """:class:`pycriu.Migration` to a local agent in ``mode`` (the ns flavor as a container)."""
     from ..migration import Migration
+    from ..migration.migration import DUMP_ONLY_CRIU_KEYS
     from ..migration.phases import Progress
 
     fields, other, drest = _split(r.test.opts("dump"))
     rfields, rother, rrest = _split(r.test.opts("restore"))
     container = _as_container(r.flavor.container(), {**other, **rother})
-    left = [k for k in {**other, **rother} if k not in CONTAINER_OPTS]
+    # options of the dump alone go to Migration(dump_options=); CRIU's restore ignores them, so
+    # the copies a test's 'opts' gives the restore too are dropped
+    dump_only = {k: v for k, v in other.items() if k in DUMP_ONLY_CRIU_KEYS}
+    left = [k for k in {**other, **rother} if k not in CONTAINER_OPTS and k not in DUMP_ONLY_CRIU_KEYS]
     left += [o for o in drest + rrest if o.startswith("--")]
     if left:
-        raise _Skip(f"Migration takes boolean flags and container options only; {r.test.name} needs "
-                    + " ".join(f"--{k}" if not k.startswith("--") else k for k in left))
+        raise _Skip(f"Migration takes boolean flags, container options and options of the dump alone; "
+                    f"{r.test.name} needs " + " ".join(f"--{k}" if not k.startswith("--") else k for k in left))
     hook_error: list[str] = []
 
     def at_restore(e: Progress) -> None:
@@ -463,7 +469,8 @@ def _trial_migration(r: _Run, mode: str) -> str:
     try:
         report = Migration(r.pid, to="local", mode=mode, log_dir=r.images, keep_logs=True,
                            criu=Criu(r.criu_bin), flags={**fields, **rfields}, progress=at_restore,
-                           container=container, agent_command=r.flavor.agent_command()).run()
+                           container=container, agent_command=r.flavor.agent_command(),
+                           dump_options={"criu_options": dump_only} if dump_only else None).run()
     except CriuError as e:
         msg = e.criu_message or str(e)
         return f"migration: {msg}".splitlines()[0]

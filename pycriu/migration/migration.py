@@ -16,6 +16,7 @@ agent's acknowledgement, left stopped if none came).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import tempfile
@@ -49,7 +50,57 @@ from .transport import Connection, Destination, TLSConfig
 if TYPE_CHECKING:
     from .sampling import DirtySample
 
-__all__ = ["Migration", "MODES", "Progress"]
+__all__ = ["Migration", "MODES", "Progress", "DUMP_ONLY_OPTIONS", "DUMP_ONLY_CRIU_KEYS"]
+
+
+#: The :class:`~pycriu.DumpOptions` fields ``Migration(dump_options=...)`` takes: every field but
+#: the ones a flow sets, the booleans both halves need (``flags``) and a container's (``container``).
+DUMP_ONLY_OPTIONS: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(DumpOptions) if not f.name.startswith("_")) - RESTORE_FLAGS - frozenset({
+        "pid", "images_dir", "work_dir", "log_file", "log_level", "notify", "leave_running", "leave_stopped",
+        "page_server", "lazy_pages", "lazy_port", "lazy_address", "track_mem", "parent_images", "auto_dedup",
+        "tls", "tls_cacert", "tls_cacrl", "tls_cert", "tls_key", "tls_no_cn_verify",
+        # a container's: the restore needs their other half (container=ContainerOptions(...))
+        "ext_mounts", "ext_masters", "ext_sharing", "auto_ext_mnt", "cgroup_props", "cgroup_props_file",
+        "cgroup_dump_controllers",
+    }) - frozenset(f.name for f in dataclasses.fields(ContainerOptions))
+
+
+#: CRIU's own spellings that ``dump_options={"criu_options": {...}}`` may use: options of the
+#: dump alone, none that changes what the dump leaves, where the pages go, or what the restore needs.
+DUMP_ONLY_CRIU_KEYS: frozenset[str] = frozenset({
+    "ghost-limit", "ghost-fiemap", "no-ghost-fiemap", "force-irmap", "irmap-scan-path", "skip-in-flight",
+    "skip-mnt", "enable-fs", "timeout", "display-stats", "cpu-cap",
+})
+
+
+def _dump_extra(pid: int, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``dump_options``, checked: only :data:`DUMP_ONLY_OPTIONS`, each valid as DumpOptions has it."""
+    extra = dict(given or {})
+    for key in extra:
+        if key in DUMP_ONLY_OPTIONS:
+            continue
+        if key in RESTORE_FLAGS:
+            why = "the restore needs it too: pass it in flags="
+        elif any(f.name == key for f in dataclasses.fields(ContainerOptions)) or key.startswith(("ext_", "cgroup_")) \
+                or key == "auto_ext_mnt":
+            why = "it describes the container: pass container=ContainerOptions(...)"
+        elif any(f.name == key for f in dataclasses.fields(DumpOptions)):
+            why = "the migration's flow sets it"
+        else:
+            why = "DumpOptions has no such field"
+        raise InvalidOptionError(f"dump_options: {key!r} is not accepted ({why})",
+                                 hint=f"dump_options takes {', '.join(sorted(DUMP_ONLY_OPTIONS))}")
+    raw = extra.get("criu_options")
+    if isinstance(raw, Mapping):
+        for key in raw:
+            if key not in DUMP_ONLY_CRIU_KEYS:
+                raise InvalidOptionError(
+                    f"dump_options: criu_options[{key!r}] is not accepted in a migration (a flow, flags= or "
+                    "container= sets it, or it is not an option of the dump alone)",
+                    hint=f"criu_options takes {', '.join(sorted(DUMP_ONLY_CRIU_KEYS))}")
+    DumpOptions(pid=pid, images_dir=".", **extra)  # each value checked as the dump will check it
+    return extra
 
 
 class Migration:
@@ -86,6 +137,12 @@ class Migration:
         criu: the :class:`~pycriu.Criu` to use on the source.
         flags: CRIU booleans for both dump and restore, from
             ``pycriu.migration.agent.RESTORE_FLAGS`` (``tcp_established``, ``shell_job``, ...).
+        dump_options: more :class:`~pycriu.DumpOptions` fields for the source's dump, the ones
+            that concern the dump only (``ghost_limit``, ``irmap_paths``, ``force_irmap``,
+            ``tcp_skip_in_flight``, ``timeout``, ``criu_options``...). Fields
+            a flow sets (images, page server, lazy pages, memory tracking, what the dump leaves),
+            ``flags`` (both halves need them) and ``container`` fields are refused: see
+            :data:`DUMP_ONLY_OPTIONS`. Checked as DumpOptions checks them, before anything runs.
         criu_tls: encrypt and authenticate CRIU's own page connections (page server, lazy
             pages) with TLS. Default: on for ``ssh://`` and ``tcp://``, off for ``local`` (the
             pages never leave this host). With ``tls``, CRIU uses those certificates (and checks
@@ -116,7 +173,8 @@ class Migration:
                  progress: Callable[[Progress], None] | None = None, criu: Criu | None = None,
                  flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None,
                  insecure_plaintext: bool = False, keep_logs: bool | None = None,
-                 container: ContainerOptions | None = None, runtime: RuncTarget | None = None) -> None:
+                 container: ContainerOptions | None = None, runtime: RuncTarget | None = None,
+                 dump_options: Mapping[str, Any] | None = None) -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
         if mode != "auto" and mode not in MODES:
@@ -158,6 +216,7 @@ class Migration:
             if key not in RESTORE_FLAGS or not isinstance(value, bool):
                 raise InvalidOptionError(f"flag {key!r} is not supported: use booleans among {sorted(RESTORE_FLAGS)}")
         self.flags = flags
+        self.dump_extra = _dump_extra(pid, dump_options)
         if criu_tls is not None and not isinstance(criu_tls, bool):
             raise InvalidOptionError("criu_tls must be True, False or None (the default: on unless to='local')")
         self.criu_tls = self.destination.pages_leave_host if criu_tls is None else criu_tls
@@ -377,7 +436,7 @@ class MigrationRun:
         # Every flow keeps the source stopped, not killed, when post-dump answers success: it is
         # killed only once the destination acknowledged the commit (custody.py).
         kw.setdefault("leave_stopped", True)
-        flags: dict[str, Any] = dict(self.m.flags)
+        flags: dict[str, Any] = {**self.m.flags, **self.m.dump_extra}
         if self.m.container is not None:
             return self.m.container.dump_options(pid=self.pid, work_dir=self.src_logs, log_level=LogLevel.INFO,
                                                  **flags, **kw)
