@@ -222,7 +222,7 @@ class Migration:
         self.criu_tls = self.destination.pages_leave_host if criu_tls is None else criu_tls
         if not isinstance(insecure_plaintext, bool):
             raise InvalidOptionError("insecure_plaintext must be True or False")
-        if insecure_plaintext and (self.destination.kind != "tcp" or tls is not None or secret is None):
+        if insecure_plaintext and (not self.destination.needs_credentials or tls is not None or secret is None):
             raise InvalidOptionError("insecure_plaintext is only for tcp:// with a shared secret and no tls",
                                      hint="drop it: ssh:// and local are encrypted or never leave this host, "
                                           "and tls=TLSConfig(...) always encrypts")
