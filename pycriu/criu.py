@@ -454,7 +454,8 @@ class Criu:
 
         The tree gets its dumped PIDs back. When one is taken and nothing in ``/proc`` holds it
         (right after the tree's dump on this host, for a moment), the restore runs again, up to
-        10 times 100 ms apart (:attr:`RestoreResult.attempts`; not with ``lazy_pages``). When a
+        10 times 100 ms apart (:attr:`RestoreResult.attempts`; not with ``lazy_pages``); a
+        ``notify`` callback then sees the new run's notifications from its start. When a
         visible process holds it, :class:`PidInUseError` names that process at once."""
         if not isinstance(opts, RestoreOptions):
             raise InvalidOptionError("restore() takes RestoreOptions")
