@@ -148,10 +148,14 @@ class Snapshot:
 class Relay:
     """A TCP relay on 127.0.0.1 for one connection to ``target``: throttle it, or cut it."""
 
-    def __init__(self, target: tuple[str, int], *, rate: float | None = None, record: bool = False) -> None:
-        """``record``: keep every byte that crosses, both ways (:attr:`sent`, :attr:`received`)."""
+    def __init__(self, target: tuple[str, int], *, rate: float | None = None, upstream_rate: float | None = None,
+                 record: bool = False) -> None:
+        """``rate``: bytes/s from the target back (lazy pages); ``upstream_rate``: bytes/s to the
+        target (a dump into a page server). ``record``: keep every byte that crosses, both ways
+        (:attr:`sent`, :attr:`received`)."""
         self.target = target
         self.rate = rate
+        self.upstream_rate = upstream_rate
         self.record = record
         self.sent = bytearray()  # from the connecting side to the target
         self.received = bytearray()  # back
@@ -190,6 +194,10 @@ class Relay:
                 if not count:
                     self.first = self.first or data[:16]
                     self.returned += len(data)
+                    if self.upstream_rate:
+                        ahead = self.returned / self.upstream_rate - (time.monotonic() - start)
+                        if ahead > 0:
+                            time.sleep(ahead)
                 dst.sendall(data)
                 if count:
                     self.forwarded += len(data)

@@ -322,6 +322,11 @@ class MigrationRun:
     def flags(self) -> dict[str, bool]:
         return self.m.flags
 
+    @property
+    def progress_wanted(self) -> bool:
+        """Someone displays progress: worth sampling what only the kernel sees (CRIU's page bytes)."""
+        return self.m.progress is not None
+
     # -- progress and phases ---------------------------------------------------------------------
 
     def emit(self, phase: str, event: str, **kw: Any) -> None:

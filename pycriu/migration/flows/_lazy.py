@@ -13,6 +13,7 @@ from typing import Any
 from ...results import DumpResult
 from .. import procs
 from ..errors import MigrationError
+from ..pageprogress import PageProgress
 from ..uncork import Uncork
 from .base import FlowContext
 
@@ -55,22 +56,26 @@ def abort_lazy(run: FlowContext, dumper: Dumper, port: int, reason: str) -> None
                  f"(pid {run.pid}); its log: {run.src_logs}/dump.log")
 
 
-def finish_lazy(run: FlowContext, wait_source: Callable[[float], bool], source_failed: Callable[[], bool]) -> None:
+def finish_lazy(run: FlowContext, wait_source: Callable[[float], bool], source_failed: Callable[[], bool], *,
+                port: int | None = None, total: int | None = None) -> None:
     """After the commit of a lazy flow: wait until every page is in, then kill the stopped source
-    (success) or resume it (the destination failed and was killed by the agent)."""
+    (success) or resume it (the destination failed and was killed by the agent). The bytes
+    served on CRIU's page server ``port`` (of ``total`` lazy bytes) are the phase's progress."""
     assert run.client is not None
     done: dict[str, Any] | None = None
     link_error: BaseException | None = None
     interrupted: BaseException | None = None
     run.phase_start("lazy page completion")
-    try:
-        done = run.client.lazy_wait(run.lazy_timeout)
-    except MigrationError as exc:
-        link_error = exc
-    except KeyboardInterrupt as exc:  # the destination runs on these pages: finish first
-        interrupted = exc
-        run.note("interrupted during the lazy page transfer: waited for it to finish before stopping")
-    finished = wait_source(run.lazy_timeout)
+    with PageProgress(run.emit, "lazy page completion", enabled=run.progress_wanted and port is not None,
+                      local_port=port, total=total):
+        try:
+            done = run.client.lazy_wait(run.lazy_timeout)
+        except MigrationError as exc:
+            link_error = exc
+        except KeyboardInterrupt as exc:  # the destination runs on these pages: finish first
+            interrupted = exc
+            run.note("interrupted during the lazy page transfer: waited for it to finish before stopping")
+        finished = wait_source(run.lazy_timeout)
     run.phase_end("lazy page completion")
     if done is not None and done.get("uncork"):
         run.note(f"destination: {done['uncork']}: the end of the lazy transfer may have waited 200 ms for "
@@ -101,12 +106,12 @@ def finish_lazy(run: FlowContext, wait_source: Callable[[float], bool], source_f
 
 
 def finish_lazy_uncorked(run: FlowContext, port: int, wait_source: Callable[[float], bool],
-                          source_failed: Callable[[], bool]) -> None:
+                          source_failed: Callable[[], bool], *, total: int | None = None) -> None:
     """:func:`finish_lazy`, with CRIU's page server on ``port`` uncorked: CRIU 4.2 answers the
     lazy-pages daemon's last command from a corked socket, 200 ms late. (Only now: the
     destination has resumed, so the watcher no longer competes with CRIU inside the downtime.)"""
     with Uncork(port, serving=True) as uncork:
-        finish_lazy(run, wait_source, source_failed)
+        finish_lazy(run, wait_source, source_failed, port=port, total=total)
     if not uncork.done:
         run.note(f"{uncork.note}: the end of the lazy transfer may have waited 200 ms for CRIU's corked socket")
 

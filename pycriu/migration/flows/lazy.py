@@ -11,6 +11,7 @@ from ..._threads import spawn
 from ...options import PageServerAddress
 from .. import procs
 from ..errors import TransportError
+from ..images import PAGE_SIZE
 from ..modes import FLOWS
 from ._lazy import abort_lazy, after_lazy_commit, dump_failed, ended, finish_lazy_uncorked, wait_posted
 from .base import Flow, FlowContext, FlowResult, all_images, pagemap_counts
@@ -60,7 +61,7 @@ def lazy_dump(run: FlowContext, **dump_kw: Any) -> FlowResult:
 
     assert run.images is not None
     present, lazy_only, _ = pagemap_counts(run.images)  # after the resume: not in the downtime
-    finish_lazy_uncorked(run, port, wait_source, lambda: dump_failed(dumper))
+    finish_lazy_uncorked(run, port, wait_source, lambda: dump_failed(dumper), total=lazy_only * PAGE_SIZE)
     if dumper.done() and dumper.exception() is None:
         run.record_dump(dumper.result(), stats=False)
         run.note("CRIU's statistics of a lazy dump are not meaningful (zero pages, a bogus frozen time) and "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..modes import FLOWS
+from ..pageprogress import PageProgress
 from ..uncork import Uncork
 from .base import Flow, FlowContext, FlowResult, all_images
 
@@ -30,7 +31,9 @@ def dump_to_page_server(run: FlowContext, *, parent: str | None = None, **dump_k
     target = run.relay(address)
     if ending:
         dump_kw["leave_stopped"] = False
-    with Uncork(target.port) as uncork:  # CRIU 4.2 would stall 200 ms, frozen, at the end of the dump
+    # the pages CRIU streams to the page server, frozen, are the dump's progress
+    progress = PageProgress(run.emit, "freeze+dump", enabled=run.progress_wanted, remote_port=target.port)
+    with Uncork(target.port) as uncork, progress:  # CRIU 4.2 would stall 200 ms, frozen, at the end of the dump
         run.record_dump(run.criu.dump(run.dump_options(page_server=target, notify=run.notify(post_dump), **dump_kw)))
     if not uncork.done:
         run.note(f"{uncork.note}: the dump may have waited 200 ms for CRIU's corked socket")

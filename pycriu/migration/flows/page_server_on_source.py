@@ -10,7 +10,7 @@ from typing import Any
 from ..._threads import spawn
 from ...options import PageServerAddress, PageServerOptions
 from .. import procs
-from ..images import list_images, non_lazy_ranges, pagemaps
+from ..images import PAGE_SIZE, list_images, non_lazy_ranges, pagemaps
 from ..modes import FLOWS
 from ._lazy import after_lazy_commit, finish_lazy_uncorked
 from .base import Flow, FlowContext, FlowResult, pagemap_counts
@@ -98,7 +98,8 @@ def _run(run: FlowContext) -> FlowResult:
             after_lazy_commit(run, wait_source, lambda: bool(holder.get("failed")))
         finally:
             run.custody.raise_deferred()
-    finish_lazy_uncorked(run, port, wait_source, lambda: bool(holder.get("failed")))
+    finish_lazy_uncorked(run, port, wait_source, lambda: bool(holder.get("failed")),
+                         total=sizes["lazy"] * PAGE_SIZE if "lazy" in sizes else None)
     return FlowResult.counted(image_pages=sizes.get("present", 0), server_pages=0, lazy_pages=sizes.get("lazy", 0))
 
 
