@@ -6,7 +6,9 @@ keeps that table complete)."""
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import pytest
 from conftest import needs_root
 
 import pycriu
+import pycriu.images
 from pycriu.migration.procs import descendants, kill_tree, tree_state, wait_gone
 from pycriu.workload import Workload
 
@@ -25,10 +28,14 @@ pytestmark = [needs_root, pytest.mark.criu]
 
 class Program:
     """``python -c CODE`` alone in a PID namespace (the dumpable root of its own session); CODE
-    touches ``READY`` when its state is set up."""
+    touches ``READY`` when its state is set up. Without ``session``, CODE runs in this PID
+    namespace as the child of a shell that leads its session: the tree's session leader is
+    outside it."""
 
-    def __init__(self, code: str, ready: Path) -> None:
-        self.unshare = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", code],
+    def __init__(self, code: str, ready: Path, *, session: bool = True) -> None:
+        argv = ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", code] if session else \
+            ["setsid", "sh", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} & wait"]
+        self.unshare = subprocess.Popen(argv,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -48,13 +55,13 @@ class Program:
 
 
 @pytest.fixture
-def program(tmp_path: Path) -> Iterator[Callable[[str], Program]]:
+def program(tmp_path: Path) -> Iterator[Callable[..., Program]]:
     made: list[Program] = []
 
-    def start(body: str) -> Program:
+    def start(body: str, *, session: bool = True) -> Program:
         ready = tmp_path / f"ready-{len(made)}"
         code = f"import os, time, pathlib\n{body}\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(3600)\n"
-        made.append(Program(code, ready))
+        made.append(Program(code, ready, session=session))
         return made[-1]
 
     yield start
@@ -69,7 +76,7 @@ def _images(tmp_path: Path, name: str) -> Path:
 
 
 def test_ext_unix_sk_dumps_a_connection_to_a_socket_outside_the_tree(
-        criu: pycriu.Criu, program: Callable[[str], Program], tmp_path: Path) -> None:
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
     """A datagram socket connected to a server outside the tree (CRIU never dumps half of a
     stream connection, with or without the option)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
@@ -85,7 +92,7 @@ def test_ext_unix_sk_dumps_a_connection_to_a_socket_outside_the_tree(
 
 
 def test_file_locks_dumps_and_restores_a_held_lock(
-        criu: pycriu.Criu, program: Callable[[str], Program], tmp_path: Path) -> None:
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
     lockfile = tmp_path / "lockfile"
     p = program(f"import fcntl\nf = open({str(lockfile)!r}, 'w')\nfcntl.flock(f, fcntl.LOCK_EX)")
     with pytest.raises(pycriu.DumpError) as info:
@@ -103,7 +110,7 @@ def test_file_locks_dumps_and_restores_a_held_lock(
 
 
 def test_ghost_limit_lets_a_larger_deleted_file_into_the_images(
-        criu: pycriu.Criu, program: Callable[[str], Program], tmp_path: Path) -> None:
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
     ghost = tmp_path / "ghost"
     p = program(f"f = open({str(ghost)!r}, 'wb')\nf.write(b'x' * (2 << 20))\nf.flush()\nos.unlink({str(ghost)!r})")
     with pytest.raises(pycriu.DumpError) as info:  # CRIU's default limit is 1 MiB
@@ -137,3 +144,200 @@ def test_work_dir_log_file_and_log_level_shape_criu_s_log(
     quiet, chatty = (work / "quiet.log").read_text(), (work / "chatty.log").read_text()
     assert "Dumping" not in quiet and "Dumping" in chatty
     assert len(chatty) > 20 * max(len(quiet), 1)
+
+
+def _restore(criu: pycriu.Criu, p: Program, images: Path, **kw: object) -> pycriu.RestoreResult:
+    """Restore ``images``; the restored tree is killed with ``p``'s."""
+    restored = criu.restore(pycriu.RestoreOptions(images_dir=images, **kw))  # type: ignore[arg-type]
+    p.pids.append(restored.pid)
+    return restored
+
+
+def _fd_inodes(pid: int) -> set[int]:
+    return {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def test_shell_job_dumps_and_restores_a_tree_whose_session_leader_is_outside_it(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    p = program("", session=False)
+    with pytest.raises(pycriu.DumpError) as info:
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "without"), leave_running=True))
+    assert "is not a session leader" in (info.value.criu_message or "")
+    images = _images(tmp_path, "with")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images, shell_job=True))
+    wait_gone(p.pid)
+    restored = _restore(criu, p, images, shell_job=True)
+    assert tree_state(restored.pid) == "running"
+    assert os.getsid(restored.pid) != restored.pid, "a shell job is restored into the restorer's session"
+
+
+def test_external_and_unix_sk_inodes_name_the_socket_to_the_outside_that_may_be_dumped(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """A socket connected to one outside the tree, named by its inode: ``external=["unix[INODE]"]``
+    lets that socket alone be dumped; ``unix_sk_inodes`` makes it CRIU's exception too, but
+    libcriu's ``criu_local_add_unix_sk`` also turns ext_unix_sk on, so every such socket dumps."""
+    exception = "found exception for unix name-less external socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(tmp_path / "srv"))
+        p = program("import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                    f"s.connect({str(tmp_path / 'srv')!r})\n"
+                    f"pathlib.Path({str(tmp_path / 'ino')!r}).write_text(str(os.fstat(s.fileno()).st_ino))")
+        inode = int((tmp_path / "ino").read_text())
+
+        def dump(name: str, **given: object) -> str:
+            criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, name), leave_running=True,
+                                         log_level=pycriu.LogLevel.DEBUG, **given))  # type: ignore[arg-type]
+            return (tmp_path / name / "dump.log").read_text()
+
+        for name, given in (("without", {}), ("other", {"external": [f"unix[{inode + 1000000}]"]})):
+            with pytest.raises(pycriu.DumpError) as info:
+                dump(name, **given)
+            assert "External socket is used" in (info.value.criu_message or "")
+        assert exception in dump("external", external=[f"unix[{inode}]"])
+        assert exception in dump("unix_sk_inodes", unix_sk_inodes=[inode])
+        assert exception not in dump("unix_sk_inodes-other", unix_sk_inodes=[inode + 1000000])
+
+
+def test_link_remap_dumps_a_file_open_by_a_name_it_no_longer_has(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """The file the tree opened as ``a`` is now only ``b``: CRIU needs to link it back to dump it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = program(f"f = open({str(a)!r}, 'w')\nf.write('kept')\nf.flush()\nos.link({str(a)!r}, {str(b)!r})\n"
+                f"os.unlink({str(a)!r})")
+    with pytest.raises(pycriu.DumpError) as info:
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "without"), leave_running=True))
+    assert "Use link-remap option" in (info.value.criu_message or "")
+    images = _images(tmp_path, "with")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images, link_remap=True))
+    wait_gone(p.pid)
+    restored = _restore(criu, p, images)
+    assert os.stat(b).st_ino in _fd_inodes(restored.pid), "the restored tree does not hold the file again"
+
+
+def test_skip_file_rwx_check_restores_a_file_whose_mode_changed(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    held = tmp_path / "held"
+    held.write_text("x")
+    held.chmod(0o644)
+    p = program(f"f = open({str(held)!r})")
+    images = _images(tmp_path, "images")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
+    wait_gone(p.pid)
+    held.chmod(0o600)
+    with pytest.raises(pycriu.RestoreError) as info:
+        criu.restore(pycriu.RestoreOptions(images_dir=images))
+    assert "has bad mode 0100600 (expect 0100644)" in (info.value.criu_message or "")
+    restored = _restore(criu, p, images, skip_file_rwx_check=True)
+    assert held.stat().st_ino in _fd_inodes(restored.pid)
+
+
+def test_evasive_devices_dumps_a_device_whose_path_now_shows_another_node(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """The tree opened a device node, then a tmpfs with a node of the same device was mounted
+    over its directory: the path CRIU would restore from names another inode."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    os.mknod(dev / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    p = program(f"f = open({str(dev / 'null')!r}, 'w')")
+    subprocess.run(["mount", "-t", "tmpfs", "pycriu-test", str(dev)], check=True)
+    try:
+        os.mknod(dev / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        with pytest.raises(pycriu.DumpError) as info:
+            criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "without"), leave_running=True))
+        assert "Unaccessible path opened" in (info.value.criu_message or "")
+        images = _images(tmp_path, "with")
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images, evasive_devices=True))
+        wait_gone(p.pid)
+        restored = _restore(criu, p, images)
+        assert (dev / "null").stat().st_ino in _fd_inodes(restored.pid), "the restored tree does not hold the node"
+    finally:
+        for pid in p.pids:
+            kill_tree(pid)
+            wait_gone(pid)
+        subprocess.run(["umount", str(dev)], check=True)
+
+
+def _watch_paths(images: Path) -> list[str | None]:
+    """The path CRIU wrote for each inotify watch (None: the file handle alone)."""
+    files = pycriu.images.loads((images / "files.img").read_bytes())["entries"]
+    return [wd["f_handle"].get("path") for e in files if e["type"] == "INOTIFY" for wd in e["ify"]["wd"]]
+
+
+def test_force_irmap_and_irmap_paths_name_a_watched_file_by_a_path_found_by_scanning(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """An inotify watch on ``over/f``, a second name of ``other/g``; then a tmpfs is mounted on
+    ``over``: the handle opens, but by a name no longer reachable. CRIU keeps only the handle
+    unless forced to map it back to a path, which it finds only where it is told to scan."""
+    over, other = tmp_path / "over", tmp_path / "other"
+    over.mkdir()
+    other.mkdir()
+    (other / "g").write_text("x")
+    os.link(other / "g", over / "f")  # the newer name is the one the kernel gives the handle
+    p = program(f"import ctypes\nfd = ctypes.CDLL(None).inotify_init()\n"
+                f"assert ctypes.CDLL(None).inotify_add_watch(fd, {str(over / 'f')!r}.encode(), 2) >= 0")
+    subprocess.run(["mount", "-t", "tmpfs", "pycriu-test", str(over)], check=True)
+    try:
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "without"), leave_running=True))
+        assert _watch_paths(tmp_path / "without") == [None]
+        with pytest.raises(pycriu.DumpError) as info:  # not in the places CRIU scans by default
+            criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "forced"), leave_running=True,
+                                         force_irmap=True))
+        assert "Can't dump that handle" in (info.value.criu_message or "")
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "scanned"), leave_running=True,
+                                     force_irmap=True, irmap_paths=[other]))
+        assert _watch_paths(tmp_path / "scanned") == [str(other / "g")]
+    finally:
+        subprocess.run(["umount", str(over)], check=True)
+
+
+def test_exec_cmd_runs_after_the_restore_with_its_output_in_the_log(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """CRIU execs the command in its own process once the tree is restored (output to its log)."""
+    p = program("")
+    images = _images(tmp_path, "images")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
+    wait_gone(p.pid)
+    marker = "exec-cmd-ran-after-the-restore"
+    _restore(criu, p, images, log_file="plain.log")
+    log = images / "exec.log"
+    for pid in p.pids[1:]:
+        kill_tree(pid)
+        wait_gone(pid)
+    _restore(criu, p, images, log_file="exec.log", exec_cmd=["echo", marker])
+    deadline = time.monotonic() + 10
+    while marker not in log.read_text():
+        assert time.monotonic() < deadline, "the command's output never reached the log"
+        time.sleep(0.02)
+    assert marker not in (images / "plain.log").read_text()
+
+
+def test_orphan_pts_master_dumps_a_pty_whose_master_is_outside_the_tree(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        p = program(f"fd = os.open({os.ttyname(slave)!r}, os.O_RDWR | os.O_NOCTTY)")
+        os.close(slave)
+        slave = -1
+        with pytest.raises(pycriu.DumpError) as info:
+            criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "without"), leave_running=True))
+        assert "without correspond master peer" in (info.value.criu_message or "")
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "with"), leave_running=True,
+                                     orphan_pts_master=True, log_level=pycriu.LogLevel.DEBUG))
+        assert "Unpaired slave" in (tmp_path / "with" / "dump.log").read_text()
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def test_cpu_cap_writes_the_cpu_s_features_into_the_images_and_checks_them_on_restore(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    p = program("")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "default"), leave_running=True))
+    assert not (tmp_path / "default" / "cpuinfo.img").exists()
+    images = _images(tmp_path, "with")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images, cpu_cap=CPU_CAP_FPU))
+    assert (images / "cpuinfo.img").exists()
+    wait_gone(p.pid)
+    _restore(criu, p, images, cpu_cap=CPU_CAP_FPU, log_level=pycriu.LogLevel.DEBUG, log_file="restore.log")
+    assert "cpuinfo" in (images / "restore.log").read_text()
