@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-stress test-vm test-vm-full conformance fuzz soak docs lint bench bench-images clean
+.PHONY: bench-vm setup demo test test-stress test-vm test-vm-full conformance fuzz soak docs lint bench bench-images clean
 
 setup:
 	bash scripts/provision.sh
@@ -58,6 +58,15 @@ bench: setup
 # CRIU's crit (bench/images.py; results in bench/results/images.{json,md}).
 bench-images: setup
 	$(PY) -m bench.images $(BENCH_ARGS)
+
+# The migration benchmark inside the test VM (Debian 12's kernel, soft-dirty: pre-copy and hybrid
+# run there), small workloads for emulation; results in build/vm/bench, reference in
+# bench/results/vm-6.1.{md,json,png}.
+VM_BENCH_ARGS ?= --sizes 32 --rates idle,busy --links lo --modes classic,lazy,pre-copy,hybrid --repeat 3 \
+	--ref-mib 32 --settle 1
+bench-vm: setup
+	PYCRIU_VM_TIMEOUT=$${PYCRIU_VM_TIMEOUT:-2700} bash scripts/vm/run.sh $(PY) -m bench $(VM_BENCH_ARGS) \
+		--out /run/pycriu-vm/bench
 
 clean:
 	rm -rf build docs/_build .pytest_cache pycriu/_libcriu*.so pycriu/_libcriu.c pycriu/images/_scan.c pycriu/images/_scan*.so
