@@ -13,7 +13,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,13 @@ CPU_CAP_FPU, CPU_CAP_CPU = 1, 2  # CRIU's cpu_cap bits (criu/include/cr_options.
 
 
 class Program:
-    """``python -c CODE`` alone in a PID namespace (the dumpable root of its own session); CODE
-    touches ``READY`` when its state is set up. Without ``session``, CODE runs in this PID
-    namespace as the child of a shell that leads its session: the tree's session leader is
-    outside it."""
+    """``python -c CODE`` alone in a PID namespace (the dumpable root of its own session) and the
+    namespaces ``unshare`` flags name (``--net``, ``--uts``); CODE touches ``READY`` when its
+    state is set up. Without ``session``, CODE runs in this PID namespace as the child of a
+    shell that leads its session: the tree's session leader is outside it."""
 
-    def __init__(self, code: str, ready: Path, *, session: bool = True) -> None:
-        argv = ["unshare", "--pid", "--fork", "setsid", sys.executable, "-c", code] if session else \
+    def __init__(self, code: str, ready: Path, *, session: bool = True, unshare: Sequence[str] = ()) -> None:
+        argv = ["unshare", *unshare, "--pid", "--fork", "setsid", sys.executable, "-c", code] if session else \
             ["setsid", "sh", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} & wait"]
         self.unshare = subprocess.Popen(argv,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -61,10 +62,10 @@ class Program:
 def program(tmp_path: Path) -> Iterator[Callable[..., Program]]:
     made: list[Program] = []
 
-    def start(body: str, *, session: bool = True) -> Program:
+    def start(body: str, *, session: bool = True, unshare: Sequence[str] = ()) -> Program:
         ready = tmp_path / f"ready-{len(made)}"
         code = f"import os, time, pathlib\n{body}\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(3600)\n"
-        made.append(Program(code, ready, session=session))
+        made.append(Program(code, ready, session=session, unshare=unshare))
         return made[-1]
 
     yield start
@@ -415,3 +416,93 @@ def test_network_lock_picks_what_holds_the_dumped_connections_until_the_restore(
         _restore(criu, p, images, tcp_established=True, network_lock=method)
     assert _locked_by(port) == set(), "the restore unlocks the connections"
     assert _established(port) == 2
+
+
+def test_tcp_skip_in_flight_dumps_a_listener_with_a_connection_not_yet_accepted(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    p = program("import socket\nsrv = socket.socket()\nsrv.bind(('127.0.0.1', 0))\nsrv.listen()\n"
+                f"pathlib.Path({str(tmp_path / 'port')!r}).write_text(str(srv.getsockname()[1]))")
+    with socket.create_connection(("127.0.0.1", int((tmp_path / "port").read_text()))):  # never accepted
+        with pytest.raises(pycriu.DumpError) as info:
+            criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "without"), leave_running=True))
+        assert "In-flight connection (l)" in (info.value.criu_message or "")
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=_images(tmp_path, "with"), leave_running=True,
+                                     tcp_skip_in_flight=True, log_level=pycriu.LogLevel.INFO))
+        assert "Skipping in-flight connection (l)" in (tmp_path / "with" / "dump.log").read_text()
+
+
+def _in_ns(pid: int, flag: str, *argv: str) -> str:
+    """``argv``'s output, run in ``pid``'s namespace of the kind ``nsenter`` ``flag`` names."""
+    return subprocess.run(["nsenter", "-t", str(pid), flag, *argv], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_join_ns_restores_the_tree_into_a_namespace_that_exists(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    holder = subprocess.Popen(["unshare", "--uts", "sleep", "3600"])
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{holder.pid}/ns/uts") == os.readlink("/proc/self/ns/uts"):
+            assert time.monotonic() < deadline, "the holder did not get a UTS namespace of its own"
+            time.sleep(0.01)
+        theirs = os.readlink(f"/proc/{holder.pid}/ns/uts")
+        p = program("import socket\nsocket.sethostname('dumped')", unshare=["--uts"])
+        images = _images(tmp_path, "images")
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
+        wait_gone(p.pid)
+        restored = _restore(criu, p, images)
+        assert os.readlink(f"/proc/{restored.pid}/ns/uts") not in (theirs, os.readlink("/proc/self/ns/uts"))
+        assert _in_ns(restored.pid, "-u", "hostname").strip() == "dumped"
+        kill_tree(restored.pid)
+        wait_gone(restored.pid)
+        restored = _restore(criu, p, images, join_ns=[pycriu.JoinNamespace("uts", f"/proc/{holder.pid}/ns/uts")])
+        assert os.readlink(f"/proc/{restored.pid}/ns/uts") == theirs
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_empty_ns_restores_the_network_namespace_without_its_contents(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    p = program("import subprocess\nsubprocess.run(['ip', 'addr', 'add', '10.1.2.3/32', 'dev', 'lo'], check=True)",
+                unshare=["--net"])
+    images = _images(tmp_path, "images")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
+    wait_gone(p.pid)
+    restored = _restore(criu, p, images)
+    assert "10.1.2.3/32" in _in_ns(restored.pid, "-n", "ip", "-o", "addr")
+    kill_tree(restored.pid)
+    wait_gone(restored.pid)
+    restored = _restore(criu, p, images, empty_ns=pycriu.Namespace.NET)
+    assert os.readlink(f"/proc/{restored.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert "10.1.2.3" not in _in_ns(restored.pid, "-n", "ip", "-o", "addr")
+
+
+def test_veth_pairs_names_the_outside_end_of_a_restored_veth(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """The tree's network namespace holds one end of a veth pair whose other end was on the host:
+    restored, the inside end has a peer on the host only when veth_pairs names it."""
+    tag = uuid.uuid4().hex[:6]
+    inside, outside, restored_outside = f"pyc{tag}i", f"pyc{tag}o", f"pyc{tag}r"
+
+    def host_links() -> str:
+        return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+
+    p = program("", unshare=["--net"])
+    try:
+        subprocess.run(["ip", "link", "add", outside, "type", "veth", "peer", "name", inside], check=True)
+        subprocess.run(["ip", "link", "set", inside, "netns", str(p.pid)], check=True)
+        images = _images(tmp_path, "images")
+        criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
+        wait_gone(p.pid)
+        restored = _restore(criu, p, images)
+        assert f" {inside}@" in _in_ns(restored.pid, "-n", "ip", "-o", "link")
+        assert f"pyc{tag}" not in host_links()
+        kill_tree(restored.pid)
+        wait_gone(restored.pid)
+        restored = _restore(criu, p, images, veth_pairs=[pycriu.VethPair(inside, restored_outside)])
+        assert f" {restored_outside}@" in host_links()
+    finally:
+        for name in (outside, restored_outside):
+            if f" {name}@" in host_links():
+                subprocess.run(["ip", "link", "del", name], check=True)
