@@ -1,16 +1,20 @@
 """Mount options CRIU acts on, shown on a real runc container (its own mount namespace and
-root, a bind mount ``/data`` from the host; see ``container_support``): the container's
-options as runc would pass them, less the external-mount declaration of ``/data``, which CRIU
-then refuses to dump, unless told to skip that mount or to find external mounts by itself.
+root, a bind mount ``/data`` from the host; see ``container_support``) and the container's
+options as runc would pass them: less the external-mount declaration of ``/data``, which CRIU
+then refuses to dump unless told to skip that mount or to find external mounts by itself; with
+a file system CRIU does not know; restored by either of CRIU's mount engines.
 docs/options.rst lists every option with the test that proves it."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
-from container_support import needs_runc, sites  # noqa: F401 - fixture
+from container_support import gone, needs_runc, sites  # noqa: F401 - fixture
 
 import pycriu
 from pycriu.containers import ContainerOptions
@@ -48,3 +52,50 @@ def test_skip_mnt_auto_ext_mnt_and_ext_masters_dump_a_bind_mount_nobody_declared
     mounts = {m.mountpoint: m for m in inspect(dump("found", auto_ext_mnt=True, ext_masters=True)).mounts}
     assert mounts["/data"].external
     assert ct.status == "running"
+
+
+def test_enable_fs_dumps_a_mount_of_a_file_system_criu_does_not_know(
+        sites, tmp_path: Path, criu: pycriu.Criu) -> None:  # noqa: F811
+    """A ramfs mounted on the container's /tmp: CRIU refuses a file system it does not know,
+    unless enable_fs lets it mount a new one on restore."""
+    source, _ = sites
+    ct = source.run(source.ids[0])
+    subprocess.run(["nsenter", "-t", str(ct.pid), "-m", "/bin/busybox", "mount", "-t", "ramfs", "pycriu-test", "/tmp"],
+                   check=True)  # the container's busybox: nsenter -m enters its root too
+    options = ct.options()
+
+    def dump(name: str, **given: object) -> Path:
+        images = tmp_path / name
+        images.mkdir()
+        criu.dump(options.dump_options(pid=ct.pid, images_dir=images, leave_running=True, **given))
+        return images
+
+    with pytest.raises(pycriu.DumpError) as info:
+        dump("unknown")
+    assert "FS mnt ./tmp" in (info.value.criu_message or "") and "unsupported" in (info.value.criu_message or "")
+    mounts = {m.mountpoint: m for m in inspect(dump("enabled", enable_fs=["ramfs"])).mounts}
+    assert mounts["/tmp"].fstype == "ramfs"
+
+
+def test_mntns_compat_mode_restores_the_mounts_with_criu_s_older_engine(
+        sites, tmp_path: Path, criu: pycriu.Criu) -> None:  # noqa: F811
+    """The container restores either way (its counter goes on); CRIU's log shows which engine
+    made its mounts (mounts-v2 is the default where the kernel has MOVE_MOUNT_SET_GROUP)."""
+    source, _ = sites
+    ct = source.run(source.ids[0])
+    options = ct.options()
+    ct.checkpoint(tmp_path / "images")
+    logs = {}
+    for name, given in (("v2", {}), ("compat", {"mntns_compat_mode": True})):
+        last = source.counter()
+        with options.restore_options(images_dir=tmp_path / "images", work_dir=tmp_path, log_file=f"{name}.log",
+                                     log_level=pycriu.LogLevel.DEBUG, **given) as opts:
+            result = criu.restore(opts)
+        try:
+            assert source.wait_counting(above=last) > last
+        finally:
+            os.kill(result.pid, signal.SIGKILL)
+            gone(result.pid)
+        logs[name] = (tmp_path / f"{name}.log").read_text()
+    assert "mnt-v2: Create plain mountpoint" in logs["v2"]
+    assert "mnt-v2:" not in logs["compat"], "the compat engine used the mounts-v2 code"
