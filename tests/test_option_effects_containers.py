@@ -8,6 +8,7 @@ docs/options.rst lists every option with the test that proves it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +100,39 @@ def test_mntns_compat_mode_restores_the_mounts_with_criu_s_older_engine(
         logs[name] = (tmp_path / f"{name}.log").read_text()
     assert "mnt-v2: Create plain mountpoint" in logs["v2"]
     assert "mnt-v2:" not in logs["compat"], "the compat engine used the mounts-v2 code"
+
+
+def test_ext_sharing_dumps_an_external_mount_shared_with_a_peer_outside(
+        sites, tmp_path: Path, criu: pycriu.Criu) -> None:  # noqa: F811
+    """The container's /data, left undeclared, is bound ``rshared`` from a host mount that is
+    shared: it is a slave of a master outside and a peer of mounts outside. Found external by
+    auto_ext_mnt, CRIU accepts it only with both ext_masters and ext_sharing."""
+    source, _ = sites
+    shared = str(source.shared)
+    spec = json.loads((source.bundle / "config.json").read_text())
+    data = next(m for m in spec["mounts"] if m["destination"] == "/data")
+    data["options"] = ["rbind", "rw", "rshared"]
+    (source.bundle / "config.json").write_text(json.dumps(spec))
+    subprocess.run(["mount", "--bind", shared, shared], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", shared], check=True)
+        ct = source.run(source.ids[0])
+        options = _without_data(ct.options())
+
+        def dump(name: str, **given: object) -> Path:
+            images = tmp_path / name
+            images.mkdir()
+            criu.dump(options.dump_options(pid=ct.pid, images_dir=images, leave_running=True, auto_ext_mnt=True,
+                                           **given))
+            return images
+
+        for name, given in (("masters", {"ext_masters": True}), ("sharing", {"ext_sharing": True})):
+            with pytest.raises(pycriu.DumpError) as info:
+                dump(name, **given)
+            assert "./data" in (info.value.criu_message or "") and "has unreachable sharing" in (
+                info.value.criu_message or ""), name
+        mounts = {m.mountpoint: m for m in inspect(dump("both", ext_masters=True, ext_sharing=True)).mounts}
+        assert mounts["/data"].external
+    finally:
+        subprocess.run(source.runc.argv("delete", "--force", source.ids[0]), capture_output=True, check=False)
+        subprocess.run(["umount", shared], check=True)
