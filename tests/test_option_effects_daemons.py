@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import needs_lazy_pages, needs_root
 
 import pycriu
 from pycriu.workload import Workload
@@ -212,3 +212,44 @@ def test_timeout_is_how_long_pycriu_waits_for_the_daemon_to_be_ready(
     assert info.value.operation == daemon.replace("_", "-")
     with start(options(30)) as ready:
         assert ready.running
+
+
+@needs_lazy_pages
+@pytest.mark.parametrize("revoked", [False, True], ids=["trusted", "revoked"])
+def test_lazy_pages_tls_cacrl_refuses_a_source_whose_certificate_is_revoked(
+        criu: pycriu.Criu, workload: WorkloadFactory, tmp_path: Path, revoked: bool) -> None:
+    """A lazy migration over TLS: the lazy-pages daemon connects to the source's page server
+    once the restore has handed it the tree; with a list revoking the source's certificate it
+    refuses that connection (and the restore fails), without it every page arrives."""
+    from test_lazy_pages import LazyDump, free_port
+
+    pki = _Pki(_dir(tmp_path, "pki"))
+    source_tls, dest_tls = pki.issue("source"), pki.issue("destination")
+    if revoked:
+        dest_tls["tls_cacrl"] = pki.revoke("source")
+    w = workload(mib=4)
+    src, dst, work = _dir(tmp_path, "src"), _dir(tmp_path, "dst"), _dir(tmp_path, "work")
+    port = free_port()
+    dump = LazyDump(criu, pycriu.DumpOptions(pid=w.pid, images_dir=src, lazy_pages=True, lazy_port=port,
+                                             lazy_address="127.0.0.1", **source_tls))  # type: ignore[arg-type]
+    dump.start()
+    assert dump.images_written.wait(30) and dump.serving.wait(30) and dump.error is None, dump.error
+    for image in src.glob("*.img"):
+        shutil.copy2(image, dst / image.name)
+    daemon_opts = pycriu.LazyPagesOptions(images_dir=dst, work_dir=work, page_server=pycriu.PageServerAddress(
+        "127.0.0.1", port), **dest_tls)  # type: ignore[arg-type]
+    try:
+        with criu.lazy_pages(daemon_opts) as daemon:
+            if not revoked:
+                w.adopt(criu.restore(pycriu.RestoreOptions(images_dir=dst, work_dir=work, lazy_pages=True)).pid)
+                assert daemon.wait(timeout=30) == 0
+                w.wait_beats(3)
+                assert w.checksum() == w.expected_checksum
+                return
+            with pytest.raises(pycriu.RestoreError):
+                criu.restore(pycriu.RestoreOptions(images_dir=dst, work_dir=work, lazy_pages=True))
+            with pytest.raises(pycriu.LazyPagesError):
+                daemon.wait(timeout=30)
+        assert "The certificate chain is revoked" in (work / "lazy-pages.log").read_text()
+    finally:
+        dump.join(30)
