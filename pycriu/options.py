@@ -258,7 +258,9 @@ class _CriuOptions:
     log_file: str | None = _opt("special", doc="log file name inside work_dir")
     log_level: LogLevel | int | str | None = _opt("enum", setter="set_log_level", enum_type=LogLevel)
     notify: NotifyCallback | None = _opt("special", doc="callable(action, pid) -> bool | None")
-    timeout: int | None = _opt("uint", setter="set_timeout")
+    # the config file, not criu_local_set_timeout: libcriu 4.2.1 sets the RPC's value without
+    # has_timeout, so CRIU never saw it and kept its 10 s
+    timeout: int | None = _opt("uint", config="timeout")
     root: PathArg | None = _opt("path", setter="set_root")
     shell_job: bool | None = _opt("bool", setter="set_shell_job")
     ext_unix_sk: bool | None = _opt("bool", setter="set_ext_unix_sk")

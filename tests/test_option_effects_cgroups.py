@@ -197,8 +197,6 @@ def test_freeze_cgroup_freezes_the_tree_through_its_freezer(frozen_log: Callable
         "freezer", freeze_cgroup="freezer_of_the_tree")
 
 
-@pytest.mark.xfail(strict=True, reason="libcriu 4.2.1's criu_local_set_timeout sets the RPC's timeout but not "
-                                       "has_timeout, so CRIU never sees the value (it keeps its 10 s)")
 def test_timeout_bounds_the_attempts_to_freeze(frozen_log: Callable[..., str]) -> None:
     assert "freezing cgroup freezer_of_the_tree: 30 x 100ms attempts, timeout: 3s" in frozen_log(
         "timeout", freeze_cgroup="freezer_of_the_tree", timeout=3)
