@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _pids
 from ..criu import Criu
@@ -21,10 +21,12 @@ from .agent_config import RESTORE_FLAGS
 from .agent_lazy import LazySupervisor
 from .agent_pages import PageServers
 from .agent_restored import RestoredTree, TreeKilled
-from .containers import AcceptedContainer
 from .errors import AgentError, ProtocolError
 from .images import stopped_tasks
 from .protocol import finite
+
+if TYPE_CHECKING:
+    from .containers import AcceptedContainer
 
 __all__ = ["SessionRestore"]
 

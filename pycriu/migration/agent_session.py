@@ -15,11 +15,11 @@ import secrets
 import time
 from concurrent.futures import Future, wait
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._threads import spawn
 from ..errors import CriuError, KernelUnsupportedError
-from . import checks, containers, pagetls, preflight, procs
+from . import checks, pagetls, preflight, procs
 from .agent_config import AgentConfig
 from .agent_files import SessionFiles
 from .agent_lazy import LazySupervisor
@@ -27,12 +27,14 @@ from .agent_pages import PageServers
 from .agent_restore import SessionRestore
 from .agent_restored import RestoredTree, TreeKilled
 from .agent_sandbox import SessionDir
-from .containers import AcceptedContainer
 from .errors import AgentError, ProtocolError, TransportError
 from .guard import Guard
 from .images import memory_dir
 from .modes import FLOWS, choose_mode
 from .protocol import PROTOCOL_VERSION, Channel, Limits, check_dir_name, finite
+
+if TYPE_CHECKING:
+    from .containers import AcceptedContainer
 
 __all__ = ["AgentSession"]
 
@@ -165,6 +167,8 @@ class AgentSession:
         if problems:
             raise AgentError("; ".join(problems), code="incompatible")
         if msg.get("container") is not None:  # checked before the source freezes anything
+            from . import containers  # loaded for container migrations only: the agent starts faster
+
             cfg = self.config
             self.container = containers.accept(msg["container"], paths=cfg.container_paths,
                                                cgroups=cfg.container_cgroups, interfaces=cfg.container_interfaces,
