@@ -20,7 +20,7 @@ test-stress: setup
 # The tests that need soft-dirty memory tracking (pre-dump, pre-copy, hybrid), run in a QEMU guest
 # on Debian 12's own kernel (scripts/vm/run.sh, scripts/vm/build.sh). VM_TESTS picks others.
 VM_TESTS ?= tests/test_pre_dump.py tests/test_migration_precopy.py tests/test_workload.py \
-	tests/test_memory_images.py::test_an_incremental_dump_is_read_through_its_parent
+	tests/test_memory_images.py::test_an_incremental_dump_is_read_through_its_parent tests/test_option_effects_predump.py
 test-vm: setup
 	bash scripts/vm/run.sh $(PY) -m pytest $(VM_TESTS) $(PYTEST_ARGS)
 
