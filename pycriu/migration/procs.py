@@ -405,18 +405,12 @@ def _proc_tcp_sockets(state: int) -> list[tuple[int, int, int]]:
 
 def _diag_tcp_sockets(state: int) -> list[tuple[int, int, int]]:
     found: list[tuple[int, int, int]] = []
-    for family in (socket.AF_INET, socket.AF_INET6):
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
-            # nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, a zero sockid
-            req = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << state)
-            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
-                    + req)
-            for msg in _diag_messages(nl):  # no sock_diag for TCP here (module not loaded): OSError
-                # inet_diag_msg: family, state, timer, retrans; the sockid (48 bytes: ports
-                # big-endian first); expires, rqueue, wqueue, uid, then the inode
-                sport, dport = struct.unpack_from("!HH", msg, 4)
-                inode = struct.unpack_from("=I", msg, 68)[0]
-                found.append((sport, dport, inode))
+    for msg in _diag_tcp(1 << state):  # no sock_diag for TCP here (module not loaded): OSError
+        # inet_diag_msg: family, state, timer, retrans; the sockid (48 bytes: ports big-endian
+        # first); expires, rqueue, wqueue, uid, then the inode
+        sport, dport = struct.unpack_from("!HH", msg, 4)
+        inode = struct.unpack_from("=I", msg, 68)[0]
+        found.append((sport, dport, inode))
     return found
 
 
@@ -430,32 +424,38 @@ def tcp_bytes_acked(*, local_port: int | None = None, remote_port: int | None = 
     far a CRIU page connection has got. None where sock_diag gives no TCP info."""
     total = 0
     try:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
-                req = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 0,
-                                  1 << TCP_ESTABLISHED)
-                nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP,
-                                    1, 0) + req)
-                for msg in _diag_messages(nl):
-                    sport, dport = struct.unpack_from("!HH", msg, 4)
-                    if (local_port is not None and sport != local_port) or \
-                            (remote_port is not None and dport != remote_port):
-                        continue
-                    off = 72  # the attributes follow inet_diag_msg
-                    while off + 4 <= len(msg):
-                        rta_len, rta_type = struct.unpack_from("=HH", msg, off)
-                        if rta_len < 4:
-                            break
-                        if rta_type == _INET_DIAG_INFO and rta_len >= 4 + _TCPI_BYTES_ACKED + 8:
-                            total += struct.unpack_from("=Q", msg, off + 4 + _TCPI_BYTES_ACKED)[0]
-                        off += (rta_len + 3) & ~3
+        for msg in _diag_tcp(1 << TCP_ESTABLISHED, ext=1 << (_INET_DIAG_INFO - 1)):
+            sport, dport = struct.unpack_from("!HH", msg, 4)
+            if (local_port is not None and sport != local_port) or (remote_port is not None and dport != remote_port):
+                continue
+            off = 72  # the attributes follow inet_diag_msg
+            while off + 4 <= len(msg):
+                rta_len, rta_type = struct.unpack_from("=HH", msg, off)
+                if rta_len < 4:
+                    break
+                if rta_type == _INET_DIAG_INFO and rta_len >= 4 + _TCPI_BYTES_ACKED + 8:
+                    total += struct.unpack_from("=Q", msg, off + 4 + _TCPI_BYTES_ACKED)[0]
+                off += (rta_len + 3) & ~3
     except OSError:
         return None
     return total
 
 
-def _diag_messages(nl: socket.socket) -> Iterator[bytes]:
-    """The payloads of a sock_diag dump's replies, until NLMSG_DONE (an error is an OSError)."""
+def _diag_tcp(states: int, *, ext: int = 0) -> Iterator[bytes]:
+    """The inet_diag_msg payloads (with the ``ext`` attributes) of this network namespace's TCP
+    sockets in ``states`` (a bit mask), IPv4 then IPv6, from one sock_diag dump each. An error
+    reply is an OSError."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            # nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, a zero sockid
+            req = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, ext, 0, states)
+            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+                    + req)
+            yield from _diag_replies(nl)
+
+
+def _diag_replies(nl: socket.socket) -> Iterator[bytes]:
+    """The payloads of one sock_diag dump's replies, until NLMSG_DONE (an error is an OSError)."""
     while True:
         data = nl.recv(65536)
         if not data:
