@@ -53,17 +53,22 @@ if TYPE_CHECKING:
 __all__ = ["Migration", "MODES", "Progress", "DUMP_ONLY_OPTIONS", "DUMP_ONLY_CRIU_KEYS"]
 
 
+#: DumpOptions fields a flow sets: what the dump leaves, where its images and pages go, memory tracking.
+_FLOW_FIELDS = frozenset({
+    "pid", "images_dir", "work_dir", "log_file", "log_level", "notify", "leave_running", "leave_stopped",
+    "page_server", "lazy_pages", "lazy_port", "lazy_address", "track_mem", "parent_images", "auto_dedup",
+    "tls", "tls_cacert", "tls_cacrl", "tls_cert", "tls_key", "tls_no_cn_verify",
+})
+#: DumpOptions fields of a container's, whose restore half the agent needs (container=ContainerOptions(...)).
+_CONTAINER_FIELDS = frozenset(f.name for f in dataclasses.fields(ContainerOptions)) | {
+    "ext_mounts", "ext_masters", "ext_sharing", "auto_ext_mnt", "cgroup_props", "cgroup_props_file",
+    "cgroup_dump_controllers",
+}
 #: The :class:`~pycriu.DumpOptions` fields ``Migration(dump_options=...)`` takes: every field but
 #: the ones a flow sets, the booleans both halves need (``flags``) and a container's (``container``).
 DUMP_ONLY_OPTIONS: frozenset[str] = frozenset(
-    f.name for f in dataclasses.fields(DumpOptions) if not f.name.startswith("_")) - RESTORE_FLAGS - frozenset({
-        "pid", "images_dir", "work_dir", "log_file", "log_level", "notify", "leave_running", "leave_stopped",
-        "page_server", "lazy_pages", "lazy_port", "lazy_address", "track_mem", "parent_images", "auto_dedup",
-        "tls", "tls_cacert", "tls_cacrl", "tls_cert", "tls_key", "tls_no_cn_verify",
-        # a container's: the restore needs their other half (container=ContainerOptions(...))
-        "ext_mounts", "ext_masters", "ext_sharing", "auto_ext_mnt", "cgroup_props", "cgroup_props_file",
-        "cgroup_dump_controllers",
-    }) - frozenset(f.name for f in dataclasses.fields(ContainerOptions))
+    f.name for f in dataclasses.fields(DumpOptions) if not f.name.startswith("_")) - RESTORE_FLAGS - _FLOW_FIELDS \
+    - _CONTAINER_FIELDS
 
 
 #: CRIU's own spellings that ``dump_options={"criu_options": {...}}`` may use: options of the
@@ -82,10 +87,9 @@ def _dump_extra(pid: int, given: Mapping[str, Any] | None) -> dict[str, Any]:
             continue
         if key in RESTORE_FLAGS:
             why = "the restore needs it too: pass it in flags="
-        elif any(f.name == key for f in dataclasses.fields(ContainerOptions)) or key.startswith(("ext_", "cgroup_")) \
-                or key == "auto_ext_mnt":
+        elif key in _CONTAINER_FIELDS:
             why = "it describes the container: pass container=ContainerOptions(...)"
-        elif any(f.name == key for f in dataclasses.fields(DumpOptions)):
+        elif key in _FLOW_FIELDS:
             why = "the migration's flow sets it"
         else:
             why = "DumpOptions has no such field"
