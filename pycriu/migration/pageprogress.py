@@ -33,24 +33,26 @@ class PageProgress:
         self._done = 0  # the most seen: a connection CRIU closed no longer counts
 
     def __enter__(self) -> PageProgress:
-        # the connection is CRIU's own, opened for this transfer: its bytes from zero are the pages
-        if self._enabled and procs.tcp_bytes_acked(**self._ports) is not None:
+        if self._enabled:
             self._thread = Worker(self._run, name=f"pycriu-progress-{self._phase}")
             self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
-            self._sample()
+            if not self._sample():
+                return  # no sock_diag TCP info here: no figures to show
 
-    def _sample(self) -> None:
+    def _sample(self) -> bool:
+        # the connection is CRIU's own, opened for this transfer: its bytes from zero are the pages
         acked = procs.tcp_bytes_acked(**self._ports)
         if acked is None:
-            return
+            return False
         self._done = max(self._done, acked)
         total = self._total
         done = min(self._done, total) if total is not None else self._done  # CRIU's messages ride along
         self._emit(self._phase, "bytes", done=done, total=total)
+        return True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
