@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -89,6 +91,28 @@ def images_dir(tmp_path: Path) -> Path:
     d = tmp_path / "images"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped: one nothing holds."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def zombie() -> Iterator[tuple[int, int]]:
+    """(zombie, its parent): a child that exited and that its parent does not reap."""
+    parent = subprocess.Popen([sys.executable, "-c", "import os, time\npid = os.fork()\n"
+                               "if pid == 0: os._exit(0)\n"
+                               "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        yield int(parent.stdout.readline()), parent.pid
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 @pytest.fixture

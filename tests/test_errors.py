@@ -28,14 +28,6 @@ WorkloadFactory = Callable[..., Workload]
 
 
 @pytest.fixture
-def dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
-
-
-@pytest.fixture
 def not_a_session_leader() -> Iterator[int]:
     """The pid of a ``sleep`` whose session leader is a shell of its own (in our PID namespace,
     whatever session the test runner has), so CRIU refuses to dump the sleep on its own."""

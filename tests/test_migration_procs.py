@@ -142,20 +142,11 @@ def test_the_pids_of_an_ended_tree_are_free_once_its_zombie_child_is_reaped() ->
     assert child.wait(timeout=1) == 0  # Popen reads a reaped child as 0
 
 
-def test_a_zombie_another_process_keeps_is_named_with_its_parent() -> None:
+def test_a_zombie_another_process_keeps_is_named_with_its_parent(zombie: tuple[int, int]) -> None:
     """A zombie whose parent does not reap it is reported, with the parent to blame."""
-    parent = subprocess.Popen([sys.executable, "-c", "import os, time\n"
-                               "pid = os.fork()\n"
-                               "if pid == 0: os._exit(0)\n"
-                               "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert parent.stdout is not None
-        zombie = int(parent.stdout.readline())
-        taken = procs.pids_taken([zombie], timeout=0.2)
-        assert taken == [f"pid {zombie} (a zombie until its parent, pid {parent.pid}, reaps it)"]
-    finally:
-        parent.kill()
-        parent.wait()
+    pid, parent = zombie
+    taken = procs.pids_taken([pid], timeout=0.2)
+    assert taken == [f"pid {pid} (a zombie until its parent, pid {parent}, reaps it)"]
 
 
 @needs_root

@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -21,36 +20,14 @@ def _clash(pid: int) -> RestoreError:
     return RestoreError("restore failed", criu_message=f"Can't fork for {pid}: File exists (cr-restore.c:1237)")
 
 
-@pytest.fixture
-def free_pid() -> int:
-    """A PID that nothing holds: a child's, once reaped."""
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return p.pid
-
-
-@pytest.fixture
-def zombie() -> Iterator[tuple[int, int]]:
-    """(zombie, its parent): a child that exited and that its parent does not reap."""
-    parent = subprocess.Popen([sys.executable, "-c", "import os, time\npid = os.fork()\n"
-                               "if pid == 0: os._exit(0)\n"
-                               "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert parent.stdout is not None
-        yield int(parent.stdout.readline()), parent.pid
-    finally:
-        parent.kill()
-        parent.wait()
-
-
 def test_the_pid_is_read_from_criu_s_message() -> None:
     assert pid_clash("Can't fork for 4242: File exists (cr-restore.c:1237)") == 4242
     assert pid_clash("Can't bind inet socket: Address already in use") is None
     assert pid_clash(None) is None
 
 
-def test_a_free_pid_has_no_holder(free_pid: int) -> None:
-    assert holders(free_pid) == []
+def test_a_dead_pid_has_no_holder(dead_pid: int) -> None:
+    assert holders(dead_pid) == []
 
 
 def _until(pid: int, pred: Callable[[list[str]], bool]) -> list[str]:
@@ -79,13 +56,13 @@ def test_a_zombie_is_named_with_its_parent(zombie: tuple[int, int]) -> None:
     assert found[0].startswith(f"pid {pid} is a zombie (") and found[0].endswith(f", state Z, parent {parent})")
 
 
-def test_a_pid_taken_by_nothing_visible_is_tried_again(free_pid: int) -> None:
+def test_a_pid_taken_by_nothing_visible_is_tried_again(dead_pid: int) -> None:
     calls: list[int] = []
 
     def clashing_twice() -> str:
         calls.append(1)
         if len(calls) < 3:
-            raise _clash(free_pid)
+            raise _clash(dead_pid)
         return "restored"
 
     assert retry_pid_clash(clashing_twice, delay=0) == "restored"
@@ -104,7 +81,7 @@ def test_a_pid_a_process_holds_is_not_waited_for() -> None:
     assert len(calls) == 1
 
 
-def test_other_failures_and_the_last_attempt_are_raised(free_pid: int) -> None:
+def test_other_failures_and_the_last_attempt_are_raised(dead_pid: int) -> None:
     calls: list[int] = []
 
     def other_failure() -> str:
@@ -119,7 +96,7 @@ def test_other_failures_and_the_last_attempt_are_raised(free_pid: int) -> None:
 
     def always() -> str:
         calls.append(1)
-        raise _clash(free_pid)
+        raise _clash(dead_pid)
 
     with pytest.raises(RestoreError):
         retry_pid_clash(always, attempts=3, delay=0)
