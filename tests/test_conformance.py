@@ -23,7 +23,8 @@ from conftest import FEATURES, needs_root
 from pycriu.conformance import MODES, Flavor, HostFlavor, NsFlavor, Outcome, ZdtmTest, eligible, load_tests, run_trial
 from pycriu.conformance.__main__ import worse_than_cli
 from pycriu.conformance.flavor import libraries
-from pycriu.conformance.suite import _split  # noqa: PLC2701 - the parser is the unit under test
+from pycriu.conformance.suite import _as_container, _Skip, _split  # noqa: PLC2701 - the parsers are the units under test
+from pycriu.containers import ContainerMount, ContainerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 ZDTM = ROOT / "build" / "zdtm"
@@ -38,9 +39,12 @@ SUBSET = ("env00", "maps00", "pthread00", "pipe00", "fifo", "fifo_ro", "socket_l
           "stopped03")
 
 #: Kinds whose namespaces matter, in new namespaces (zdtm's ns flavor): a pid-ns init with its
-#: zombies and stopped tasks, the network namespace's sockets, IPC, a pty of its own devpts.
+#: zombies and stopped tasks, the network namespace's sockets, IPC, a pty of its own devpts, and a
+#: container's mounts: bind mounts from outside, named (ContainerMount) or detected (auto_ext_mnt,
+#: ext_masters), and a restore in CRIU's older mount engine (mntns_compat_mode).
 NS_SUBSET = ("env00", "pipe00", "fifo", "socket_listen", "sockets00", "file_locks00", "pty00",
-             "zombie00", "stopped", "posix_timers")
+             "zombie00", "stopped", "posix_timers", "mnt_ext_auto", "mnt_ext_master", "mnt_ext_root",
+             "pty-console")
 
 #: Modes this host runs; lazy and page-server-on-source need userfaultfd.
 HOST_MODES = tuple(m for m in MODES if FEATURES is None or FEATURES.lazy_pages
@@ -91,11 +95,35 @@ def test_a_nolazy_test_is_not_run_with_lazy_pages(tmp_path: Path) -> None:
 
 
 def test_options_split_into_pycriu_fields_and_criu_options() -> None:
-    fields, other, rest = _split(["--tcp-established", "--ghost-limit", "8M", "--no-ghost-fiemap",
-                                  "--manage-cgroups=full", "--external", "a", "--external", "b"])
-    assert fields == {"tcp_established": True}
-    assert other == {"ghost-limit": "8M", "no-ghost-fiemap": True, "manage-cgroups": "full", "external": "a"}
-    assert rest == ["--external", "b"]  # criu_options holds one value per option
+    got = _split(["--tcp-established", "--ghost-limit", "8M", "--no-ghost-fiemap", "--manage-cgroups=full",
+                  "--external", "a", "--external", "b", "--timeout", "5", "--timeout", "6"])
+    assert got.fields == {"tcp_established": True}
+    assert got.other == {"ghost-limit": "8M", "no-ghost-fiemap": True, "manage-cgroups": "full", "timeout": "5"}
+    assert got.external == ["a", "b"]  # every --external, as DumpOptions.external takes them
+    assert got.rest == ["--timeout", "6"]  # criu_options holds one value per option
+
+
+def test_a_tests_mounts_become_the_containers() -> None:
+    """zdtm's external mounts, as a runtime gives them: ``mnt[PATH]:KEY`` on dump with
+    ``mnt[KEY]:SOURCE`` on restore is one ContainerMount; ``mnt[]:s`` is auto-detection with
+    shared propagation; what ContainerOptions cannot say is a skip with the reason."""
+    base = ContainerOptions(root="/r", mounts=(ContainerMount("/dev", "/t/dev", key="ZDTM_DEV"),))
+    c = _as_container(base, _split(["--external", "mnt[/x/dst]:ZDTM", "--external", "tty[1:2]"]),
+                      _split(["--external", "mnt[ZDTM]:/tmp/src", "--no-mntns-compat-mode"]))
+    assert c is not None and c.mounts[1] == ContainerMount("/x/dst", "/tmp/src", key="ZDTM")
+    assert c.external == ("tty[1:2]",) and c.mntns_compat_mode is None and c.root == "/r"
+    auto = _as_container(None, _split(["--external", "mnt[]:s"]), _split(["--external", "mnt[]:s"]))
+    assert auto is not None and (auto.auto_ext_mnt, auto.ext_sharing, auto.ext_masters) == (True, True, None)
+    assert auto.dump_fields()["auto_ext_mnt"] and auto.restore_fields()["ext_sharing"]
+    mapped = _as_container(None, _split(["--ext-mount-map", "auto", "--enable-external-masters"]), _split([]))
+    assert mapped is not None and mapped.auto_ext_mnt and mapped.ext_masters
+    compat = _as_container(None, _split([]), _split(["--mntns-compat-mode"]))
+    assert compat is not None and compat.restore_fields()["mntns_compat_mode"] is True
+    assert "mntns_compat_mode" not in compat.dump_fields()  # CRIU refuses it on dump
+    with pytest.raises(_Skip, match=r"has no restore mnt\[K\]:SOURCE"):
+        _as_container(None, _split(["--external", "mnt[/a]:K"]), _split([]))
+    with pytest.raises(_Skip, match="only 'auto'"):
+        _as_container(None, _split(["--ext-mount-map", "/a:/b"]), _split([]))
 
 
 def test_only_a_mode_failing_where_the_cli_passes_counts_against_pycriu() -> None:

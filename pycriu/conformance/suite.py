@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..containers.options import ContainerOptions
+from ..containers.options import ContainerMount, ContainerOptions
 from ..criu import Criu
 from ..errors import CriuError, first_error_line
 from ..migration.procs import pids_taken
@@ -296,22 +296,31 @@ def _make(test: ZdtmTest, target: str, timeout: float, flavor: Flavor) -> subpro
                           env=env, capture_output=True, text=True, timeout=timeout, close_fds=True)
 
 
-def _split(opts: Sequence[str]) -> tuple[dict[str, bool], dict[str, str | int | bool], list[str]]:
-    """CRIU options -> (pycriu boolean fields, other long options for criu_options, unparsed).
-    ``--opt=value`` and ``--opt value`` both give a value; a repeated option is unparsed
-    (criu_options holds one value per option)."""
-    fields: dict[str, bool] = {}
-    other: dict[str, str | int | bool] = {}
-    rest: list[str] = []
+@dataclass
+class _Opts:
+    """A test's CRIU options for one half, sorted for pycriu: ``fields`` are pycriu booleans,
+    ``other`` long options with one value each (``criu_options``), ``external`` every
+    ``--external`` value (a list: tests give several), ``rest`` what fits none of them (a
+    repeated option, a short one)."""
+
+    fields: dict[str, bool] = field(default_factory=dict)
+    other: dict[str, str | int | bool] = field(default_factory=dict)
+    external: list[str] = field(default_factory=list)
+    rest: list[str] = field(default_factory=list)
+
+
+def _split(opts: Sequence[str]) -> _Opts:
+    """CRIU options -> :class:`_Opts`. ``--opt=value`` and ``--opt value`` both give a value."""
+    out = _Opts()
     i = 0
     while i < len(opts):
         o = opts[i]
         i += 1
         if o in BOOL_OPTS:
-            fields[BOOL_OPTS[o]] = True
+            out.fields[BOOL_OPTS[o]] = True
             continue
         if not o.startswith("--"):
-            rest.append(o)
+            out.rest.append(o)
             continue
         key, value = o[2:], True
         if "=" in key:
@@ -319,19 +328,28 @@ def _split(opts: Sequence[str]) -> tuple[dict[str, bool], dict[str, str | int | 
         elif i < len(opts) and not opts[i].startswith("-"):
             value = opts[i]  # type: ignore[assignment]
             i += 1
-        if key in other:
-            rest.extend([o] if value is True or "=" in o else [o, str(value)])
+        if key == "external" and isinstance(value, str):
+            out.external.append(value)
+        elif key in out.other:
+            out.rest.extend([o] if value is True or "=" in o else [o, str(value)])
         else:
-            other[key] = value
-    return fields, other, rest
+            out.other[key] = value
+    return out
 
 
 #: CRIU options with a value that a Migration takes as :class:`~pycriu.containers.ContainerOptions`
-CONTAINER_OPTS = ("manage-cgroups", "cgroup-root", "network-lock")
+CONTAINER_OPTS = ("manage-cgroups", "cgroup-root", "network-lock", "ext-mount-map", "enable-external-sharing",
+                  "enable-external-masters", "mntns-compat-mode", "no-mntns-compat-mode")
 
 
-def _as_container(base: ContainerOptions | None, other: dict[str, str | int | bool]) -> ContainerOptions | None:
-    """``base`` (the flavor's) plus ``--manage-cgroups[=MODE]`` and ``--cgroup-root [CTRL:]PATH``."""
+def _as_container(base: ContainerOptions | None, dump: _Opts, restore: _Opts) -> ContainerOptions | None:
+    """``base`` (the flavor's) plus what the test's options say of the container: cgroups
+    (``--manage-cgroups[=MODE]``, ``--cgroup-root [CTRL:]PATH``), ``--network-lock``, and its
+    mounts: ``--external mnt[PATH]:KEY`` on dump with ``mnt[KEY]:SOURCE`` on restore is one
+    :class:`ContainerMount`, ``mnt[]`` (``:s``, ``:m``) and ``--ext-mount-map auto`` are
+    ``auto_ext_mnt`` (with ``ext_sharing``, ``ext_masters``); other dump externals stay
+    ``external``. A restore external it cannot place raises :class:`_Skip`."""
+    other = {**dump.other, **restore.other}
     extra: dict[str, Any] = {}
     if "manage-cgroups" in other:
         extra["manage_cgroups"] = True
@@ -342,6 +360,42 @@ def _as_container(base: ContainerOptions | None, other: dict[str, str | int | bo
     if "cgroup-root" in other:
         ctrl, _, path = str(other["cgroup-root"]).rpartition(":")
         extra["cgroup_roots"] = (CgroupRoot(path, ctrl or None),)
+    if "ext-mount-map" in other:
+        if other["ext-mount-map"] != "auto":
+            raise _Skip(f"--ext-mount-map {other['ext-mount-map']} (only 'auto' maps to ContainerOptions)")
+        extra["auto_ext_mnt"] = True
+    for opt, name in (("enable-external-sharing", "ext_sharing"), ("enable-external-masters", "ext_masters")):
+        if opt in other:
+            extra[name] = True
+    if "mntns-compat-mode" in other:
+        extra["mntns_compat_mode"] = True
+    sources: dict[str, str] = {}
+    for value in restore.external:
+        if value.startswith("mnt[]"):
+            continue  # the dump's mnt[] below says the same
+        if not value.startswith("mnt[") or "]:" not in value:
+            raise _Skip(f"restore --external {value} (ContainerOptions takes mnt[KEY]:SOURCE on restore)")
+        key, source = value[4:].split("]:", 1)
+        # a relative source is CRIU's after its chdir("/") (mount.c); the agent takes absolute paths
+        sources[key] = os.path.join("/", source)
+    mounts: list[ContainerMount] = []
+    external: list[str] = []
+    for value in dump.external:
+        if value.startswith("mnt[]"):
+            flags = value[6:] if value.startswith("mnt[]:") else ""
+            extra["auto_ext_mnt"] = True
+            extra.update({name: True for c, name in (("s", "ext_sharing"), ("m", "ext_masters")) if c in flags})
+        elif value.startswith("mnt[") and "]:" in value:
+            path, key = value[4:].split("]:", 1)
+            if key not in sources:
+                raise _Skip(f"dump --external {value} has no restore mnt[{key}]:SOURCE")
+            mounts.append(ContainerMount(path, sources[key], key=key))
+        else:
+            external.append(value)
+    if mounts:
+        extra["mounts"] = (*(base.mounts if base else ()), *mounts)
+    if external:
+        extra["external"] = (*(base.external if base else ()), *external)
     if not extra:
         return base
     return replace(base, **extra) if base is not None else ContainerOptions(**extra)
@@ -413,13 +467,16 @@ def _trial_cli(r: _Run) -> str:
 def _trial_criu(r: _Run) -> str:
     """:meth:`pycriu.Criu.dump` then :meth:`pycriu.Criu.restore` with the same options."""
     c = Criu(r.criu_bin)
-    dfields, dother, drest = _split(r.test.opts("dump"))
-    rfields, rother, rrest = _split(r.test.opts("restore"))
-    if drest or rrest:
-        raise _Skip(f"criu_options holds one value per option; {r.test.name} needs " + " ".join(drest + rrest))
+    d, rs = _split(r.test.opts("dump")), _split(r.test.opts("restore"))
+    if d.rest or rs.rest:
+        raise _Skip(f"criu_options holds one value per option; {r.test.name} needs " + " ".join(d.rest + rs.rest))
     container = r.flavor.container()
-    dump_kw: dict[str, Any] = {**(container.dump_fields() if container else {}), **dfields}
-    restore_kw: dict[str, Any] = {**(container.restore_fields() if container else {}), **rfields}
+    dump_kw: dict[str, Any] = {**(container.dump_fields() if container else {}), **d.fields}
+    restore_kw: dict[str, Any] = {**(container.restore_fields() if container else {}), **rs.fields}
+    for kw, opts in ((dump_kw, d), (restore_kw, rs)):
+        if opts.external:
+            kw["external"] = (*kw.get("external", ()), *opts.external)
+    dother, rother = d.other, rs.other
     try:
         c.dump(DumpOptions(pid=r.pid, images_dir=r.images, log_file="dump.log", log_level=4, timeout=10,
                            criu_options=dother or None, **dump_kw))
@@ -444,17 +501,24 @@ def _trial_migration(r: _Run, mode: str) -> str:
     from ..migration.migration import DUMP_ONLY_CRIU_KEYS
     from ..migration.phases import Progress
 
-    fields, other, drest = _split(r.test.opts("dump"))
-    rfields, rother, rrest = _split(r.test.opts("restore"))
-    container = _as_container(r.flavor.container(), {**other, **rother})
+    d, rs = _split(r.test.opts("dump")), _split(r.test.opts("restore"))
+    container = _as_container(r.flavor.container(), d, rs)
     # options of the dump alone go to Migration(dump_options=); CRIU's restore ignores them, so
     # the copies a test's 'opts' gives the restore too are dropped
-    dump_only = {k: v for k, v in other.items() if k in DUMP_ONLY_CRIU_KEYS}
-    left = [k for k in {**other, **rother} if k not in CONTAINER_OPTS and k not in DUMP_ONLY_CRIU_KEYS]
-    left += [o for o in drest + rrest if o.startswith("--")]
+    dump_only = {k: v for k, v in d.other.items() if k in DUMP_ONLY_CRIU_KEYS}
+    left = [k for k in {**d.other, **rs.other} if k not in CONTAINER_OPTS and k not in DUMP_ONLY_CRIU_KEYS]
+    left += [o for o in d.rest + rs.rest if o.startswith("--")]
     if left:
         raise _Skip(f"Migration takes boolean flags, container options and options of the dump alone; "
                     f"{r.test.name} needs " + " ".join(f"--{k}" if not k.startswith("--") else k for k in left))
+    agent = r.flavor.agent_command()
+    if agent is not None and container is not None:
+        # the agent restores a container only under the paths it is told to allow: the test's
+        # own mount sources too, as an operator would allow a container's volumes
+        own = {m.source for m in (r.flavor.container() or ContainerOptions()).mounts}
+        for m in container.mounts:
+            if m.source not in own:
+                agent += ["--container-path", m.source]
     hook_error: list[str] = []
 
     def at_restore(e: Progress) -> None:
@@ -468,8 +532,8 @@ def _trial_migration(r: _Run, mode: str) -> str:
 
     try:
         report = Migration(r.pid, to="local", mode=mode, log_dir=r.images, keep_logs=True,
-                           criu=Criu(r.criu_bin), flags={**fields, **rfields}, progress=at_restore,
-                           container=container, agent_command=r.flavor.agent_command(),
+                           criu=Criu(r.criu_bin), flags={**d.fields, **rs.fields}, progress=at_restore,
+                           container=container, agent_command=agent,
                            dump_options={"criu_options": dump_only} if dump_only else None).run()
     except CriuError as e:
         msg = e.criu_message or str(e)

@@ -113,9 +113,9 @@ class ExternalNamespace:
 
 _BOOLS = ("manage_cgroups", "tcp_established", "tcp_close", "file_locks", "shell_job", "ext_unix_sk",
           "orphan_pts_master", "evasive_devices", "link_remap", "weak_sysctls", "skip_file_rwx_check",
-          "auto_dedup")
+          "auto_dedup", "auto_ext_mnt", "ext_sharing", "ext_masters", "mntns_compat_mode")
 #: the booleans CRIU's dump takes (the rest are restore-only)
-_DUMP_BOOLS = frozenset(_BOOLS) - {"weak_sysctls"}
+_DUMP_BOOLS = frozenset(_BOOLS) - {"weak_sysctls", "mntns_compat_mode"}
 _RESTORE_BOOLS = frozenset(_BOOLS) - {"auto_dedup"}
 
 
@@ -158,6 +158,16 @@ class ContainerOptions:
     weak_sysctls: bool | None = None
     skip_file_rwx_check: bool | None = None
     auto_dedup: bool | None = None
+    #: mounts CRIU finds to be bind mounts from outside the container are external, without a
+    #: key each (``--external mnt[]``; LXC's and zdtm's way); ``ext_sharing`` / ``ext_masters``
+    #: also let such a mount share propagation with, or be a slave of, the outside (``mnt[]:s``,
+    #: ``mnt[]:m``). Both halves need them.
+    auto_ext_mnt: bool | None = None
+    ext_sharing: bool | None = None
+    ext_masters: bool | None = None
+    #: restore the mount namespace with CRIU's older engine (the restore alone; CRIU falls back
+    #: to it by itself where the kernel lacks move_mount's set-group)
+    mntns_compat_mode: bool | None = None
     lsm_profile: str | None = None
     lsm_mount_context: str | None = None
     #: the runtime's CRIU configuration file (runc's ``org.criu.config``)
