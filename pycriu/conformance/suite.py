@@ -338,17 +338,17 @@ def _split(opts: Sequence[str]) -> _Opts:
 
 
 #: CRIU options with a value that a Migration takes as :class:`~pycriu.containers.ContainerOptions`
-CONTAINER_OPTS = ("manage-cgroups", "cgroup-root", "network-lock", "ext-mount-map", "enable-external-sharing",
-                  "enable-external-masters", "mntns-compat-mode", "no-mntns-compat-mode")
+CONTAINER_OPTS = ("manage-cgroups", "cgroup-root", "cgroup-yard", "network-lock", "ext-mount-map",
+                  "enable-external-sharing", "enable-external-masters", "mntns-compat-mode", "no-mntns-compat-mode")
 
 
 def _as_container(base: ContainerOptions | None, dump: _Opts, restore: _Opts) -> ContainerOptions | None:
     """``base`` (the flavor's) plus what the test's options say of the container: cgroups
-    (``--manage-cgroups[=MODE]``, ``--cgroup-root [CTRL:]PATH``), ``--network-lock``, and its
-    mounts: ``--external mnt[PATH]:KEY`` on dump with ``mnt[KEY]:SOURCE`` on restore is one
-    :class:`ContainerMount`, ``mnt[]`` (``:s``, ``:m``) and ``--ext-mount-map auto`` are
-    ``auto_ext_mnt`` (with ``ext_sharing``, ``ext_masters``); other dump externals stay
-    ``external``. A restore external it cannot place raises :class:`_Skip`."""
+    (``--manage-cgroups[=MODE]``, ``--cgroup-root [CTRL:]PATH``, ``--cgroup-yard``),
+    ``--network-lock``, and its mounts: ``--external mnt[PATH]:KEY`` on dump with
+    ``mnt[KEY]:SOURCE`` on restore is one :class:`ContainerMount`, ``mnt[]`` (``:s``, ``:m``) and
+    ``--ext-mount-map auto`` are ``auto_ext_mnt`` (with ``ext_sharing``, ``ext_masters``); other
+    dump externals stay ``external``. A restore external it cannot place raises :class:`_Skip`."""
     other = {**dump.other, **restore.other}
     extra: dict[str, Any] = {}
     if "manage-cgroups" in other:
@@ -360,6 +360,8 @@ def _as_container(base: ContainerOptions | None, dump: _Opts, restore: _Opts) ->
     if "cgroup-root" in other:
         ctrl, _, path = str(other["cgroup-root"]).rpartition(":")
         extra["cgroup_roots"] = (CgroupRoot(path, ctrl or None),)
+    if "cgroup-yard" in other:
+        extra["cgroup_yard"] = str(other["cgroup-yard"])
     if "ext-mount-map" in other:
         if other["ext-mount-map"] != "auto":
             raise _Skip(f"--ext-mount-map {other['ext-mount-map']} (only 'auto' maps to ContainerOptions)")
