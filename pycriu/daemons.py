@@ -121,7 +121,7 @@ class _NativeDaemon:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self._error(f"{self._command} did not become ready within {self.timeout:.0f} s",
+                raise self._error(f"{self._command} did not become ready within {self.timeout:g} s",
                                   operation=self._command, log_path=self.log_path,
                                   criu_message=first_error_line(self.log_path))
             ready, _, _ = select.select([rfd], [], [], left)
