@@ -283,7 +283,12 @@ class _CriuOptions:
     external: Sequence[str] | None = _opt("strs", setter="add_external")
     enable_fs: Sequence[str] | None = _opt("strs", setter="add_enable_fs")
     skip_mnt: Sequence[PathArg] | None = _opt("paths", setter="add_skip_mnt")
-    unix_sk_inodes: Sequence[int] | None = _opt("ints", setter="add_unix_sk")
+    unix_sk_inodes: Sequence[int] | None = _opt(
+        "ints", setter="add_unix_sk",
+        doc="inodes of sockets connected outside the tree that may be dumped. libcriu's "
+            "``criu_local_add_unix_sk`` also turns ``ext_unix_sk`` on (as ``criu --ext-unix-sk=INO`` "
+            "does), so every such socket may then be dumped, not only these; ``external=['unix[INODE]']`` "
+            "names exactly the ones given. Refused with ``ext_unix_sk=False``, which libcriu rejects")
     irmap_paths: Sequence[PathArg] | None = _opt("paths", setter="add_irmap_path")
     ghost_limit: int | None = _opt("uint", setter="set_ghost_limit")
     weak_sysctls: bool | None = _opt("bool", setter="set_weak_sysctls")
@@ -341,6 +346,12 @@ class _CriuOptions:
                 if value is not True and (isinstance(value, bool) or not isinstance(value, (str, int))):
                     raise _bad(f"criu_options[{key!r}]", value, "True (a flag), a string or an integer")
                 check_config_entry(key, None if value is True else str(value))
+        if self.unix_sk_inodes and self.ext_unix_sk is False:
+            raise InvalidOptionError(
+                "unix_sk_inodes and ext_unix_sk=False contradict each other: libcriu's "
+                "criu_local_add_unix_sk turns ext_unix_sk on (and refuses the request when it was "
+                "set off); to let only the sockets of these inodes be dumped, pass "
+                "external=['unix[INODE]', ...] instead of unix_sk_inodes")
         if self.config_file is not None:
             object.__setattr__(self, "config_file", _as_path("config_file", self.config_file))
             read_config_file(self.config_file)  # refused now, by file and line, not at the operation

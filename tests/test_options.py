@@ -212,6 +212,22 @@ def test_restore_specific_checks() -> None:
     assert R(images_dir="/d", empty_ns=Namespace.NET).setter_calls() == [("set_empty_ns", (int(Namespace.NET),))]
 
 
+def test_unix_sk_inodes_with_ext_unix_sk_false_is_refused_naming_both() -> None:
+    """libcriu's criu_local_add_unix_sk turns ext_unix_sk on, and fails when it was set off: the
+    combination is refused when the options are built, pointing to external=["unix[INODE]"]."""
+    with pytest.raises(pycriu.InvalidOptionError) as info:
+        D(pid=1, images_dir="/d", ext_unix_sk=False, unix_sk_inodes=[7])
+    assert "unix_sk_inodes and ext_unix_sk=False" in str(info.value) and "external=['unix[INODE]'" in str(info.value)
+    with _raw.RawOpts() as raw:  # what libcriu does with the calls this would have made
+        raw.apply("set_ext_unix_sk", False)
+        with pytest.raises(pycriu.CriuError):
+            raw.apply("add_unix_sk", 7)
+    for fine in ({"ext_unix_sk": True}, {}):
+        assert ("add_unix_sk", (7,)) in D(pid=1, images_dir="/d", unix_sk_inodes=[7], **fine).setter_calls()
+    assert D(pid=1, images_dir="/d", ext_unix_sk=False, unix_sk_inodes=[]).setter_calls() == [
+        ("set_ext_unix_sk", (False,)), ("set_pid", (1,))]
+
+
 def test_daemon_options() -> None:
     ps = pycriu.PageServerOptions(images_dir=Path("/d"), log_level="warn")
     assert ps.images_dir == "/d" and ps.port == 0 and ps.log_level is LogLevel.WARN
