@@ -185,6 +185,11 @@ def _as_path(name: str, value: Any) -> str:
     return text
 
 
+def _check_pidfd_store_sk(value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise _bad("pidfd_store_sk", value, "the fd (int >= 0) of an AF_UNIX SOCK_DGRAM socket")
+
+
 # --- Field specification --------------------------------------------------------------------------
 
 
@@ -374,7 +379,8 @@ class _CriuOptions:
         return Path(self.work_dir or self.images_dir) / self.log_name
 
     def passed_fds(self) -> tuple[int, ...]:
-        """This process's fds that CRIU's worker must hold too (none but a restore's)."""
+        """This process's fds that the options name, by number (checked open before the operation,
+        and held by CRIU's worker too): a dump's pidfd store, a restore's inherited fds."""
         return ()
 
     def setter_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
@@ -453,6 +459,11 @@ class DumpOptions(_CriuOptions):
         "special", doc="with lazy_pages: the port the frozen source serves its pages on "
         "(CRIU refuses 0, and nothing would tell the destination an auto-bound port)")
     lazy_address: str | None = _opt("special", doc="with lazy_pages: the address to serve pages on")
+    pidfd_store_sk: int | None = _opt(
+        "special", doc="the fd of an ``AF_UNIX`` ``SOCK_DGRAM`` socket of this process, unbound at first, "
+        "that CRIU makes its pidfd store: each pre-dump leaves there a pidfd of every task, and the "
+        "next pre-dump or dump on top of it, given the same socket, tells a reused PID by them "
+        "(instead of by start times)")
 
     _operation: ClassVar[str] = "dump"
 
@@ -475,11 +486,18 @@ class DumpOptions(_CriuOptions):
             raise InvalidOptionError(
                 "lazy_pages serves pages from the frozen source; it cannot also send them to a "
                 "page server (drop page_server, or use lazy_port to choose the serving port)")
+        _check_pidfd_store_sk(self.pidfd_store_sk)
+
+    def passed_fds(self) -> tuple[int, ...]:
+        """The pidfd store socket, if given (CRIU takes it from this process with pidfd_getfd)."""
+        return () if self.pidfd_store_sk is None else (self.pidfd_store_sk,)
 
     def _extra_setter_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
         calls: list[tuple[str, tuple[Any, ...]]] = [("set_pid", (self.pid,))]
         if self.page_server is not None:
             calls.append(("set_page_server_address_port", (self.page_server.address, self.page_server.port)))
+        if self.pidfd_store_sk is not None:
+            calls.append(("set_pidfd_store_sk", (self.pidfd_store_sk,)))
         return calls
 
     def _extra_config_entries(self) -> list[tuple[str, str | None]]:
@@ -515,7 +533,8 @@ class RestoreOptions(_CriuOptions):
     cgroup_roots: Sequence[CgroupRoot] | None = _opt("special")
     join_ns: Sequence[JoinNamespace] | None = _opt("special")
     empty_ns: Namespace | int | None = _opt("special", doc="namespaces to restore empty (only Namespace.NET)")
-    pidfd_store_sk: int | None = _opt("special")
+    # CRIU only checks the socket on restore and never uses it: refused, naming the dump's field
+    pidfd_store_sk: None = _opt("special", doc="refused: the pidfd store belongs to DumpOptions and PreDumpOptions")
 
     _operation: ClassVar[str] = "restore"
 
@@ -541,16 +560,15 @@ class RestoreOptions(_CriuOptions):
             object.__setattr__(self, "empty_ns", Namespace(self.empty_ns))
         if self.restore_sibling is not None and not isinstance(self.restore_sibling, bool):
             raise _bad("restore_sibling", self.restore_sibling, "True, False or None")
-        if self.pidfd_store_sk is not None and (not isinstance(self.pidfd_store_sk, int) or self.pidfd_store_sk < 0):
-            raise _bad("pidfd_store_sk", self.pidfd_store_sk, "an open socket fd")
+        if self.pidfd_store_sk is not None:
+            raise InvalidOptionError(
+                "pidfd_store_sk is an option of DumpOptions and PreDumpOptions, not of RestoreOptions: "
+                "CRIU keeps a pidfd of every task there between the iterations of a dump, to detect "
+                "reused PIDs; a restore only checks the socket and never uses it")
 
     def passed_fds(self) -> tuple[int, ...]:
-        """This process's fds that CRIU's worker must hold too (the same numbers): the inherited
-        fds and the pidfd store socket."""
-        fds = [ifd.fd for ifd in self.inherit_fds or ()]
-        if self.pidfd_store_sk is not None:
-            fds.append(self.pidfd_store_sk)
-        return tuple(dict.fromkeys(fds))
+        """This process's fds that CRIU's worker must hold too (the same numbers): the inherited fds."""
+        return tuple(dict.fromkeys(ifd.fd for ifd in self.inherit_fds or ()))
 
     def _extra_setter_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
         calls: list[tuple[str, tuple[Any, ...]]] = []
@@ -564,8 +582,6 @@ class RestoreOptions(_CriuOptions):
             calls.append(("join_ns_add", (ns.ns, ns.ns_file, ns.extra)))
         if self.empty_ns is not None:
             calls.append(("set_empty_ns", (int(self.empty_ns),)))
-        if self.pidfd_store_sk is not None:
-            calls.append(("set_pidfd_store_sk", (self.pidfd_store_sk,)))
         if self.exec_cmd is not None:
             calls.append(("set_exec_cmd", (list(self.exec_cmd),)))
         return calls

@@ -201,6 +201,27 @@ def test_external_and_unix_sk_inodes_name_the_socket_to_the_outside_that_may_be_
         assert exception not in dump("unix_sk_inodes-other", unix_sk_inodes=[inode + 1000000])
 
 
+def test_pidfd_store_sk_is_the_socket_criu_keeps_its_pidfds_in_and_tells_pid_reuse_by(
+        criu: pycriu.Criu, workload: Callable[..., Workload], tmp_path: Path) -> None:
+    """CRIU takes the socket from this process by its number and makes it its pidfd store: it
+    binds the socket to a name of its own. A dump on top of a parent then tells a reused PID by
+    the pidfds in the store, which only a pre-dump leaves there (the pre-dump half is in
+    test_option_effects_predump.py): given this store, which the dump left empty, CRIU refuses
+    the dump for having none; without a store it reads the parent's inventory instead."""
+    w = workload(mib=4)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as store:
+        criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=_images(tmp_path, "parent"), leave_running=True,
+                                     pidfd_store_sk=store.fileno()))
+        name = store.getsockname()
+        assert isinstance(name, bytes) and name.startswith(
+            f"\0/criu-pidfd-store-{os.getpid()}-{store.fileno()}-".encode()), name
+        _dump_refused(criu, w.pid, _images(tmp_path, "store"), "No pidfds found in pidfd store",
+                      parent_images="../parent", pidfd_store_sk=store.fileno())
+    # a dump's inventory records no start times to compare with
+    _dump_refused(criu, w.pid, _images(tmp_path, "no-store"), "Pid-reuse detection failed: no parent inventory",
+                  parent_images="../parent")
+
+
 def test_link_remap_dumps_a_file_open_by_a_name_it_no_longer_has(
         criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
     """The file the tree opened as ``a`` is now only ``b``: CRIU needs to link it back to dump it."""

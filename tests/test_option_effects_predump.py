@@ -1,12 +1,17 @@
 """Options of pre-dumps and of the dumps built on them, shown by the effect: the way CRIU read
-the memory, recorded in the pre-dump's inventory, and the parent's copies of pages that a dump
-writes again, punched out of the parent with auto_dedup. These need the kernel's dirty-memory
+the memory, recorded in the pre-dump's inventory; the parent's copies of pages that a dump
+writes again, punched out of the parent with auto_dedup; the pidfds a pre-dump leaves in its
+pidfd store for the next iteration. These need the kernel's dirty-memory
 tracking (soft-dirty): where it is missing they skip, and ``make test-vm
 VM_TESTS=tests/test_option_effects_predump.py`` runs them on Debian 12's own kernel.
 docs/options.rst lists every option with the test that proves it."""
 
 from __future__ import annotations
 
+import array
+import os
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,3 +79,42 @@ def test_auto_dedup_punches_the_parent_s_copies_of_the_pages_a_dump_writes_again
     w.wait_beats(3)
     got, want = w.check_memory()
     assert got == want, "the restored memory is not what the workload had written"
+
+
+def _peek_pidfd(store: socket.socket) -> tuple[int, int]:
+    """The first datagram in the pidfd store, left there: the pid it names and a copy of its
+    pidfd. (``socket.recv_fds`` of Python 3.11 drops its flags, MSG_PEEK with them.)"""
+    data, ancdata, _, _ = store.recvmsg(16, socket.CMSG_SPACE(array.array("i").itemsize), socket.MSG_PEEK)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    assert len(fds) == 1, f"the store's datagram carries {len(fds)} fds"
+    return int.from_bytes(data, sys.byteorder), fds[0]
+
+
+def test_pidfd_store_sk_keeps_a_pidfd_of_each_pre_dumped_task_for_the_next_iteration(
+        criu: pycriu.Criu, workload: WorkloadFactory, tmp_path: Path) -> None:
+    """A pre-dump given the store leaves there a pidfd of the tree's task; a dump on top of it
+    needs that same store (CRIU refuses another, empty one) and takes the pidfds out of it."""
+    w = workload(mib=4)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as store, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other:
+        criu.pre_dump(pycriu.PreDumpOptions(pid=w.pid, images_dir=_images(tmp_path, "pre"), track_mem=True,
+                                            pidfd_store_sk=store.fileno()))
+        store.setblocking(False)
+        pid, pidfd = _peek_pidfd(store)
+        try:
+            assert pid == w.pid
+            assert f"Pid:\t{w.pid}\n" in Path(f"/proc/self/fdinfo/{pidfd}").read_text(), "not a pidfd of the task"
+        finally:
+            os.close(pidfd)
+        with pytest.raises(pycriu.DumpError) as info:
+            criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=_images(tmp_path, "other"), track_mem=True,
+                                         parent_images="../pre", leave_running=True, pidfd_store_sk=other.fileno()))
+        assert "No pidfds found in pidfd store" in (info.value.criu_message or ""), info.value.criu_message
+        criu.dump(pycriu.DumpOptions(pid=w.pid, images_dir=_images(tmp_path, "dump"), track_mem=True,
+                                     parent_images="../pre", leave_running=True, pidfd_store_sk=store.fileno()))
+        with pytest.raises(BlockingIOError):
+            store.recv(16)  # CRIU took the pidfds out
+    assert w.alive()

@@ -81,13 +81,13 @@ def test_every_setter_exists_in_libcriu_and_accepts_a_valid_value() -> None:
     samples: dict[str, Any] = {"bool": True, "uint": 5, "int": 5, "str": "x", "path": "/tmp",
                                "strs": ["a"], "paths": ["/a"], "ints": [1]}
     specials: dict[type, dict[str, Any]] = {
-        D: {"pid": 1, "page_server": pycriu.PageServerAddress("127.0.0.1", 27000)},
+        D: {"pid": 1, "page_server": pycriu.PageServerAddress("127.0.0.1", 27000), "pidfd_store_sk": 0},
         R: {"inherit_fds": [pycriu.InheritFd(0, "pipe:[1]")], "veth_pairs": [pycriu.VethPair("eth0", "veth0")],
             # Optional strings left None reach libcriu as NULL ("all controllers", "no extra").
             "cgroup_roots": [pycriu.CgroupRoot("/x", "cpu"), pycriu.CgroupRoot("/y")],
             "join_ns": [pycriu.JoinNamespace("net", "/proc/1/ns/net"),
                         pycriu.JoinNamespace("uts", "/proc/1/ns/uts", "extra")],
-            "empty_ns": Namespace.NET, "pidfd_store_sk": 0, "exec_cmd": ["/bin/true", "arg"],
+            "empty_ns": Namespace.NET, "exec_cmd": ["/bin/true", "arg"],
             "ext_mounts": [pycriu.ExternalMount("/mnt", "ext")]},
     }
     for cls in (D, R):
@@ -210,6 +210,22 @@ def test_restore_specific_checks() -> None:
     with pytest.raises(pycriu.InvalidOptionError, match="restore_sibling"):
         R(images_dir="/d", restore_sibling=1)  # type: ignore[arg-type]
     assert R(images_dir="/d", empty_ns=Namespace.NET).setter_calls() == [("set_empty_ns", (int(Namespace.NET),))]
+
+
+def test_pidfd_store_sk_is_sent_on_dump_and_pre_dump_and_refused_on_restore() -> None:
+    """CRIU keeps the pidfds of a dump's iterations in the store (criu/pidfd-store.c); a restore
+    only checks the socket and never uses it, so RestoreOptions refuses it, naming where it goes."""
+    for cls in (D, pycriu.PreDumpOptions):
+        opts = cls(pid=1, images_dir="/d", pidfd_store_sk=7)
+        assert ("set_pidfd_store_sk", (7,)) in opts.setter_calls()
+        assert opts.passed_fds() == (7,)  # checked open before the operation
+    assert D(pid=1, images_dir="/d").passed_fds() == ()
+    for bad in (-1, True, "7", 7.0):
+        with pytest.raises(pycriu.InvalidOptionError, match="pidfd_store_sk"):
+            D(pid=1, images_dir="/d", pidfd_store_sk=bad)  # type: ignore[arg-type]
+    with pytest.raises(pycriu.InvalidOptionError, match="pidfd_store_sk is an option of DumpOptions and "
+                                                          "PreDumpOptions, not of RestoreOptions"):
+        R(images_dir="/d", pidfd_store_sk=7)  # type: ignore[arg-type]
 
 
 def test_unix_sk_inodes_with_ext_unix_sk_false_is_refused_naming_both() -> None:
