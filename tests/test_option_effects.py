@@ -488,6 +488,32 @@ def test_empty_ns_restores_the_network_namespace_without_its_contents(
     assert "10.1.2.3" not in _in_ns(restored.pid, "-n", "ip", "-o", "addr")
 
 
+def test_weak_sysctls_restores_a_tree_whose_images_set_sysctls_this_kernel_lacks(
+        criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
+    """The tree's network namespace has a bridge of MTU 1000, which the kernel gives no IPv6: none
+    of its ``net/ipv6/conf/pyc0/*`` sysctls exist. The images are edited to hold values for them,
+    as a dump made where the bridge had IPv6 would: CRIU refuses to restore sysctls it cannot
+    write unless weak_sysctls lets it skip those the restoring kernel lacks."""
+    p = program("import subprocess\nsubprocess.run(['ip', 'link', 'add', 'name', 'pyc0', 'mtu', '1000', 'type', "
+                "'bridge'], check=True)", unshare=["--net"])
+    images = _images(tmp_path, "images")
+    criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
+    wait_gone(p.pid)
+    [netdev_img] = images.glob("netdev-*.img")
+    [netns_img] = images.glob("netns-*.img")
+    netdev = pycriu.images.loads(netdev_img.read_bytes())
+    bridge = next(e for e in netdev["entries"] if e["name"] == "pyc0")
+    assert not any("iarg" in c for c in bridge["conf6"]), "the bridge had IPv6 sysctls when it was dumped"
+    bridge["conf6"] = pycriu.images.loads(netns_img.read_bytes())["entries"][0]["def_conf6"]  # a new device's
+    netdev_img.write_bytes(pycriu.images.dumps(netdev))
+    with pytest.raises(pycriu.RestoreError) as info:
+        criu.restore(pycriu.RestoreOptions(images_dir=images))
+    assert "Can't open sysctl net/ipv6/conf/pyc0/" in (info.value.criu_message or ""), info.value.criu_message
+    restored = _restore(criu, p, images, weak_sysctls=True, log_level=pycriu.LogLevel.INFO)
+    assert " pyc0: " in _in_ns(restored.pid, "-n", "ip", "-o", "link")
+    assert "Will skip non-existent sysctls on restore" in (images / "restore.log").read_text()
+
+
 def test_veth_pairs_names_the_outside_end_of_a_restored_veth(
         criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
     """The tree's network namespace holds one end of a veth pair whose other end was on the host:
