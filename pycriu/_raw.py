@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _threads, errors
+from . import _pids, _threads, errors
 from ._libcriu import ffi, lib
 
 NotifyHandler = Callable[[str, int], "bool | None"]
@@ -109,7 +109,7 @@ def check(rc: int, operation: str, *, log_path: str | None = None, err: int | No
         cls = errors.CriuPermissionError
     elif cr_errno == _errno.ESRCH or "No such process" in message:
         cls = errors.NoSuchProcessError
-    elif "Can't fork for" in message and "File exists" in message:
+    elif _pids.pid_clash(message) is not None:
         cls = errors.PidInUseError
     elif "Tracking memory is not available" in message or "Dirty tracking is OFF" in message:
         cls = errors.KernelUnsupportedError

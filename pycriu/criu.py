@@ -485,7 +485,7 @@ class Criu:
             pid = attempt() if opts.lazy_pages else _pids.retry_pid_clash(attempt)
         except PidInUseError as exc:
             clash = _pids.pid_clash(exc.criu_message)
-            held = _pids.holders(clash) if clash is not None else []
+            held = _pids.holders(clash) if clash else []  # 0: a thread's id, not named
             if held:
                 exc.hint = f"{'; '.join(held)}. {exc.hint}" if exc.hint else "; ".join(held)
             elif attempts > 1:

@@ -136,9 +136,10 @@ class RestoreError(CriuError):
 
 
 class PidInUseError(RestoreError):
-    """Restore needs a pid that is taken ("Can't fork for N: File exists"). The hint names
-    what holds it when ``/proc`` shows that (the dumped tree still running, a zombie nobody
-    reaped, a process group or session of that number)."""
+    """Restore needs a pid that is taken ("Can't fork for N: File exists", or a thread's:
+    "Unable to create a thread: -17"). The hint names what holds it when ``/proc`` shows that
+    (the dumped tree still running, a zombie nobody reaped, a process group or session of that
+    number)."""
 
 
 class PageServerError(CriuError):
@@ -206,6 +207,8 @@ INSTALL_CRIU = ("install CRIU >= 4.2 (your distribution's criu package where it 
 
 _HINTS: list[tuple[str, str]] = [
     ("Can't fork for", "a restored pid is in use: restore into a fresh PID namespace "
+     "(run the workload under `unshare --pid --fork`), or wait until the dumped tree is reaped"),
+    ("Unable to create a thread: -17", "a restored thread's id is in use: restore into a fresh PID namespace "
      "(run the workload under `unshare --pid --fork`), or wait until the dumped tree is reaped"),
     ("Tracking memory is not available", "the kernel has no soft-dirty tracking "
      "(CONFIG_MEM_SOFT_DIRTY); use a flow without pre-dump"),
