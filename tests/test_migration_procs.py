@@ -161,3 +161,25 @@ def test_pids_freed_for_a_restore_are_not_the_next_ones_handed_out() -> None:
     nxt = subprocess.Popen(["true"])
     nxt.wait()
     assert nxt.pid != gone.pid
+
+
+def test_a_trees_ids_are_its_processes_and_their_threads() -> None:
+    """What a restore takes back: every process's PID and every thread's TID (the AIO threads of
+    zdtm's socket_aio were restored after the agent's own threads had taken their TIDs)."""
+    code = ("import os, subprocess, sys, threading, time\n"
+            "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print(child.pid, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout is not None
+        child = int(p.stdout.readline())
+        threads = {int(t) for t in os.listdir(f"/proc/{p.pid}/task")} - {p.pid}
+        assert len(threads) == 3
+        ids = procs.tree_ids(p.pid)
+        assert ids[0] == p.pid and set(ids) == {p.pid, child, *threads}
+        assert procs.descendants(p.pid) == [p.pid, child]  # processes only
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the child too
+        p.wait()
+        p.stdout.close()

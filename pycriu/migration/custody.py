@@ -155,7 +155,7 @@ class ProcTree:
     def frozen(self) -> None:
         # Only a tree in this PID namespace is restored under its own PIDs: a tree with a PID
         # namespace of its own gets a new one, whatever its old init's zombie keeps.
-        self._pids = procs.descendants(self.pid) if procs.shares_pid_namespace(self.pid) else []
+        self._pids = procs.tree_ids(self.pid) if procs.shares_pid_namespace(self.pid) else []
 
     def release(self) -> None:
         taken = procs.pids_taken(self._pids)

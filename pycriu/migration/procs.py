@@ -110,6 +110,21 @@ def descendants(pid: int) -> list[int]:
     return pids
 
 
+def tree_ids(pid: int) -> list[int]:
+    """Every id a restore of ``pid``'s tree takes back: each process's PID (:func:`descendants`)
+    and each of its threads' TIDs. A thread's TID is a PID like any other: left out of
+    :func:`hold_back_pids`, the next thread or process started on the host (the agent's, CRIU's
+    helpers) took one the restore needed ("Unable to create a thread: -17", zdtm's socket_aio)."""
+    ids: list[int] = []
+    for p in descendants(pid):
+        ids.append(p)
+        try:
+            ids.extend(t for t in map(int, os.listdir(f"/proc/{p}/task")) if t != p)
+        except OSError:
+            continue
+    return ids
+
+
 TCP_LISTEN = 10
 
 
