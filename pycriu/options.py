@@ -129,7 +129,10 @@ class VethPair:
 
 @dataclass(frozen=True)
 class CgroupRoot:
-    """Restore cgroups of ``controller`` (or all when ``None``) under ``path`` (``--cgroup-root``)."""
+    """``--cgroup-root [CONTROLLER:]PATH`` (``controller`` ``None``: every controller). On
+    restore: put the tree's cgroups of that controller under ``path``. On dump (with
+    ``manage_cgroups``): take ``path`` as the root of the tree's cgroups, so that the empty
+    cgroups below it are dumped too, not only those holding a task."""
 
     path: PathArg
     controller: str | None = None
@@ -188,6 +191,15 @@ def _as_path(name: str, value: Any) -> str:
 def _check_pidfd_store_sk(value: Any) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise _bad("pidfd_store_sk", value, "the fd (int >= 0) of an AF_UNIX SOCK_DGRAM socket")
+
+
+def _check_items(name: str, value: Any, cls: type) -> tuple[Any, ...] | None:
+    """A list field of ``cls`` items, as a tuple (``None`` stays unset)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(isinstance(v, cls) for v in value):
+        raise _bad(name, value, f"a list of {cls.__name__}")
+    return tuple(value)
 
 
 # --- Field specification --------------------------------------------------------------------------
@@ -459,6 +471,8 @@ class DumpOptions(_CriuOptions):
         "special", doc="with lazy_pages: the port the frozen source serves its pages on "
         "(CRIU refuses 0, and nothing would tell the destination an auto-bound port)")
     lazy_address: str | None = _opt("special", doc="with lazy_pages: the address to serve pages on")
+    cgroup_roots: Sequence[CgroupRoot] | None = _opt(
+        "special", doc="with manage_cgroups: the roots of the tree's cgroups, whose empty cgroups are dumped too")
     pidfd_store_sk: int | None = _opt(
         "special", doc="the fd of an ``AF_UNIX`` ``SOCK_DGRAM`` socket of this process, unbound at first, "
         "that CRIU makes its pidfd store: each pre-dump leaves there a pidfd of every task, and the "
@@ -487,6 +501,7 @@ class DumpOptions(_CriuOptions):
                 "lazy_pages serves pages from the frozen source; it cannot also send them to a "
                 "page server (drop page_server, or use lazy_port to choose the serving port)")
         _check_pidfd_store_sk(self.pidfd_store_sk)
+        object.__setattr__(self, "cgroup_roots", _check_items("cgroup_roots", self.cgroup_roots, CgroupRoot))
 
     def passed_fds(self) -> tuple[int, ...]:
         """The pidfd store socket, if given (CRIU takes it from this process with pidfd_getfd)."""
@@ -498,6 +513,7 @@ class DumpOptions(_CriuOptions):
             calls.append(("set_page_server_address_port", (self.page_server.address, self.page_server.port)))
         if self.pidfd_store_sk is not None:
             calls.append(("set_pidfd_store_sk", (self.pidfd_store_sk,)))
+        calls.extend(("add_cg_root", (cg.controller, cg.path)) for cg in self.cgroup_roots or ())
         return calls
 
     def _extra_config_entries(self) -> list[tuple[str, str | None]]:
@@ -542,14 +558,7 @@ class RestoreOptions(_CriuOptions):
         super().__post_init__()
         for name, cls in (("inherit_fds", InheritFd), ("veth_pairs", VethPair),
                           ("cgroup_roots", CgroupRoot), ("join_ns", JoinNamespace)):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
-                isinstance(v, cls) for v in value
-            ):
-                raise _bad(name, value, f"a list of {cls.__name__}")
-            object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, _check_items(name, getattr(self, name), cls))
         if self.exec_cmd is not None:
             object.__setattr__(self, "exec_cmd", _validate_value("exec_cmd", _Via("paths"), self.exec_cmd))
             if not self.exec_cmd:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import FEATURES, needs_root
 
+from pycriu import CgroupRoot
 from pycriu.conformance import MODES, Flavor, HostFlavor, NsFlavor, Outcome, ZdtmTest, eligible, load_tests, run_trial
 from pycriu.conformance.__main__ import worse_than_cli
 from pycriu.conformance.flavor import libraries
@@ -101,6 +102,8 @@ def test_options_split_into_pycriu_fields_and_criu_options() -> None:
     assert got.other == {"ghost-limit": "8M", "no-ghost-fiemap": True, "manage-cgroups": "full", "timeout": "5"}
     assert got.external == ["a", "b"]  # every --external, as DumpOptions.external takes them
     assert got.rest == ["--timeout", "6"]  # criu_options holds one value per option
+    roots = _split(["--cgroup-root", "/newroot", "--cgroup-root", "name=zdtmtst:/prefix"]).cgroup_roots
+    assert roots == [CgroupRoot("/newroot"), CgroupRoot("/prefix", "name=zdtmtst")]
 
 
 def test_a_tests_mounts_become_the_containers() -> None:
@@ -120,6 +123,11 @@ def test_a_tests_mounts_become_the_containers() -> None:
     compat = _as_container(None, _split([]), _split(["--mntns-compat-mode"]))
     assert compat is not None and compat.restore_fields()["mntns_compat_mode"] is True
     assert "mntns_compat_mode" not in compat.dump_fields()  # CRIU refuses it on dump
+    cg = _as_container(None, _split(["--manage-cgroups", "--cgroup-root", "name=z:/p"]),
+                       _split(["--cgroup-root", "/new", "--cgroup-root", "name=z:/p"]))
+    assert cg is not None and cg.manage_cgroups and cg.dump_cgroup_roots == (CgroupRoot("/p", "name=z"),)
+    assert cg.cgroup_roots == (CgroupRoot("/new"), CgroupRoot("/p", "name=z"))
+    assert cg.dump_fields()["cgroup_roots"] == cg.dump_cgroup_roots  # DumpOptions.cgroup_roots
     with pytest.raises(_Skip, match=r"has no restore mnt\[K\]:SOURCE"):
         _as_container(None, _split(["--external", "mnt[/a]:K"]), _split([]))
     with pytest.raises(_Skip, match="only 'auto'"):

@@ -200,3 +200,50 @@ def test_freeze_cgroup_freezes_the_tree_through_its_freezer(frozen_log: Callable
 def test_timeout_bounds_the_attempts_to_freeze(frozen_log: Callable[..., str]) -> None:
     assert "freezing cgroup freezer_of_the_tree: 30 x 100ms attempts, timeout: 3s" in frozen_log(
         "timeout", freeze_cgroup="freezer_of_the_tree", timeout=3)
+
+
+def _dirs(images: Path, controller: str) -> set[str]:
+    """Every cgroup directory of ``controller`` the images hold, as paths below the tree's root."""
+    entry = pycriu.images.loads((images / "cgroup.img").read_bytes())["entries"][0]
+    found: set[str] = set()
+
+    def walk(dirs: list[dict[str, object]], prefix: str) -> None:
+        for d in dirs:
+            name = f"{prefix}/{d['dir_name']}".replace("//", "/")
+            found.add(name)
+            walk(d.get("children", []), name)  # type: ignore[arg-type]
+
+    for c in entry["controllers"]:
+        if controller in c.get("cnames", []):
+            walk(c.get("dirs", []), "")
+    return found
+
+
+def test_cgroup_roots_on_dump_take_the_empty_cgroups_below_the_root_too(
+        criu: pycriu.Criu, cgroup: Callable[[Path], Path], tmp_path: Path) -> None:
+    """The tree's task lives in ``ROOT/leaf``; ``ROOT/empty`` holds no task. CRIU dumps the
+    cgroups that hold the tree's tasks; given ``ROOT`` as the dump's cgroup root (zdtm's
+    cgroup02), it walks it and dumps the empty one too, so the restore recreates it."""
+    root = cgroup(PIDS)
+    (root / "leaf").mkdir()
+    (root / "empty").mkdir()
+    p = Program("import time, pathlib\n"
+                f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\ntime.sleep(3600)\n", tmp_path / "ready")
+    (root / "leaf" / "cgroup.procs").write_text(str(p.pid))
+    try:
+        rel = "/" + str(root.relative_to(PIDS))
+
+        def dump(name: str, **given: object) -> set[str]:
+            images = _images(tmp_path, name)
+            criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images, leave_running=True, manage_cgroups=True,
+                                         **given))  # type: ignore[arg-type]
+            return _dirs(images, "pids")
+
+        without = dump("without")
+        assert any(d.endswith("/leaf") for d in without) and not any(d.endswith("/empty") for d in without)
+        with_root = dump("with", cgroup_roots=[pycriu.CgroupRoot(rel, "pids")])
+        assert any(d.endswith("/empty") for d in with_root), with_root
+    finally:
+        p.close()
+        for sub in ("leaf", "empty"):
+            _remove(root / sub)

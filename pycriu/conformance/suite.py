@@ -300,12 +300,13 @@ def _make(test: ZdtmTest, target: str, timeout: float, flavor: Flavor) -> subpro
 class _Opts:
     """A test's CRIU options for one half, sorted for pycriu: ``fields`` are pycriu booleans,
     ``other`` long options with one value each (``criu_options``), ``external`` every
-    ``--external`` value (a list: tests give several), ``rest`` what fits none of them (a
-    repeated option, a short one)."""
+    ``--external`` value and ``cgroup_roots`` every ``--cgroup-root [CTRL:]PATH`` (lists: tests
+    give several), ``rest`` what fits none of them (a repeated option, a short one)."""
 
     fields: dict[str, bool] = field(default_factory=dict)
     other: dict[str, str | int | bool] = field(default_factory=dict)
     external: list[str] = field(default_factory=list)
+    cgroup_roots: list[CgroupRoot] = field(default_factory=list)
     rest: list[str] = field(default_factory=list)
 
 
@@ -330,6 +331,9 @@ def _split(opts: Sequence[str]) -> _Opts:
             i += 1
         if key == "external" and isinstance(value, str):
             out.external.append(value)
+        elif key == "cgroup-root" and isinstance(value, str):
+            ctrl, _, path = value.rpartition(":")
+            out.cgroup_roots.append(CgroupRoot(path, ctrl or None))
         elif key in out.other:
             out.rest.extend([o] if value is True or "=" in o else [o, str(value)])
         else:
@@ -357,9 +361,10 @@ def _as_container(base: ContainerOptions | None, dump: _Opts, restore: _Opts) ->
             extra["cgroup_mode"] = other["manage-cgroups"]
     if "network-lock" in other:
         extra["network_lock"] = str(other["network-lock"])
-    if "cgroup-root" in other:
-        ctrl, _, path = str(other["cgroup-root"]).rpartition(":")
-        extra["cgroup_roots"] = (CgroupRoot(path, ctrl or None),)
+    if dump.cgroup_roots:
+        extra["dump_cgroup_roots"] = tuple(dump.cgroup_roots)
+    if restore.cgroup_roots:
+        extra["cgroup_roots"] = tuple(restore.cgroup_roots)
     if "cgroup-yard" in other:
         extra["cgroup_yard"] = str(other["cgroup-yard"])
     if "ext-mount-map" in other:
@@ -478,6 +483,8 @@ def _trial_criu(r: _Run) -> str:
     for kw, opts in ((dump_kw, d), (restore_kw, rs)):
         if opts.external:
             kw["external"] = (*kw.get("external", ()), *opts.external)
+        if opts.cgroup_roots:
+            kw["cgroup_roots"] = (*kw.get("cgroup_roots", ()), *opts.cgroup_roots)
     dother, rother = d.other, rs.other
     try:
         c.dump(DumpOptions(pid=r.pid, images_dir=r.images, log_file="dump.log", log_level=4, timeout=10,
@@ -514,13 +521,15 @@ def _trial_migration(r: _Run, mode: str) -> str:
         raise _Skip(f"Migration takes boolean flags, container options and options of the dump alone; "
                     f"{r.test.name} needs " + " ".join(f"--{k}" if not k.startswith("--") else k for k in left))
     agent = r.flavor.agent_command()
-    if agent is not None and container is not None:
-        # the agent restores a container only under the paths it is told to allow: the test's
-        # own mount sources too, as an operator would allow a container's volumes
+    if container is not None:
+        # the agent restores a container only under the paths and cgroups it is told to allow:
+        # the test's own mount sources and cgroup roots too, as an operator allows a container's
         own = {m.source for m in (r.flavor.container() or ContainerOptions()).mounts}
-        for m in container.mounts:
-            if m.source not in own:
-                agent += ["--container-path", m.source]
+        allow = [a for m in container.mounts if m.source not in own for a in ("--container-path", m.source)]
+        allow += [a for cg in container.cgroup_roots for a in ("--container-cgroup", os.fspath(cg.path))]
+        if allow:
+            base = agent or [sys.executable, "-m", "pycriu.migration.agent", "--stdio", "--same-host"]
+            agent = [*base, *allow]
     hook_error: list[str] = []
 
     def at_restore(e: Progress) -> None:

@@ -142,7 +142,11 @@ class ContainerOptions:
     veth_pairs: tuple[VethPair, ...] = ()
     manage_cgroups: bool | None = None
     cgroup_mode: CgroupMode | None = None
+    #: where the restore puts the container's cgroups (``--cgroup-root`` on restore)
     cgroup_roots: tuple[CgroupRoot, ...] = ()
+    #: the roots of the container's cgroups on dump, whose empty cgroups are dumped too
+    #: (``--cgroup-root`` on dump, with ``manage_cgroups``)
+    dump_cgroup_roots: tuple[CgroupRoot, ...] = ()
     cgroup_yard: str | None = None
     #: the cgroup CRIU freezes the container with (cgroup v1: the freezer's directory)
     freeze_cgroup: str | None = None
@@ -195,7 +199,8 @@ class ContainerOptions:
         if self.bind_root and self.root is None:
             raise InvalidOptionError("bind_root needs root (the directory to bind-mount for the restore)")
         for name, cls in (("mounts", ContainerMount), ("namespaces", ExternalNamespace), ("join_ns", JoinNamespace),
-                          ("veth_pairs", VethPair), ("cgroup_roots", CgroupRoot), ("inherit_fds", InheritFd)):
+                          ("veth_pairs", VethPair), ("cgroup_roots", CgroupRoot),
+                          ("dump_cgroup_roots", CgroupRoot), ("inherit_fds", InheritFd)):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) \
                     or not all(isinstance(v, cls) for v in value):
@@ -246,6 +251,8 @@ class ContainerOptions:
         external = [*self.external, *(ns.external() for ns in self.namespaces)]
         if external:
             out["external"] = tuple(external)
+        if self.dump_cgroup_roots:
+            out["cgroup_roots"] = self.dump_cgroup_roots
         for name in ("cgroup_mode", "cgroup_yard", "freeze_cgroup", "network_lock", "config_file"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -415,7 +422,8 @@ class ContainerOptions:
 
 
 _ITEMS: dict[str, type] = {"mounts": ContainerMount, "namespaces": ExternalNamespace, "join_ns": JoinNamespace,
-                           "veth_pairs": VethPair, "cgroup_roots": CgroupRoot, "inherit_fds": InheritFd}
+                           "veth_pairs": VethPair, "cgroup_roots": CgroupRoot, "dump_cgroup_roots": CgroupRoot,
+                           "inherit_fds": InheritFd}
 
 
 def _rebase(value: str, table: Mapping[str, str]) -> str:
