@@ -126,6 +126,17 @@ def apparmor_profiles(tmp_path: Path) -> Iterator[tuple[str, str]]:
         subprocess.run(["apparmor_parser", "--remove", str(policy)], check=False, capture_output=True)
 
 
+def _runs_under(criu: pycriu.Criu, p: Program, images: Path, label: Callable[[int], str], dumped: str,
+                lsm_profile: str, wanted: str) -> None:
+    """Restored as dumped, the task has its dumped label again; restored with ``lsm_profile``, it
+    has the one named."""
+    restored = _restore(criu, p, images)
+    assert label(restored.pid) == dumped
+    _killed(restored.pid)
+    restored = _restore(criu, p, images, lsm_profile=lsm_profile)
+    assert label(restored.pid) == wanted
+
+
 @needs_root
 @pytest.mark.criu
 @pytest.mark.skipif(_why_no_apparmor() is not None, reason=_why_no_apparmor() or "")
@@ -142,11 +153,7 @@ def test_lsm_profile_is_the_apparmor_profile_the_restored_task_runs_under(
     assert _apparmor_profile(p.pid) == dumped
     images = _images(tmp_path, "images")
     assert _dump(criu, p, images) == "APPARMOR"
-    restored = _restore(criu, p, images)
-    assert _apparmor_profile(restored.pid) == dumped
-    _killed(restored.pid)
-    restored = _restore(criu, p, images, lsm_profile=f"apparmor:{wanted}")
-    assert _apparmor_profile(restored.pid) == wanted
+    _runs_under(criu, p, images, _apparmor_profile, dumped, f"apparmor:{wanted}", wanted)
 
 
 @needs_root
@@ -164,11 +171,7 @@ def test_lsm_profile_is_the_selinux_context_the_restored_task_runs_under(
     p = program("")
     images = _images(tmp_path, "images")
     assert _dump(criu, p, images) == "SELINUX"
-    restored = _restore(criu, p, images)
-    assert _selinux_context(restored.pid) == ours
-    _killed(restored.pid)
-    restored = _restore(criu, p, images, lsm_profile=f"selinux:{wanted}")
-    assert _selinux_context(restored.pid) == wanted
+    _runs_under(criu, p, images, _selinux_context, ours, f"selinux:{wanted}", wanted)
 
 
 @needs_runc
