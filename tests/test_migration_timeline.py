@@ -66,6 +66,15 @@ def test_a_real_migration_places_the_destination_s_restore_inside_the_downtime(
     # (within half a round trip on this host: the clocks are joined through the control channel)
     assert freeze - 0.002 <= restore.start and restore.start + restore.seconds <= resume + 0.002, (freeze, restore,
                                                                                                   resume)
+    # inside it, where CRIU's time went: its notifications, in order, within the phase
+    assert restore.detail.startswith("CRIU's notifications: "), restore.detail
+    marks = []
+    for item in restore.detail.removeprefix("CRIU's notifications: ").split(", "):
+        action, at = item.split(" +")
+        marks.append((action, float(at.removesuffix(" ms"))))
+    assert [a for a, _ in marks][-2:] == ["pre-resume", "post-resume"] and "post-restore" in dict(marks), marks
+    assert all(0 <= t <= restore.seconds * 1000 for _, t in marks) and [t for _, t in marks] == sorted(
+        t for _, t in marks)
     starts = [p.start for p in report.phases if p.host == "source"]
     assert all(s is not None for s in starts) and starts == sorted(starts)  # type: ignore[type-var]
     bars = _rects(report.timeline_svg(), "phase")

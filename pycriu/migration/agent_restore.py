@@ -85,8 +85,9 @@ class SessionRestore:
         except TreeKilled as exc:  # the daemon died while the restore finished: the tree had holes
             raise AgentError(str(exc), code="lazy-pages-failed") from None
         log.info("%s: restored pid %d (lazy=%s)", self.session, result.pid, lazy)
+        marks = {action: finite(t - t_restore) for action, t in times.items()}
         return {"type": "restored", "pid": result.pid, "resumed_ago": finite(now - times.get("post-resume", now)),
-                "restore_seconds": finite(now - t_restore), "lazy_daemon_seconds": lazy_seconds,
+                "restore_seconds": finite(now - t_restore), "lazy_daemon_seconds": lazy_seconds, "criu_marks": marks,
                 "stats": result.stats.to_dict() if result.stats else None, "page_server_wait": finite(ps_wait)}
 
     def _restore(self, images: Path, lazy: bool, flags: dict[str, Any], times: dict[str, float]) -> RestoreResult:

@@ -66,11 +66,17 @@ def _destination_phases(run: RunState, reply: Mapping[str, Any], t_reply: float)
     assert run.client is not None
     end = t_reply - run.client.rtt / 2 - run.t0
     steps = [("criu restore", float(reply["restore_seconds"]))]
+    marks = reply.get("criu_marks") or {}
+    # where the restore's time went: before CRIU's first notification (the worker's start of the
+    # request), between them (CRIU's own work), and after the last (the result read, the reply)
+    detail = ", ".join(f"{action} +{float(t) * 1000:.1f} ms" for action, t in
+                       sorted(marks.items(), key=lambda kv: float(kv[1])) if isinstance(t, (int, float)))
     if reply["lazy_daemon_seconds"] is not None:
         steps.append(("lazy-pages daemon start", float(reply["lazy_daemon_seconds"])))
     if reply["page_server_wait"]:
         steps.append(("page server finishing", float(reply["page_server_wait"])))
     for name, seconds in steps:  # each ended where the next (later) one began
         start = end - seconds
-        run.report.phases.append(Phase(name, round(seconds, 6), start=round(start, 6), host="destination"))
+        note = f"CRIU's notifications: {detail}" if name == "criu restore" and detail else ""
+        run.report.phases.append(Phase(name, round(seconds, 6), note, start=round(start, 6), host="destination"))
         end = start

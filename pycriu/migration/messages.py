@@ -98,7 +98,9 @@ MESSAGES: dict[str, dict[str, Any]] = {
                 "page_server": ((_ADDRESS, _Opt), True), "flags": (dict, True), "tls": (_BOOL, False)},
     "restored": {"pid": (_INT, True), "resumed_ago": (_NUM, True), "restore_seconds": (_NUM, True),
                  "lazy_daemon_seconds": ((int, float, _Opt), True), "stats": ((dict, _Opt), True),
-                 "page_server_wait": (_NUM, True)},
+                 "page_server_wait": (_NUM, True),
+                 # CRIU's notifications during the restore: action -> seconds after it began
+                 "criu_marks": ((dict, _Opt), False)},
     # before the freeze: what the live tree needs from the destination, checked there
     "preflight": {"files": (list, True), "tcp_ports": (list, True), "unix_paths": (list, True),
                   # the source's ``criu cpuinfo dump`` image, base64 (absent on one host)
