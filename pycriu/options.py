@@ -129,7 +129,8 @@ class VethPair:
 
 @dataclass(frozen=True)
 class CgroupRoot:
-    """``--cgroup-root [CONTROLLER:]PATH`` (``controller`` ``None``: every controller). On
+    """``--cgroup-root [CONTROLLER:]PATH`` (``controller`` ``None``: every hierarchy; ``""``:
+    the cgroup v2 hierarchy alone, CRIU's ``:PATH``). On
     restore: put the tree's cgroups of that controller under ``path``. On dump (with
     ``manage_cgroups``): take ``path`` as the root of the tree's cgroups, so that the empty
     cgroups below it are dumped too, not only those holding a task."""
@@ -140,7 +141,7 @@ class CgroupRoot:
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _as_path("cgroup_root.path", self.path))
         if self.controller is not None:
-            _check_str("cgroup_root.controller", self.controller, nonempty=True)
+            _check_str("cgroup_root.controller", self.controller)
 
 
 def external_mount(key: str, value: str) -> str:

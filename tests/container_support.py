@@ -215,14 +215,16 @@ def gone(pid: int) -> bool:
 
 def _remove_cgroups(path: str) -> None:
     """Remove the cgroup ``path`` (absolute, or relative to this process's own cgroup, as runc
-    places a container without cgroupsPath) from every hierarchy, children first."""
+    places a container without cgroupsPath) from every hierarchy (v1's, and a v2 host's one),
+    children first."""
     own = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, names, where = line.split(":", 2)
         for name in names.split(","):
             own[name.removeprefix("name=")] = where
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
-        base = own.get(hierarchy.name, "/") if not path.startswith("/") else "/"
+    top = Path("/sys/fs/cgroup")  # the cgroup v2 hierarchy itself on a v2 host (name "")
+    for hierarchy in [top, *top.iterdir()]:
+        base = own.get("" if hierarchy == top else hierarchy.name, "/") if not path.startswith("/") else "/"
         target = hierarchy / base.lstrip("/") / path.lstrip("/")
         if not target.is_dir():
             continue

@@ -7,6 +7,7 @@ has forgotten it (exactly one copy)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,3 +108,22 @@ def test_container_options_migrate_without_a_runtime(sites) -> None:  # noqa: F8
     finally:
         os.kill(report.destination_pid, 9)
         gone(report.destination_pid)
+
+
+@pytest.mark.skipif(os.environ.get("PYCRIU_CGROUP2_VIEW") == "1", reason="already the cgroup v2 view")
+def test_on_a_cgroup_v2_host_the_container_lands_in_the_destination_s_cgroup() -> None:
+    """Debian 12 mounts cgroup v2 alone, and runc names CRIU no cgroup root there: the container
+    came back in its source's cgroup (found in the test VM). The two migrations above, in a
+    mount namespace whose /sys/fs/cgroup is the cgroup2 hierarchy alone, as such a host has it
+    (on a v2 host they already ran so)."""
+    from pycriu.containers.runc import _unified  # noqa: PLC2701 - how runc tells the layout
+
+    if _unified():
+        pytest.skip("this host mounts cgroup v2 alone: the tests above ran on it")
+    view = "umount -R /sys/fs/cgroup 2>/dev/null; mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\""
+    tests = [f"{__file__}::test_runc_container_migrates[classic]",
+             f"{__file__}::test_container_options_migrate_without_a_runtime"]
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", view, "sh", sys.executable, "-m", "pytest", "-q",
+                        "-p", "no:cacheprovider", *tests], env=dict(os.environ, PYCRIU_CGROUP2_VIEW="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

@@ -196,3 +196,23 @@ def test_on_one_host_a_containers_locks_and_fifos_count_as_held_names() -> None:
     kept = preflight_resources(held)
     assert kept.files == {} and kept.locks == held.locks and kept.fifos == held.fifos
     assert "POSIX lock on /data/lock (pid 2)" in kept.host_names()
+
+
+def test_on_a_cgroup_v2_host_the_container_s_cgroup_is_the_unified_hierarchy_s_root(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 12 mounts only cgroup v2: runc's state names the container's cgroup under the key
+    ``""``. It becomes a root of the cgroup2 hierarchy alone (controller ``""``, CRIU's
+    ``:PATH``), which remap moves like a v1 controller's; a v1 host's controllers keep theirs."""
+    from pycriu.containers import runc
+
+    monkeypatch.setattr(runc, "_unified", lambda: True)
+    monkeypatch.setattr(runc, "_cgroup_v1_mounts", lambda: [])
+    monkeypatch.setattr(runc, "_mount_root", lambda mountpoint: "/")
+    roots = runc._cgroup_roots({"": "/sys/fs/cgroup/ct-1"})  # noqa: SLF001 - the mapping under test
+    assert roots == [CgroupRoot("/ct-1", "")]
+    moved = ContainerOptions(cgroup_roots=tuple(roots)).remap(cgroups={"/ct-1": "/dst/ct-1"})
+    assert moved.cgroup_roots == (CgroupRoot("/dst/ct-1", ""),)
+    monkeypatch.setattr(runc, "_unified", lambda: False)
+    monkeypatch.setattr(runc, "_cgroup_v1_mounts", lambda: [("/sys/fs/cgroup/pids", "/", {"pids"})])
+    assert runc._cgroup_roots({"pids": "/sys/fs/cgroup/pids/ct-1", "": "/x"}) == [  # noqa: SLF001
+        CgroupRoot("/ct-1", "pids")]

@@ -163,6 +163,12 @@ class Runc:
             flags.append("--lazy-pages")
         if leave_stopped:
             config.append(("leave-stopped", None))
+        cgroups = str((spec.get("linux") or {}).get("cgroupsPath") or "")
+        if _unified() and cgroups.startswith("/"):
+            # runc names CRIU the cgroup roots on cgroup v1 only; on v2 CRIU restored the tree into
+            # the cgroup its images name (the source's), not the bundle's. ":PATH" (no controller)
+            # is the cgroup2 hierarchy's root alone (CRIU's cgroup_contains)
+            config.append(("cgroup-root", f":{cgroups}"))
         used = bundle
         derived = self.derived_bundle_dir(container_id)
         if config:
@@ -270,6 +276,16 @@ def _cgroup_v1_mounts() -> list[tuple[str, str, set[str]]]:
         controllers = {o for o in fields[sep + 3].split(",") if o not in ("rw", "ro")}
         out.append((fields[4], fields[3], controllers))
     return out
+
+
+def _mount_root(mountpoint: str) -> str:
+    """The root (within its filesystem) of what is mounted at ``mountpoint`` last, "/" if none."""
+    root = "/"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == mountpoint:
+            root = fields[3]
+    return root
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -481,8 +497,11 @@ def _unique(mounts: Sequence[ContainerMount]) -> list[ContainerMount]:
 
 
 def _cgroup_roots(paths: Mapping[str, str]) -> list[CgroupRoot]:
-    """Where the container's cgroups are, per v1 controller, as paths inside each hierarchy."""
+    """Where the container's cgroups are, as paths inside each hierarchy: per v1 controller, and
+    on a cgroup v2 host (runc's key ``""``) the one root of the unified hierarchy."""
     mounts = {c: (mp, root) for mp, root, controllers in _cgroup_v1_mounts() for c in controllers}
+    if _unified():
+        mounts[""] = ("/sys/fs/cgroup", _mount_root("/sys/fs/cgroup"))
     out = []
     for controller, path in sorted(paths.items()):
         if controller in mounts and path:
