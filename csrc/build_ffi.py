@@ -21,6 +21,9 @@ DECL_ORDER = ["types.h", "opts.h", "ops.h", "callbacks.h", "build.h"]
 SOURCE = """
 #include <sched.h>
 #include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
 #include <criu/criu.h>
 
 #define PYCRIU_LIBCRIU_AT_LEAST(major, minor) \\
@@ -34,19 +37,32 @@ SOURCE = """
    module links; pycriu._raw reads the PYCRIU_HAS_* flags and refuses, naming the version that has
    the feature, before any stand-in could be called. Versions between 3.17 and 4.2 are treated as
    3.17 (only these two are built and tested). */
+/* libcriu's struct criu_opts begins with the request's options, CriuOpts *rpc, in 3.17 as in 4.2
+   (lib/c/criu.c). Through it pycriu frees the config_file that criu_local_free_opts leaves
+   (neither version frees it), and, on 3.17, sets it: 3.17's CRIU reads the request's
+   config_file (cr-service.c) though its libcriu has no setter for it. */
+static CriuOpts *pycriu_rpc(criu_opts *opts) { return *(CriuOpts **)opts; }
+static void pycriu_free_config_file(criu_opts *opts)
+{ CriuOpts *rpc = pycriu_rpc(opts); free(rpc->config_file); rpc->config_file = NULL; }
+
 #if PYCRIU_LIBCRIU_AT_LEAST(4, 2)
-#define PYCRIU_HAS_CONFIG_FILE 1
 #define PYCRIU_HAS_EMPTY_NS 1
 #define PYCRIU_HAS_SKIP_FILE_RWX_CHECK 1
 #define PYCRIU_HAS_NETWORK_LOCK_SKIP 1
 #else
-#define PYCRIU_HAS_CONFIG_FILE 0
 #define PYCRIU_HAS_EMPTY_NS 0
 #define PYCRIU_HAS_SKIP_FILE_RWX_CHECK 0
 #define PYCRIU_HAS_NETWORK_LOCK_SKIP 0
 #define CRIU_NETWORK_LOCK_SKIP 3 /* 4.2's value; never sent to an older CRIU */
 static int criu_local_set_config_file(criu_opts *opts, const char *path)
-{ (void)opts; (void)path; return -95; /* EOPNOTSUPP */ }
+{   /* as 4.2's does */
+    char *copy = strdup(path);
+    if (!copy)
+        return -ENOMEM;
+    free(pycriu_rpc(opts)->config_file);
+    pycriu_rpc(opts)->config_file = copy;
+    return 0;
+}
 static void criu_local_set_empty_ns(criu_opts *opts, int namespaces) { (void)opts; (void)namespaces; }
 static void criu_local_set_skip_file_rwx_check(criu_opts *opts, bool skip) { (void)opts; (void)skip; }
 #endif

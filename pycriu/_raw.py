@@ -53,10 +53,11 @@ CONSTANTS: dict[str, int] = {
 COMPILED_VERSION = (lib.CRIU_VERSION_MAJOR, lib.CRIU_VERSION_MINOR)
 
 #: What the libcriu this extension was built against lacks: setter -> the libcriu version that
-#: has it (empty for libcriu 4.2; Debian 12's 3.17 lacks these).
+#: has it (empty for libcriu 4.2; Debian 12's 3.17 lacks these). The configuration file is never
+#: among them: on 3.17 the extension sets the request's field itself (csrc/build_ffi.py).
 MISSING_SETTERS: dict[str, str] = {
     setter: "4.2"
-    for setter, has in (("set_config_file", lib.PYCRIU_HAS_CONFIG_FILE), ("set_empty_ns", lib.PYCRIU_HAS_EMPTY_NS),
+    for setter, has in (("set_empty_ns", lib.PYCRIU_HAS_EMPTY_NS),
                         ("set_skip_file_rwx_check", lib.PYCRIU_HAS_SKIP_FILE_RWX_CHECK))
     if not has
 }
@@ -213,6 +214,7 @@ class RawOpts:
     def close(self) -> None:
         """Free the options; idempotent."""
         if self._ptr is not None:
+            lib.pycriu_free_config_file(self._ptr)  # libcriu's free leaves it
             lib.criu_local_free_opts(self._ptr)
             self._ptr = None
             self._keep.clear()

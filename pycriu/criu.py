@@ -297,10 +297,6 @@ class Criu:
             for setter, args in opts.setter_calls():
                 raw.apply(setter, *args)
             if cfg is not None:
-                if "set_config_file" in _raw.MISSING_SETTERS:  # name the options, not the setter
-                    keys = ", ".join(sorted({"--" + key for key, _ in opts.config_entries()}))
-                    raise _raw.unsupported(f"{keys} (CRIU options with no libcriu setter, passed in a "
-                                           "configuration file)", _raw.MISSING_SETTERS["set_config_file"])
                 raw.apply("set_config_file", cfg)
             more = None
             if iterations is not None:

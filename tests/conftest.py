@@ -32,11 +32,6 @@ FEATURES = _probe_features()
 
 #: Tests that drive CRIU: they need root.
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="not root: checkpoint/restore needs CAP_SYS_ADMIN")
-#: options with no libcriu setter reach CRIU through its configuration file: libcriu >= 4.2
-needs_config_file = pytest.mark.skipif(
-    "set_config_file" in pycriu._raw.MISSING_SETTERS,  # noqa: SLF001
-    reason="pycriu is built against libcriu %d.%d, which cannot pass CRIU a configuration file (4.2 can)"
-    % pycriu._raw.COMPILED_VERSION)  # noqa: SLF001
 #: Pre-dump and iterative migration need the kernel's soft-dirty memory tracking.
 needs_mem_track = pytest.mark.skipif(
     FEATURES is None or not FEATURES.mem_track,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import needs_config_file, needs_root
+from conftest import needs_root
 
 import pycriu
 from pycriu.migration.procs import tree_state
@@ -107,7 +107,6 @@ def test_leave_running_keeps_the_source_beating_and_still_writes_images(
     assert result.stats is not None and result.stats.pages_written > 0
 
 
-@needs_config_file
 def test_leave_stopped_reaches_criu_through_the_config_file(
         criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path) -> None:
     """libcriu has no setter for ``leave_stopped``: pycriu writes it to a CRIU config file. The
@@ -133,7 +132,6 @@ def test_leave_stopped_reaches_criu_through_the_config_file(
     assert w.checksum() == w.expected_checksum
 
 
-@needs_config_file
 def test_display_stats_makes_criu_print_its_statistics(
         criu: pycriu.Criu, workload: WorkloadFactory, images_dir: Path,
         capfd: pytest.CaptureFixture[str]) -> None:
