@@ -116,10 +116,16 @@ int main(int argc, char **argv)
 	}
 
 	uint64_t npages = mib * (1UL << 20) / PAGE / procs;
-	unsigned char *mem = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE,
-				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED) {
+	/* A guard page on each side keeps the data a mapping of its own: Linux 6.1 merged it with an
+	   adjacent rw mapping, whose writes then counted as the data's in the diff. */
+	unsigned char *area = mmap(NULL, (npages + 2) * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (area == MAP_FAILED) {
 		perror("mmap");
+		return 1;
+	}
+	unsigned char *mem = area + PAGE;
+	if (mprotect(mem, npages * PAGE, PROT_READ | PROT_WRITE)) {
+		perror("mprotect");
 		return 1;
 	}
 	for (uint64_t p = 0; p < npages; p++)
