@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
-from . import _config, _pids, _raw, _threads
+from . import _config, _pids, _raw, _threads, breakpoints
 from ._process import stop_process
 from .errors import (
     INSTALL_CRIU,
@@ -291,6 +291,9 @@ class Criu:
             stack.callback(os.close, work_fd)
             raw = stack.enter_context(_raw.RawOpts())
             cfg = stack.enter_context(_config.config_file(opts.config_entries()))
+            # CRIU stops the tasks at hardware breakpoints: their first one must not wait for the
+            # kernel's perf hooks while the tree is frozen (pycriu.breakpoints)
+            stack.enter_context(breakpoints.Warm())
             raw.apply("set_images_dir_fd", images_fd)
             raw.apply("set_work_dir_fd", work_fd)
             raw.apply("set_log_file", opts.log_name)

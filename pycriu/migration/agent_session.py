@@ -17,6 +17,7 @@ from concurrent.futures import Future, wait
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+from .. import breakpoints
 from .._threads import spawn
 from ..errors import CriuError, KernelUnsupportedError
 from . import checks, pagetls, preflight, procs
@@ -66,10 +67,11 @@ class AgentSession:
         self.guard: Guard | None = None
         self.container: AcceptedContainer | None = None  # a container migration (containers.py)
         self._prestart: Future[None] | None = None
+        self._warm = breakpoints.Warm()  # the kernel's perf hooks on for the restore's breakpoints
         # The teardown, in the order it runs: the uncommitted tree dies first, the session's
         # files go last, and every step runs even when one before it failed.
         steps = (self._kill_uncommitted, self._stop_guard, self.pages.stop, self._close_lazy, self.sandbox.close,
-                 self._close_guard, self._stop_prestart, self.channel.close, self._remove_files)
+                 self._close_guard, self._stop_prestart, self._warm.close, self.channel.close, self._remove_files)
         self._teardown = ExitStack()
         for step in reversed(steps):  # an ExitStack runs its callbacks last in, first out
             self._teardown.callback(step)
@@ -200,6 +202,7 @@ class AgentSession:
         # the restore's worker, started now rather than inside the downtime, and beside this
         # loop: the source's next message (a ping that measures the round trip) must not wait
         self._prestart = spawn(self._prestart_worker, name=f"{self.name}-prestart")
+        self._warm.open_in_background()  # the switch is paid now, not by the restore's breakpoints
 
     def _prestart_worker(self) -> None:
         # the image reader (protobuf and CRIU's schema, 40 ms) reads the restore's statistics

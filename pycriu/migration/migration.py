@@ -28,6 +28,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import breakpoints
 from ..containers.options import ContainerOptions
 from ..containers.runc import RuncTarget
 from ..criu import Criu
@@ -356,6 +357,9 @@ class MigrationRun:
         # after the freeze: loaded beside the checks, not inside the downtime
         threading.Thread(target=importlib.import_module, args=("pycriu.images",), daemon=True,
                          name="pycriu-images-import").start()
+        # CRIU's breakpoints (the dump's and, on one host, the restore's) cost nothing once the
+        # kernel's perf hooks are on: switched on beside the checks (pycriu.breakpoints)
+        warm = breakpoints.Warm().open_in_background()
         try:
             self._prepare_dirs()
             with self.phase("checks"):
@@ -365,6 +369,7 @@ class MigrationRun:
                 self.custody.checked()
                 return self.report
             self._prepare_scratch(mode)
+            warm.wait()  # on before the freeze, whatever kept the checks short
             self.emit("mode", "info", message=f"{mode}: {self.report.mode_reason}")
             result = FLOWS[mode].load().run(self)
             self.custody.succeeded()
@@ -374,7 +379,10 @@ class MigrationRun:
             error = exc
             self._on_failure(exc)
         finally:
-            interrupted = teardown.finish(self, error)
+            try:
+                interrupted = teardown.finish(self, error)
+            finally:
+                warm.close()
         error = error or interrupted  # a Ctrl-C during the teardown, raised with the finished report
         if error is not None:
             raise teardown.final_error(self, error)
