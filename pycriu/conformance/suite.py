@@ -342,7 +342,7 @@ def _split(opts: Sequence[str]) -> _Opts:
 
 
 #: CRIU options with a value that a Migration takes as :class:`~pycriu.containers.ContainerOptions`
-CONTAINER_OPTS = ("manage-cgroups", "cgroup-root", "cgroup-yard", "network-lock", "ext-mount-map",
+CONTAINER_OPTS = ("manage-cgroups", "cgroup-yard", "network-lock", "ext-mount-map",
                   "enable-external-sharing", "enable-external-masters", "mntns-compat-mode", "no-mntns-compat-mode")
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._config import read_config_file, render
+from .._fs import mountinfo
 from ..enums import CgroupMode, Namespace
 from ..errors import ContainerRuntimeError, InvalidOptionError
 from ..options import CgroupRoot, JoinNamespace
@@ -267,25 +268,12 @@ def _read_spec(bundle: str) -> dict[str, Any]:
 
 def _cgroup_v1_mounts() -> list[tuple[str, str, set[str]]]:
     """(mount point, mount root, controllers) of this host's cgroup v1 hierarchies."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        if fields[sep + 1] != "cgroup":
-            continue
-        controllers = {o for o in fields[sep + 3].split(",") if o not in ("rw", "ro")}
-        out.append((fields[4], fields[3], controllers))
-    return out
+    return [(m.mountpoint, m.root, set(m.super_options) - {"rw", "ro"}) for m in mountinfo() if m.fstype == "cgroup"]
 
 
 def _mount_root(mountpoint: str) -> str:
     """The root (within its filesystem) of what is mounted at ``mountpoint`` last, "/" if none."""
-    root = "/"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == mountpoint:
-            root = fields[3]
-    return root
+    return next((m.root for m in reversed(mountinfo()) if m.mountpoint == mountpoint), "/")
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -305,11 +293,8 @@ def _unified() -> bool:
 
 
 def _fstype(path: str) -> str | None:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == path:
-            return fields[fields.index("-") + 1]
-    return None
+    """The type of what is mounted at ``path`` last (on top), None if nothing is."""
+    return next((m.fstype for m in reversed(mountinfo()) if m.mountpoint == path), None)
 
 
 def cgroup_mounts(destination: str) -> list[ContainerMount]:

@@ -86,8 +86,10 @@ def tree_state(pid: int) -> str:
     return _stop_state(pending, [_task_state(t) for t in tasks])
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (from ``/proc/PID/task/TID/children``)."""
+def _walk(pid: int) -> list[tuple[int, list[int]]]:
+    """``pid`` and every process below it, each with its threads' ids (itself included), from
+    ``/proc/PID/task/TID/children``; a process gone meanwhile has no threads."""
+    found: list[tuple[int, list[int]]] = []
     pids = [pid]
     seen = {pid}
     i = 0
@@ -95,9 +97,11 @@ def descendants(pid: int) -> list[int]:
         p = pids[i]
         i += 1
         try:
-            tasks = os.listdir(f"/proc/{p}/task")
+            tasks = [int(t) for t in os.listdir(f"/proc/{p}/task")]
         except OSError:
+            found.append((p, []))
             continue
+        found.append((p, tasks))
         for t in tasks:
             try:
                 children = Path(f"/proc/{p}/task/{t}/children").read_text().split()
@@ -107,7 +111,12 @@ def descendants(pid: int) -> list[int]:
                 if c not in seen:
                     seen.add(c)
                     pids.append(c)
-    return pids
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from ``/proc/PID/task/TID/children``)."""
+    return [p for p, _ in _walk(pid)]
 
 
 def tree_ids(pid: int) -> list[int]:
@@ -115,14 +124,7 @@ def tree_ids(pid: int) -> list[int]:
     and each of its threads' TIDs. A thread's TID is a PID like any other: left out of
     :func:`hold_back_pids`, the next thread or process started on the host (the agent's, CRIU's
     helpers) took one the restore needed ("Unable to create a thread: -17", zdtm's socket_aio)."""
-    ids: list[int] = []
-    for p in descendants(pid):
-        ids.append(p)
-        try:
-            ids.extend(t for t in map(int, os.listdir(f"/proc/{p}/task")) if t != p)
-        except OSError:
-            continue
-    return ids
+    return [i for p, tasks in _walk(pid) for i in [p, *(t for t in tasks if t != p)]]
 
 
 TCP_LISTEN = 10
