@@ -23,4 +23,16 @@ for p in "${packages[@]}"; do
 		} || die "apt-get download $p failed (is this Debian 12 with its main component?)"
 	fi
 done
+
+# The guest rebuilds pycriu against that libcriu offline and without build isolation (it has no
+# registry): the build requirements of pyproject.toml must be in the venv. Installed here, online.
+here=$(cd "$(dirname "$0")/../.." && pwd)
+py=$here/.venv/bin/python
+[ -x "$py" ] || die "no $py: run make setup first"
+mapfile -t reqs < <("$py" -c 'import sys, tomllib; print(*tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"], sep="\n")' \
+	"$here/pyproject.toml")
+if ! "$py" -m pip install -q --dry-run --no-index "${reqs[@]}" >/dev/null 2>&1; then
+	say "installing pycriu's build requirements into the venv (the guest rebuilds it offline): ${reqs[*]}"
+	"$py" -m pip install -q "${reqs[@]}" >&2 || die "pip could not install ${reqs[*]}"
+fi
 echo "$cache"
