@@ -25,6 +25,7 @@ from . import _config, _pids, _raw, _threads, breakpoints
 from ._process import stop_process
 from .errors import (
     INSTALL_CRIU,
+    CheckError,
     CriuError,
     CriuNotFoundError,
     CriuPermissionError,
@@ -33,6 +34,7 @@ from .errors import (
     KernelUnsupportedError,
     NoSuchProcessError,
     PidInUseError,
+    first_error_line,
     hint_for,
     stderr_message,
 )
@@ -47,6 +49,10 @@ __all__ = ["Criu", "CriuVersion", "find_criu", "MIN_CRIU_VERSION", "required_ver
 #: The oldest CRIU pycriu builds against and drives: Debian 12's own criu package. What 3.17's
 #: libcriu lacks is refused per option (:data:`pycriu._raw.MISSING_SETTERS`).
 MIN_CRIU_VERSION = (3, 17)
+
+
+#: The first CRIU whose worker answers libcriu's check request (older ones: ``criu check``).
+_RPC_CHECK_WORKS = (4, 2)
 
 
 def required_version() -> tuple[int, int]:
@@ -351,9 +357,28 @@ class Criu:
         _require_root("check")
         self._require_supported()
         with self._scratch_log("check") as (tmp, log):
-            with self._log_opts(tmp, "check.log") as raw, self._worker() as worker:
-                raw.run("check", log_path=log, service_fd=worker.detach())
+            if self.supported_version() < _RPC_CHECK_WORKS:
+                self._check_command(tmp, log)
+            else:
+                with self._log_opts(tmp, "check.log") as raw, self._worker() as worker:
+                    raw.run("check", log_path=log, service_fd=worker.detach())
         return True
+
+    def _check_command(self, tmp: str, log: str) -> None:
+        """``criu check`` as a command: before CRIU 4.2 its worker crashed on libcriu's check
+        request, which carries no options (a NULL dereference in setup_opts_from_req, fixed by
+        CRIU's commit 9371c4a7 for issue #2758), so the check always failed with no log."""
+        try:
+            done = subprocess.run([self.binary, "check", "-W", tmp, "-o", os.path.basename(log), "-v2"],
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CheckError(f"check failed: cannot run {self.binary} check: {exc}", operation="check",
+                             log_path=log) from None
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace").strip().splitlines()
+            message = first_error_line(log) or (said[-1] if said else None)
+            raise CheckError(f"check failed: {self.binary} check exited with status {done.returncode}",
+                             operation="check", criu_message=message, log_path=log)
 
     def features(self, *, refresh: bool = False) -> Features:
         """Which optional features (memory tracking, lazy pages, pidfd store) work here. Cached."""

@@ -31,6 +31,26 @@ def test_check_says_checkpoint_restore_works_here(criu: pycriu.Criu) -> None:
 
 
 @needs_root
+def test_before_criu_4_2_check_runs_the_criu_check_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CRIU 3.17's worker crashed on libcriu's check request (found with Debian 12's criu in the
+    # test VM): there Criu.check runs `criu check`. Here the command runs as if CRIU were older.
+    import pycriu.criu
+
+    monkeypatch.setattr(pycriu.criu, "_RPC_CHECK_WORKS", (99, 0))
+    ran: list[list[str]] = []
+    real_run = pycriu.criu.subprocess.run
+
+    def run(argv: list[str], **kw: object) -> object:
+        ran.append(argv)
+        return real_run(argv, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(pycriu.criu.subprocess, "run", run)
+    criu = pycriu.Criu()
+    assert criu.check() is True
+    assert ran and ran[0][:2] == [criu.binary, "check"]
+
+
+@needs_root
 def test_features_are_booleans_and_lazy_pages_work_here(criu: pycriu.Criu) -> None:
     features = criu.features()
     assert isinstance(features, pycriu.Features)
