@@ -44,6 +44,8 @@ SOURCE = """
 static CriuOpts *pycriu_rpc(criu_opts *opts) { return *(CriuOpts **)opts; }
 static void pycriu_free_config_file(criu_opts *opts)
 { CriuOpts *rpc = pycriu_rpc(opts); free(rpc->config_file); rpc->config_file = NULL; }
+static int pycriu_page_server_set(criu_opts *opts)
+{ CriuOpts *rpc = pycriu_rpc(opts); return rpc->ps != NULL && rpc->ps->address != NULL; }
 
 #if PYCRIU_LIBCRIU_AT_LEAST(4, 2)
 #define PYCRIU_HAS_EMPTY_NS 1

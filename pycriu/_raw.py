@@ -253,8 +253,9 @@ class RawOpts:
         rc = fn(self._opts(), *cargs)
         if rc is None:
             return
-        if setter == "set_page_server_address_port" and rc == -_errno.ENOMEM and COMPILED_VERSION == (4, 2):
-            # libcriu 4.2 returns -ENOMEM from this setter even when it succeeded.
+        page_server_set = setter == "set_page_server_address_port" and lib.pycriu_page_server_set(self._opts())
+        if page_server_set and rc == -_errno.ENOMEM:
+            # libcriu (3.17 and 4.2 alike) returns -ENOMEM from this setter even when it succeeded
             return
         check(rc, setter.replace("_", "-"))
 
