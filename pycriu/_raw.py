@@ -253,8 +253,8 @@ class RawOpts:
         rc = fn(self._opts(), *cargs)
         if rc is None:
             return
-        page_server_set = setter == "set_page_server_address_port" and lib.pycriu_page_server_set(self._opts())
-        if page_server_set and rc == -_errno.ENOMEM:
+        if (rc == -_errno.ENOMEM and setter == "set_page_server_address_port"
+                and lib.pycriu_page_server_set(self._opts())):
             # libcriu (3.17 and 4.2 alike) returns -ENOMEM from this setter even when it succeeded
             return
         check(rc, setter.replace("_", "-"))

@@ -6,7 +6,7 @@ task-bound perf event has existed on the machine for about a second, the perf su
 its scheduler hooks off (static keys), and the next such event switches them on again: the
 kernel rewrites its own code on every CPU and waits for that, here 5 to 20 ms. CRIU's dump pays
 it with the tree frozen, its restore inside the downtime; measured on this project's VM
-(docs/benchmarks.rst): a 64 MiB lazy dump's frozen part took 28 to 30 ms, 11 to 14 ms with the
+(docs/benchmarks.rst): a 64 MiB lazy dump's frozen part took 28 to 30 ms, 9 to 14 ms with the
 hooks kept on, and the first breakpoint of a process 5 to 20 ms against 0.01 ms.
 
 :class:`Warm` holds one disabled, task-bound software event (``PERF_COUNT_SW_DUMMY`` on the
@@ -122,9 +122,8 @@ class Warm:
         self._holds = True
 
     def close(self) -> None:
-        if self._opening is not None:
-            self._opening.result()
-            self._opening = None
+        self.wait()
+        self._opening = None
         if self._holds:
             self._holds = False
             _release()

@@ -368,17 +368,19 @@ class Criu:
         """``criu check`` as a command: before CRIU 4.2 its worker crashed on libcriu's check
         request, which carries no options (a NULL dereference in setup_opts_from_req, fixed by
         CRIU's commit 9371c4a7 for issue #2758), so the check always failed with no log."""
-        try:
-            done = subprocess.run([self.binary, "check", "-W", tmp, "-o", os.path.basename(log), "-v2"],
-                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CheckError(f"check failed: cannot run {self.binary} check: {exc}", operation="check",
-                             log_path=log) from None
-        if done.returncode != 0:
-            said = done.stderr.decode(errors="replace").strip().splitlines()
-            message = first_error_line(log) or (said[-1] if said else None)
-            raise CheckError(f"check failed: {self.binary} check exited with status {done.returncode}",
-                             operation="check", criu_message=message, log_path=log)
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                done = subprocess.run([self.binary, "check", "-W", tmp, "-o", os.path.basename(log), "-v2"],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise CheckError(f"check failed: cannot run {self.binary} check: {exc}", operation="check",
+                                 log_path=log) from None
+            if done.returncode != 0:
+                error = CheckError(f"check failed: {self.binary} check exited with status {done.returncode}",
+                                   operation="check", criu_message=first_error_line(log) or stderr_message(stderr),
+                                   log_path=log)
+                error.hint = error.hint or hint_for(error)
+                raise error
 
     def features(self, *, refresh: bool = False) -> Features:
         """Which optional features (memory tracking, lazy pages, pidfd store) work here. Cached."""

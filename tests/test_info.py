@@ -48,6 +48,10 @@ def test_before_criu_4_2_check_runs_the_criu_check_command(monkeypatch: pytest.M
     criu = pycriu.Criu()
     assert criu.check() is True
     assert ran and ran[0][:2] == [criu.binary, "check"]
+    # and when the command fails, the error carries what CRIU said (here: before its log opened)
+    with pytest.raises(pycriu.CheckError, match="check exited with status") as failed:
+        criu._check_command("/proc/self", "/proc/self/check.log")  # noqa: SLF001 - no log can go there
+    assert failed.value.criu_message is not None and "log" in failed.value.criu_message
 
 
 @needs_root
