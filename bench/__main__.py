@@ -23,6 +23,9 @@ from pathlib import Path
 from . import flows, netns, report, runner
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: pycriu-images: pycriu on lo with same_host_rollback="images" (the dump ends the source, as the
+#: CLI's does; its images are the rollback), beside the default pycriu in the same run
+IMPLS = ("pycriu", "baseline", "pycriu-images")
 
 
 def _csv(text: str) -> list[str]:
@@ -42,7 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="flows to measure; pre-copy and hybrid are skipped (with the reason) where the kernel "
                          "cannot track dirty memory (default: %(default)s)")
     ap.add_argument("--impls", default="pycriu,baseline",
-                    help="pycriu and/or baseline (the documented criu CLI flow) (default: %(default)s)")
+                    help="pycriu, baseline (the documented criu CLI flow) and/or pycriu-images (pycriu ending the "
+                         "source at the dump on lo: same_host_rollback='images') (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=3, help="repeats of every cell (default: %(default)s)")
     ap.add_argument("--quick", action="store_true",
                     help="prove the harness works: smallest size, lo only, idle, 1 repeat, small reference")
@@ -81,8 +85,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if mode not in flows.MODES:
             ap.error(f"unknown mode {mode!r} ({', '.join(flows.MODES)})")
     for impl in args.impls:
-        if impl not in ("pycriu", "baseline"):
-            ap.error(f"unknown implementation {impl!r} (pycriu, baseline)")
+        if impl not in IMPLS:
+            ap.error(f"unknown implementation {impl!r} ({', '.join(IMPLS)})")
     for rate in args.rates:
         if rate not in runner.RATES:
             try:
@@ -99,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("python -m bench needs root (CRIU, network namespaces)", file=sys.stderr)
         return 2
-    if "pycriu" in args.impls:
+    if any(i.startswith("pycriu") for i in args.impls):
         try:
             import pycriu.migration  # noqa: F401
         except ImportError as exc:
             print(f"pycriu.migration is not available ({exc}): running the baseline only", file=sys.stderr)
-            args.impls = [i for i in args.impls if i != "pycriu"]
+            args.impls = [i for i in args.impls if not i.startswith("pycriu")]
             if not args.impls:
                 return 2
     if runner.sysctl_pipe_max() < 4 << 20 and any(m in flows.LAZY_MODES for m in args.modes):

@@ -69,8 +69,9 @@ class TcpAgent:
         self._stderr.close()
 
 
-def run(mode: str, ctx: TrialContext) -> FlowResult:
-    """Migrate ``ctx.pid`` with pycriu in ``mode``; return what the harness measures."""
+def run(mode: str, ctx: TrialContext, same_host_rollback: str = "auto") -> FlowResult:
+    """Migrate ``ctx.pid`` with pycriu in ``mode``; return what the harness measures.
+    ``same_host_rollback``: on ``lo``, :class:`~pycriu.Migration`'s option of that name."""
     from pycriu.migration import Migration, MigrationError
 
     marks: dict[str, int] = {}
@@ -88,7 +89,7 @@ def run(mode: str, ctx: TrialContext) -> FlowResult:
         # default over tcp://; like for like, the comparison leaves that out)
         kw.update(to=agent.url, secret=agent.secret, criu_tls=False)
     else:
-        kw.update(to="local")
+        kw.update(to="local", same_host_rollback=same_host_rollback)
     migration = Migration(ctx.pid, **kw)
     t0 = time.time_ns()
     try:

@@ -47,9 +47,11 @@ def summarise(records: list[dict[str, Any]], links: dict[str, Any]) -> list[dict
                     med["orchestration_s"] = med["downtime_s"] - med["criu_own_s"]
                     med["orchestration_frac"] = med["orchestration_s"] / med["downtime_s"]
             row[impl] = med
-        p, b = row.get("pycriu"), row.get("baseline")
-        if p and b and p["n"] and b["n"]:
-            row["ratio"] = {m: (p[m] / b[m] if p[m] is not None and b[m] else None)
+        b = row.get("baseline")
+        for impl, key in (("pycriu", "ratio"), ("pycriu-images", "ratio_images")):
+            p = row.get(impl)
+            if p and b and p["n"] and b["n"]:
+                row[key] = {m: (p[m] / b[m] if p[m] is not None and b[m] else None)
                             for m in ("downtime_s", "total_s", "full_speed_s", "net_bytes")}
         tp = links.get(link, {}).get("throughput_bytes_per_s")
         if tp:

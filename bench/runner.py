@@ -10,6 +10,7 @@ the machine's load hits both alike.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -149,10 +150,11 @@ class Runner:
         self._trial = 0
         self.impl_funcs: dict[str, Callable[[str, TrialContext], FlowResult]] = {"baseline": flows.baseline}
         self.agents: dict[str, Any] = {}
-        if "pycriu" in cfg.impls:
+        if any(i.startswith("pycriu") for i in cfg.impls):
             from . import pycriu_flows
 
             self.impl_funcs["pycriu"] = pycriu_flows.run
+            self.impl_funcs["pycriu-images"] = functools.partial(pycriu_flows.run, same_host_rollback="images")
 
     def agent_for(self, link: Link) -> Any:
         """pycriu across the link: one ``pycriu agent --listen`` in the destination namespace per
@@ -321,13 +323,14 @@ class Runner:
 
     def run(self) -> list[dict[str, Any]]:
         cells = self.plan()
-        total = len(cells) * self.cfg.repeat * len(self.cfg.impls)
+        total = sum(len(self._impls(link)) for link, _, _, _ in cells) * self.cfg.repeat
         n = 0
         for rep in range(self.cfg.repeat):
             for link, mode, mib, rate in cells:
                 # A B, then B A on the next repeat: neither always runs right after the previous
                 # cell (whose page cache may still be written back)
-                order = self.cfg.impls if rep % 2 == 0 else list(reversed(self.cfg.impls))
+                impls = self._impls(link)
+                order = impls if rep % 2 == 0 else list(reversed(impls))
                 for impl in order:
                     if STOP.is_set():
                         raise KeyboardInterrupt("stopped by a signal")
@@ -340,6 +343,11 @@ class Runner:
                         self.cfg.log(f"  (a stop signal arrived during this trial and did not end it: {impl} "
                                      f"{'finished the migration' if rec['ok'] else 'failed: ' + str(rec['error'])})")
         return self.records
+
+
+    def _impls(self, link: str) -> list[str]:
+        """The implementations a cell runs: pycriu-images only on one host (``lo``)."""
+        return [i for i in self.cfg.impls if i != "pycriu-images" or link == "lo"]
 
 
 def _line(n: int, total: int, rec: dict[str, Any]) -> str:

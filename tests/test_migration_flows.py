@@ -32,9 +32,9 @@ def _migrate(w: Workload, mode: str, tmp: Path, **kw: object) -> tuple[Migration
 
 def test_classic_moves_every_page_as_image_files(workload: Callable[..., Workload], private_tmp: Path) -> None:
     """To an agent elsewhere (here: one not told it shares the source's host) the images are
-    copied over the control connection."""
+    copied over the control connection. (Kept stopped, as between two hosts: the rollback.)"""
     w = workload(mib=MIB)
-    report, snap = _migrate(w, "classic", private_tmp, agent_command=ELSEWHERE)
+    report, snap = _migrate(w, "classic", private_tmp, agent_command=ELSEWHERE, same_host_rollback="stopped-source")
     assert_moved(w, report)
     pages = report.pages["in_image_files"]
     assert pages * PAGE_SIZE >= MIB << 20

@@ -153,3 +153,93 @@ def test_a_restore_that_cannot_bind_brings_the_source_back(
     w.wait_beats(3)
     assert w.checksum() == w.expected_checksum
     _name_works(w, tmp, "listen")
+
+
+@pytest.mark.parametrize("mode", ["classic", "page-server", *LAZY_MODES])
+def test_the_images_as_rollback_can_be_asked_for_any_tree(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str) -> None:
+    """``same_host_rollback="images"``: the dump ends even a tree that holds no name (no second
+    copy of its memory while the destination restores); a failure as the restore begins brings it
+    back from those images, memory intact."""
+    tmp = private_tmp.parent
+    w = workload(mib=8)
+    report = Migration(w.pid, to="local", mode=mode, log_dir=tmp / "logs", same_host_rollback="images").run()
+    assert (report.outcome, report.mode, report.source_state) == ("migrated", MODES[mode], "gone"), report
+    assert report.rollback_plan == "the source's images"
+    assert any("same_host_rollback='images'" in n for n in report.notes), report.notes
+    assert report.destination_pid is not None
+    w.adopt(report.destination_pid)
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+
+    def fail_at_restore(e: Progress) -> None:
+        if e.phase == "restore" and e.event == "start":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=tmp / "logs2", same_host_rollback="images",
+                  progress=fail_at_restore).run()
+    failed = info.value.report  # type: ignore[attr-defined]
+    assert failed.outcome == "rolled-back", failed
+    assert failed.rollback.startswith("restored from the source's own images"), failed.rollback
+    assert failed.source_pid is not None
+    w.adopt(failed.source_pid)
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+
+
+@pytest.mark.parametrize(("mode", "plan"), [("classic", "the source's images"), ("page-server", "the source's images"),
+                                          pytest.param("lazy", "the stopped source", marks=needs_lazy_pages)])
+def test_by_default_the_flows_that_can_end_the_source_do(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str, plan: str) -> None:
+    """As criu dump does, so that the restore reuses the source's memory; lazy serves its pages
+    from the frozen source and keeps it."""
+    w = workload(mib=8)
+    report = Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs").run()
+    assert report.destination_pid is not None
+    w.adopt(report.destination_pid)
+    assert (report.outcome, report.mode, report.rollback_plan) == ("migrated", mode, plan), report
+    assert f"rollback plan:   {plan}" in str(report)
+    if mode == "page-server":  # its pages came back by hard link: written once, on the destination
+        assert report.disk["source"]["page_images"] == 0 and report.disk["destination"]["page_images"] > 8 << 20
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+
+
+@pytest.mark.parametrize("mode", ["classic", "page-server"])
+def test_the_stopped_source_can_be_kept_as_the_rollback(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str) -> None:
+    """``same_host_rollback="stopped-source"``: nothing to restore after a failure; the source,
+    frozen until then, runs again under its own pid."""
+    w = workload(mib=8)
+
+    def fail_at_restore(e: Progress) -> None:
+        if e.phase == "restore" and e.event == "start":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs",
+                  same_host_rollback="stopped-source", progress=fail_at_restore).run()
+    report = info.value.report  # type: ignore[attr-defined]
+    assert (report.outcome, report.rollback_plan, report.source_pid) == ("rolled-back", "the stopped source", w.pid)
+    # resumed by pycriu (SIGCONT) or by CRIU (the failure came inside its dump): never restored
+    assert report.rollback and "images" not in report.rollback, report.rollback
+    assert report.source_state == "running"
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+
+
+def test_a_kept_source_holding_a_port_is_refused_before_the_freeze(
+        workload: Callable[..., Workload], private_tmp: Path) -> None:
+    """``same_host_rollback="stopped-source"`` with a listening port: the destination could not
+    bind it while the source holds it; refused before anything is frozen, the server never stops."""
+    from pycriu.migration.errors import PreflightError
+
+    tmp = private_tmp.parent
+    w = _workload(workload, tmp, "listen")
+    with pytest.raises(PreflightError, match="'stopped-source' keeps the source holding listening TCP port") as info:
+        _migration(w, tmp, "listen", "classic", same_host_rollback="stopped-source").run()
+    assert info.value.report.outcome == "refused"  # type: ignore[attr-defined]
+    assert "freeze" not in info.value.report.marks  # type: ignore[attr-defined]
+    w.wait_beats(3)
+    _name_works(w, tmp, "listen")

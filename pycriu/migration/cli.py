@@ -29,6 +29,7 @@ from .migration import MODES, Migration, Progress
 from .phases import RateMeter
 from .policy import PreCopyPolicy
 from .report import MigrationReport
+from .rollback import SAME_HOST_ROLLBACKS
 from .transport import TLSConfig
 
 __all__ = ["register", "main", "ProgressDisplay", "cmd_agent", "cmd_migrate"]
@@ -59,6 +60,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mode", default="auto", choices=["auto", *MODES],
                    help="memory-transfer flow (default auto: lazy when both hosts support it, else pre-copy when "
                         "both track dirty memory, else page-server)")
+    p.add_argument("--same-host-rollback", default="auto", choices=list(SAME_HOST_ROLLBACKS),
+                   help="--to local: what a failure brings the source back from: its images (the dump ends it, "
+                        "as criu dump does: no second copy of its memory) or the stopped source; default auto: "
+                        "the images in classic, page-server and page-server-on-source, the stopped source in "
+                        "lazy, pre-copy and hybrid (the images for a tree holding ports, socket paths, FIFOs "
+                        "or locks)")
     auth = p.add_argument_group("tcp:// authentication")
     auth.add_argument("--secret-file", metavar="FILE", help="shared secret (the agent's --secret-file)")
     TLSConfig.add_arguments(auth, own="this host's", ca="CA that signed the agent's certificate")
@@ -203,7 +210,7 @@ def _migration(args: argparse.Namespace) -> Migration:
         source_address=args.source_address, progress=progress, criu=Criu(criu_path) if criu_path else None,
         flags={name: True for name in args.flag}, criu_tls=False if args.no_criu_tls else None,
         insecure_plaintext=args.insecure_plaintext,
-        container=container, runtime=runtime,
+        container=container, runtime=runtime, same_host_rollback=args.same_host_rollback,
         policy=PreCopyPolicy(max_iterations=args.max_iterations, min_pages=args.min_pages,
                              max_growth=args.max_growth))
 

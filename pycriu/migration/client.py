@@ -147,14 +147,14 @@ class AgentClient:
         limits = Limits(max_file_size=256 << 20, max_total_bytes=1 << 30, max_files=64, min_free_bytes=0)
         return self._receive_files(into, LOG_NAME, limits, replace=True)
 
-    def fetch_page_images(self, name: str, into: Path, *, link: bool) -> tuple[int, int, int]:
+    def fetch_page_images(self, name: str, into: Path, *, link: bool) -> tuple[list[Path], int, int]:
         """Receive back the page images the dump sent to the agent's page server for ``name``
         into ``into`` (which must not have them yet); ``link``: the agent is on this host and
-        may hand them by hard link. Returns (files, bytes linked, bytes copied)."""
+        may hand them by hard link. Returns (the files, bytes linked, bytes copied)."""
         self.channel.send({"type": "page-images", "dir": name})
         limits = Limits(max_files=100_000, min_free_bytes=0)
         got = self._receive_files(into, PAGE_IMAGE, limits, link=link)
-        return len(got), limits.linked_bytes, limits.received_bytes
+        return got, limits.linked_bytes, limits.received_bytes
 
     def fetch_pagemaps(self, name: str, into: Path) -> list[Path]:
         """Receive the pagemaps the page server of pre-dump ``name`` wrote, into ``into`` (the

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from .._threads import spawn
 from ..errors import KernelUnsupportedError, NoSuchProcessError
-from . import checks, containers, pagetls, preflight, procs
+from . import checks, containers, pagetls, preflight, procs, rollback
 from .client import AgentClient
 from .errors import AgentError, PreflightError
 from .images import memory_dir
-from .modes import FLOWS, NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
+from .modes import NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
 from .transport import connect
 
 if TYPE_CHECKING:
@@ -93,8 +93,10 @@ def checks_and_handshake(run: RunState) -> str:
     if m.container is not None:
         resources = containers.preflight_resources(resources)
     if m.destination.same_host:
-        mode, reason = _same_host_names(run, requested, mode, reason,
-                                        resources.host_names() + _pids_held(run.pid, remote.get("pid_ns")))
+        mode, reason = _same_host_rollback(run, requested, mode, reason,
+                                           resources.host_names() + _pids_held(run.pid, remote.get("pid_ns")))
+    else:
+        run.report.rollback_plan = rollback.STOPPED_SOURCE
     problems = run.client.preflight(preflight.request(resources, cpu.result() if cpu is not None else None))
     if problems:
         raise PreflightError(f"the destination cannot restore this tree: {'; '.join(problems)}",
@@ -109,33 +111,16 @@ def checks_and_handshake(run: RunState) -> str:
     return mode
 
 
-def _same_host_names(run: RunState, requested: str, mode: str, reason: str, names: list[str]) -> tuple[str, str]:
-    """On one host a source kept stopped still holds its listening ports, bound Unix sockets,
-    FIFOs and file locks while the destination restores them. Flows that can end the source
-    at the dump (its complete images on this host are then the rollback) take such a tree;
-    lazy, which serves pages from the frozen source's memory, runs as page-server-on-source
-    (post-copy from the images); the rest (pre-copy, hybrid) are refused here, before
-    anything is frozen."""
-    if not names:
-        return mode, reason
-    held = ", ".join(names)
-    spec = FLOWS[mode]
-    if not spec.same_host_names:
-        instead = spec.same_host_names_instead
-        if instead is None:
-            able = [name for name, flow in FLOWS.items() if flow.same_host_names]
-            raise PreflightError(
-                f"on one host the {mode} flow keeps the source holding {held} while the destination "
-                f"restores it, which CRIU cannot do (\"Address already in use\")", resources=tuple(names),
-                hint=f"use mode={able[0]!r} or one of {', '.join(able[1:])} (the dump ends the source and a "
-                     "failure restores it from its own images), or migrate to another host or network namespace")
-        mode, reason = instead, (f"{requested} on one host with a tree holding {held}: {mode} would keep the "
-                                 f"frozen source holding them while the destination restores; {instead} "
-                                 "restores lazily too, its pages served from the source's images")
-    run.rollback_from_images = True
-    run.note(f"one host, and the tree holds {held}: the dump ends the source; its images are kept "
-              "until the destination runs, and a failure restores it from them")
-    return mode, reason
+def _same_host_rollback(run: RunState, requested: str, mode: str, reason: str, names: list[str]) -> tuple[str, str]:
+    """On one host: the stopped source or its images as the rollback (:mod:`.rollback`), and the
+    flow that can give it. Ends in the mode, or raises :class:`PreflightError`."""
+    choice = rollback.choose(run.m.same_host_rollback, requested, mode, reason, names,
+                             container=run.m.container is not None)
+    run.rollback_from_images = choice.from_images
+    run.report.rollback_plan = choice.plan
+    if choice.note:
+        run.note(choice.note)
+    return choice.mode, choice.mode_reason
 
 
 def _pids_held(pid: int, destination_ns: int | None) -> list[str]:

@@ -46,6 +46,7 @@ from .modes import FLOWS, MODES
 from .phases import PhaseClock, Progress
 from .policy import PreCopyPolicy
 from .report import MigrationReport
+from .rollback import SAME_HOST_ROLLBACKS
 from .transport import Connection, Destination, TLSConfig
 
 if TYPE_CHECKING:
@@ -166,6 +167,19 @@ class Migration:
         runtime: with ``container``, a :class:`~pycriu.containers.RuncTarget`: the destination
             restores with ``runc restore`` into that bundle, and runc owns the container there.
             :meth:`pycriu.containers.RuncContainer.migrate` builds both from a runc container.
+        same_host_rollback: on one host (``to="local"``), what a failure after the freeze
+            brings the source back from (:mod:`pycriu.migration.rollback`): ``"auto"`` (the
+            default) ends the source at the dump, as ``criu dump`` does, in every flow that can
+            (classic, page-server, page-server-on-source): its complete images on this host are
+            the rollback, and the restore reuses its memory instead of taking a second copy's;
+            lazy, pre-copy and hybrid keep the stopped source (their pages come from it), unless
+            the tree holds host-wide names (ports, socket paths, FIFOs, locks): then lazy runs as
+            page-server-on-source and pre-copy and hybrid are refused; a container keeps its
+            stopped source (its runtime restores its images). ``"stopped-source"``
+            keeps the source frozen until the destination runs (nothing to restore: the safest
+            rollback, at the cost of a second copy of its memory); ``"images"`` ends it in every
+            flow (lazy then runs as page-server-on-source). The report's ``rollback_plan`` says
+            which applied.
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -179,7 +193,7 @@ class Migration:
                  flags: Mapping[str, bool] | None = None, criu_tls: bool | None = None,
                  insecure_plaintext: bool = False, keep_logs: bool | None = None,
                  container: ContainerOptions | None = None, runtime: RuncTarget | None = None,
-                 dump_options: Mapping[str, Any] | None = None) -> None:
+                 dump_options: Mapping[str, Any] | None = None, same_host_rollback: str = "auto") -> None:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidOptionError(f"pid={pid!r} is invalid: expected the pid (int > 0) of the tree's root")
         if mode != "auto" and mode not in MODES:
@@ -246,6 +260,14 @@ class Migration:
                     raise InvalidOptionError(f"flag {key}={value} contradicts the container's {key}")
         self.container = container
         self.runtime = runtime
+        if same_host_rollback not in SAME_HOST_ROLLBACKS:
+            raise InvalidOptionError(f"same_host_rollback={same_host_rollback!r} is invalid: expected one of "
+                                     f"{', '.join(SAME_HOST_ROLLBACKS)}")
+        if same_host_rollback != "auto" and not self.destination.same_host:
+            raise InvalidOptionError(f"same_host_rollback={same_host_rollback!r} applies only to a migration on "
+                                     f"this host (to='local'), not to {self.destination}",
+                                     hint="between two hosts the rollback is always the stopped source; drop it")
+        self.same_host_rollback = same_host_rollback
         #: what crosses to the agent in the hello (refuses the source's own fds now)
         self.container_hello = containers.hello_field(container, runtime)
 
@@ -298,8 +320,12 @@ class MigrationRun:
         self.t_freeze: float | None = None
         self.t_resume: float | None = None
         self.custody = Custody(ProcTree(m.pid, self._restore_source, lambda: self.images), AgentCopy(self), self.note)
-        #: one host, and the tree holds host-wide names: the dump ends the source, its images are the rollback
+        #: one host, and the dump ends the source: its images are the rollback (:mod:`.rollback`)
         self.rollback_from_images = False
+        self.source_comm = procs.comm(m.pid)  # what a restored copy of the tree is called
+        #: files of the source's images that arrived by hard link (the page-server flow's pages, taken
+        #: back on one host): the destination wrote them, the source's disk figures leave them out
+        self.linked_in: set[tuple[int, int]] = set()
         self.dump_result: DumpResult | None = None
         self.page_bytes = 0
         self.released = DirUsage()  # page images removed from the scratch directory once sent
@@ -539,9 +565,10 @@ class AgentCopy:
         found = procs.tree_state(pid)
         if found == "gone":
             return "gone"
-        if found == "stopped" and procs.comm(pid) is not None and procs.comm(pid) == procs.comm(run.pid):
+        if found == "stopped" and procs.comm(pid) is not None and procs.comm(pid) == run.source_comm:
             # (not the command line: it is read from the process's memory, which a lazily
-            # restored tree may not have yet)
+            # restored tree may not have yet; and the source's name from before the freeze: a
+            # dump that ended the source leaves nothing to read it from)
             procs.kill_tree(pid)
             procs.wait_gone(pid)
             run.note(f"the agent could not be told to abort: the source killed the destination's stopped, "

@@ -38,8 +38,8 @@ class FlowSpec:
     source_images_in_memory: bool = False
     #: the same for the destination's images
     destination_images_in_memory: bool = False
-    #: on one host, a tree holding host-wide names (ports, bound sockets, FIFOs) can move: the
-    #: dump ends the source, and a failure restores it from its own images
+    #: on one host the dump can end the source, a failure restoring it from its own images
+    #: (:mod:`.rollback`): also a tree holding host-wide names (ports, bound sockets, FIFOs) moves
     same_host_names: bool = False
     #: when it cannot (it serves pages from the frozen source's memory), the flow that does the
     #: same job from the source's images and runs instead

@@ -41,6 +41,9 @@ class MigrationReport:
             never took over; the source runs again with its memory intact), ``refused`` (stopped
             before anything was frozen), ``failed-after-resume`` (a lazy flow broke after the
             destination resumed; see ``source_state``), or ``unknown``.
+        rollback_plan: what a failure after the freeze would bring the source back from: ``the
+            stopped source`` (resumed) or, on one host, ``the source's images`` (the dump ended
+            it; :mod:`pycriu.migration.rollback`). Empty when the run ended before choosing.
         rollback: how the source came back after a failure (resumed, or restored from its own
             images on one host), empty when it did not
         source_pid: the source tree's root pid at the end: ``pid``, or the new pid of a source
@@ -73,6 +76,7 @@ class MigrationReport:
     source_state: str = "unknown"
     destination_state: str = "none"
     destination_pid: int | None = None
+    rollback_plan: str = ""
     rollback: str = ""
     source_pid: int | None = None
     error: str | None = None
@@ -139,6 +143,8 @@ class MigrationReport:
         if self.error:
             lines.append(f"  error:           {self.error}")
         lines.append(f"  source:          {self.source_state}")
+        if self.rollback_plan and not self.rollback:
+            lines.append(f"  rollback plan:   {self.rollback_plan}")
         if self.rollback:
             lines.append(f"  rollback:        {self.rollback}")
         dest = self.destination_state + (f", pid {self.destination_pid}" if self.destination_pid else "")

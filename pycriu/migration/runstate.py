@@ -64,6 +64,8 @@ class RunState(Protocol):
     local: dict[str, Any]
     source_address: str
     rollback_from_images: bool
+    #: (st_dev, st_ino) of files in the source's images that came by hard link: written elsewhere
+    linked_in: set[tuple[int, int]]
     scratch: Path | None
     images: Path | None
     log_dir: Path | None

@@ -85,7 +85,7 @@ def finish(run: RunState, error: BaseException | None) -> KeyboardInterrupt | No
     report.destination_pid = run.custody.destination_pid
     report.rollback = run.custody.rollback
     report.source_pid = run.custody.source.pid
-    on_disk, in_memory = (dir_usage(run.scratch) + run.released).split()
+    on_disk, in_memory = (dir_usage(run.scratch, skip=run.linked_in) + run.released).split()
     logs = dir_usage(run.log_dir / "source") if run.log_dir else None
     report.disk["source"] = {**on_disk, "other": on_disk["other"] + (logs.total if logs else 0)}
     report.memory["source"] = in_memory

@@ -56,7 +56,11 @@ def _take_pages_back(run: FlowContext) -> None:
     with run.phase("page images back"):
         files, linked, copied = run.client.fetch_page_images("images", run.images,
                                                              link=run.client.info.get("link_dev") is not None)
-    run.note(f"one host: the {files} page images came back from the destination's page server ({linked} bytes "
+    for path in files:  # a hard link still shared with the destination was written there, not here
+        st = path.stat()
+        if st.st_nlink > 1:
+            run.linked_in.add((st.st_dev, st.st_ino))
+    run.note(f"one host: the {len(files)} page images came back from the destination's page server ({linked} bytes "
              f"by hard link, {copied} copied), so that the source's own images are complete before its dump "
              "ends it")
 
