@@ -23,9 +23,9 @@ from pathlib import Path
 from . import flows, netns, report, runner
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-#: pycriu-images: pycriu on lo with same_host_rollback="images" (the dump ends the source, as the
-#: CLI's does; its images are the rollback), beside the default pycriu in the same run
-IMPLS = ("pycriu", "baseline", "pycriu-images")
+#: pycriu-stopped: pycriu on lo with same_host_rollback="stopped-source" (the source kept frozen
+#: as the rollback instead of its images), beside the default pycriu in the same run
+IMPLS = ("pycriu", "baseline", "pycriu-stopped")
 
 
 def _csv(text: str) -> list[str]:
@@ -45,8 +45,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="flows to measure; pre-copy and hybrid are skipped (with the reason) where the kernel "
                          "cannot track dirty memory (default: %(default)s)")
     ap.add_argument("--impls", default="pycriu,baseline",
-                    help="pycriu, baseline (the documented criu CLI flow) and/or pycriu-images (pycriu ending the "
-                         "source at the dump on lo: same_host_rollback='images') (default: %(default)s)")
+                    help="pycriu, baseline (the documented criu CLI flow) and/or pycriu-stopped (pycriu keeping "
+                         "the stopped source as the rollback on lo: same_host_rollback='stopped-source') "
+                         "(default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=3, help="repeats of every cell (default: %(default)s)")
     ap.add_argument("--quick", action="store_true",
                     help="prove the harness works: smallest size, lo only, idle, 1 repeat, small reference")

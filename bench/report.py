@@ -48,7 +48,7 @@ def summarise(records: list[dict[str, Any]], links: dict[str, Any]) -> list[dict
                     med["orchestration_frac"] = med["orchestration_s"] / med["downtime_s"]
             row[impl] = med
         b = row.get("baseline")
-        for impl, key in (("pycriu", "ratio"), ("pycriu-images", "ratio_images")):
+        for impl, key in (("pycriu", "ratio"), ("pycriu-stopped", "ratio_stopped")):
             p = row.get(impl)
             if p and b and p["n"] and b["n"]:
                 row[key] = {m: (p[m] / b[m] if p[m] is not None and b[m] else None)
@@ -227,6 +227,27 @@ def markdown(doc: dict[str, Any]) -> str:
     lines.append("floor = page bytes / measured link throughput: the least time any flow that moves every page "
                  "before resuming can take (classic, page-server).")
     lines.append("")
+    stopped = [r for r in doc["summary"] if r.get("pycriu-stopped")]
+    if stopped:
+        lines.append("## One host: the source's images or the stopped source as the rollback")
+        lines.append("")
+        lines.append("pycriu (same_host_rollback='auto': the dump ends the source, its images are the rollback) "
+                     "against pycriu-stopped (same_host_rollback='stopped-source': the source kept frozen) and the "
+                     "CLI, in the same run.")
+        lines.append("")
+        lines.append("| MiB | rate | mode | downtime pycriu / stopped / CLI | ratios to CLI | "
+                     "total pycriu / stopped / CLI (s) | ratios to CLI |")
+        lines.append("|" + "---|" * 7)
+        for r in stopped:
+            p, q, b = r.get("pycriu") or {}, r["pycriu-stopped"], r.get("baseline") or {}
+            ra, rs = r.get("ratio") or {}, r.get("ratio_stopped") or {}
+            lines.append(
+                f"| {r['mib']} | {r['rate']} | {r['mode']} "
+                f"| {_ms(p.get('downtime_s'))} / {_ms(q.get('downtime_s'))} / {_ms(b.get('downtime_s'))} "
+                f"| {_x(ra.get('downtime_s'))} / {_x(rs.get('downtime_s'))} "
+                f"| {_s(p.get('total_s'))} / {_s(q.get('total_s'))} / {_s(b.get('total_s'))} "
+                f"| {_x(ra.get('total_s'))} / {_x(rs.get('total_s'))} |")
+        lines.append("")
     if doc.get("targets"):
         lines.append("## Targets of issue 4")
         lines.append("")

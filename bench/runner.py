@@ -67,6 +67,9 @@ class Config:
     log: Callable[[str], None] = print
 
 
+#: the flows whose source pycriu ends at the dump on one host (same_host_rollback="auto")
+STOPPED_SOURCE_DIFFERS = ("classic", "page-server", "page-server-on-source")
+
 #: The kernel reports free memory to the hypervisor 2 s after it was freed (PAGE_REPORTING_DELAY).
 PAGE_REPORTING_DELAY_S = 2.0
 
@@ -154,7 +157,8 @@ class Runner:
             from . import pycriu_flows
 
             self.impl_funcs["pycriu"] = pycriu_flows.run
-            self.impl_funcs["pycriu-images"] = functools.partial(pycriu_flows.run, same_host_rollback="images")
+            self.impl_funcs["pycriu-stopped"] = functools.partial(pycriu_flows.run,
+                                                                  same_host_rollback="stopped-source")
 
     def agent_for(self, link: Link) -> Any:
         """pycriu across the link: one ``pycriu agent --listen`` in the destination namespace per
@@ -323,13 +327,13 @@ class Runner:
 
     def run(self) -> list[dict[str, Any]]:
         cells = self.plan()
-        total = sum(len(self._impls(link)) for link, _, _, _ in cells) * self.cfg.repeat
+        total = sum(len(self._impls(link, mode)) for link, mode, _, _ in cells) * self.cfg.repeat
         n = 0
         for rep in range(self.cfg.repeat):
             for link, mode, mib, rate in cells:
                 # A B, then B A on the next repeat: neither always runs right after the previous
                 # cell (whose page cache may still be written back)
-                impls = self._impls(link)
+                impls = self._impls(link, mode)
                 order = impls if rep % 2 == 0 else list(reversed(impls))
                 for impl in order:
                     if STOP.is_set():
@@ -345,9 +349,11 @@ class Runner:
         return self.records
 
 
-    def _impls(self, link: str) -> list[str]:
-        """The implementations a cell runs: pycriu-images only on one host (``lo``)."""
-        return [i for i in self.cfg.impls if i != "pycriu-images" or link == "lo"]
+    def _impls(self, link: str, mode: str) -> list[str]:
+        """The implementations a cell runs: pycriu-stopped only where its option changes something:
+        on one host (``lo``), in the flows that otherwise end the source at the dump."""
+        return [i for i in self.cfg.impls
+                if i != "pycriu-stopped" or (link == "lo" and mode in STOPPED_SOURCE_DIFFERS)]
 
 
 def _line(n: int, total: int, rec: dict[str, Any]) -> str:
