@@ -517,7 +517,8 @@ def test_weak_sysctls_restores_a_tree_whose_images_set_sysctls_this_kernel_lacks
 def test_veth_pairs_names_the_outside_end_of_a_restored_veth(
         criu: pycriu.Criu, program: Callable[..., Program], tmp_path: Path) -> None:
     """The tree's network namespace holds one end of a veth pair whose other end was on the host:
-    restored, the inside end has a peer on the host only when veth_pairs names it."""
+    restored, the inside end has a peer on the host only when veth_pairs names it (without it,
+    CRIU makes the pair inside where the kernel lets it, or fails)."""
     tag = uuid.uuid4().hex[:6]
     inside, outside, restored_outside = f"pyc{tag}i", f"pyc{tag}o", f"pyc{tag}r"
 
@@ -531,11 +532,18 @@ def test_veth_pairs_names_the_outside_end_of_a_restored_veth(
         images = _images(tmp_path, "images")
         criu.dump(pycriu.DumpOptions(pid=p.pid, images_dir=images))
         wait_gone(p.pid)
-        restored = _restore(criu, p, images)
-        assert f" {inside}@" in _in_ns(restored.pid, "-n", "ip", "-o", "link")
+        try:
+            restored = _restore(criu, p, images)
+        except pycriu.RestoreError as exc:
+            # CRIU cannot place the peer: its namespace was outside the tree ("veth is in an
+            # external netns" in the dump). It logs that and goes on to create the pair inside;
+            # Debian's 6.1 refuses that creation (EBUSY), 6.18 accepts it.
+            assert exc.criu_message is not None and "Unknown peer net namespace" in exc.criu_message, exc
+        else:
+            assert f" {inside}@" in _in_ns(restored.pid, "-n", "ip", "-o", "link")
+            kill_tree(restored.pid)
+            wait_gone(restored.pid)
         assert f"pyc{tag}" not in host_links()
-        kill_tree(restored.pid)
-        wait_gone(restored.pid)
         restored = _restore(criu, p, images, veth_pairs=[pycriu.VethPair(inside, restored_outside)])
         assert f" {restored_outside}@" in host_links()
     finally:

@@ -41,6 +41,18 @@ done
 ip link set lo up
 echo 4194304 >/proc/sys/fs/pipe-max-size # as scripts/provision.sh does on the host
 
+# The temporary directory on ext4, as a Debian machine's is: the overlay root cannot open file
+# handles (no nfs_export), so CRIU could not dump an inotify watch of a file there ("fsnotify:
+# Can't dump that handle"). A sparse file in RAM (/run), its blocks given back as files go
+# (discard); on /var/tmp, with TMPDIR, for /tmp itself may hold a checkout (CI's clone).
+if modprobe loop && modprobe ext4 && truncate -s 64G /run/tmp.ext4 && mkfs.ext4 -q -F /run/tmp.ext4 &&
+	mount -o loop,discard /run/tmp.ext4 /var/tmp; then
+	chmod 1777 /var/tmp
+	export TMPDIR=/var/tmp
+else
+	say "no ext4 temporary directory: TMPDIR stays on the overlay (inotify dumps of its files fail)"
+fi
+
 say "kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) MiB; running the job"
 start=$(date +%s)
 # The job in its own PID namespace and session, as CI runs the suite on the host.
