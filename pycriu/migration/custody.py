@@ -12,9 +12,9 @@ frozen          CRIU's dump froze it                                    rolled b
 dumped          images complete; kept stopped (``leave_stopped``)       rolled back: the destination
                 until the destination acknowledges the commit           drops its copy, the source
                                                                         is resumed
-checkpointed    (one host, a tree holding host-wide names: ports,       rolled back: the destination
-                bound sockets, FIFOs) the dump ended the source; its    drops its copy, the source
-                complete images on this host are the rollback           is restored from its images
+checkpointed    (one host, the rollback being the images: rollback.py)  rolled back: the destination
+                the dump ended the source; its complete images on       drops its copy, the source
+                this host are the rollback                              is restored from its images
 commit sent     the destination may own it; the source never resumes    ``unknown``: the source
                 again (a commit the agent refused goes back to dumped)  stays stopped
 committed       the destination acknowledged: it owns the process       ``migrated``: the source is
@@ -320,7 +320,7 @@ class Custody:
 
     @property
     def ended_by_dump(self) -> bool:
-        """The dump ended the source (one host, host-wide names): its images are all there is of it."""
+        """The dump ended the source (one host, :mod:`.rollback`): its images are all there is of it."""
         return self.stage is Stage.CHECKPOINTED or self._before_commit is Stage.CHECKPOINTED
 
     def checked(self) -> None:
@@ -370,7 +370,7 @@ class Custody:
             self.outcome = Outcome.UNKNOWN
             self.images_kept_for = "the commit was sent but not acknowledged"
             self.note(f"the commit was sent but not acknowledged, and the source was ended by its dump (one host, "
-                      f"host-wide names): check the destination's pid {self.destination_pid}; if it does not run, "
+                      f"its images as the rollback): check the destination's pid {self.destination_pid}; if it does not run, "
                       f"restore the source from its images, which are kept (the report's log directory says where)")
         elif self.stage is Stage.COMMIT_SENT:
             self.destination_state = "unknown (commit sent, not acknowledged)"

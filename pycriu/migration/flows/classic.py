@@ -29,8 +29,8 @@ class Classic(Flow):
         return FlowResult.counted(image_pages=written, server_pages=0, lazy_pages=0)
 
     def _ending_the_source(self, run: FlowContext) -> FlowResult:
-        """One host, a tree holding host-wide names: the images travel in post-dump, CRIU ends
-        the source as the dump returns (it no longer holds its ports), then the destination
+        """One host (:mod:`..rollback`): the images travel in post-dump, CRIU ends the source as
+        the dump returns (it no longer holds its ports, nor its memory), then the destination
         restores and commits. Until then the source's images (pages kept) are the rollback."""
 
         def post_dump() -> None:

@@ -48,8 +48,8 @@ def dump_to_page_server(run: FlowContext, *, parent: str | None = None, **dump_k
 
 
 def _take_pages_back(run: FlowContext) -> None:
-    """One host, a tree holding host-wide names: the dump will end the source (so that it lets
-    go of its ports before the destination restores), and its images must then be complete
+    """One host (:mod:`..rollback`): the dump will end the source (so that it lets go of its
+    ports and memory before the destination restores), and its images must then be complete
     here, pages included, to be its rollback. The pages went to the destination's page server:
     they come back by hard link (the same filesystem), else as a copy, before the source ends."""
     assert run.client is not None and run.images is not None

@@ -33,7 +33,7 @@ def _run(run: FlowContext) -> FlowResult:
     holder: dict[str, Any] = {}
     sizes: dict[str, int] = {}
     port = procs.free_port(run.source_address)
-    # one host, a tree holding host-wide names: the dump ends the source and the destination
+    # one host (rollback.py): the dump ends the source and the destination
     # restores after it (the complete images here are the rollback, and what the page server serves)
     ending = run.rollback_from_images
     pages_from = run.relay(PageServerAddress(run.source_address, port))
