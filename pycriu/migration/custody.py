@@ -369,9 +369,10 @@ class Custody:
             self._to(Stage.LEFT_STOPPED)
             self.outcome = Outcome.UNKNOWN
             self.images_kept_for = "the commit was sent but not acknowledged"
-            self.note(f"the commit was sent but not acknowledged, and the source was ended by its dump (one host, "
-                      f"its images as the rollback): check the destination's pid {self.destination_pid}; if it does not run, "
-                      f"restore the source from its images, which are kept (the report's log directory says where)")
+            self.note(f"the commit was sent but not acknowledged, and the source was ended by its dump (one "
+                      f"host, its images as the rollback): check the destination's pid {self.destination_pid}; if "
+                      f"it does not run, restore the source from its images, which are kept (the report's log "
+                      f"directory says where)")
         elif self.stage is Stage.COMMIT_SENT:
             self.destination_state = "unknown (commit sent, not acknowledged)"
             self._leave_stopped()

@@ -92,8 +92,8 @@ def choose(option: str, requested: str, mode: str, mode_reason: str, names: list
                             "same_host_rollback='images' asks the dump to end the source", [])
     if option == "auto" and FLOWS[mode].same_host_names:
         return Rollback(mode, True, mode_reason,
-                        f"one host: the dump ends the source, as criu dump does, so that the restore reuses its "
-                        f"memory instead of taking a second copy's; its images are kept until the destination "
+                        "one host: the dump ends the source, as criu dump does, so that the restore reuses its "
+                        "memory instead of taking a second copy's; its images are kept until the destination "
                         "runs, and a failure restores it from them (same_host_rollback='stopped-source' keeps "
                         "it stopped instead)")
     return Rollback(mode, False, mode_reason, "")

@@ -47,6 +47,7 @@ class Arguments(Protocol):
     container: ContainerOptions | None
     container_hello: dict[str, Any] | None
     flags: dict[str, bool]
+    same_host_rollback: str
 
 
 class RunState(Protocol):
