@@ -185,16 +185,19 @@ def classic(at: str | None) -> Callable[[World], None]:
 
 
 def classic_one_host(at: str | None) -> Callable[[World], None]:
-    """One host, a tree holding host-wide names: the images travel in post-dump, the dump ends
-    the source, then restore and commit; the source's images are the rollback."""
+    """One host (rollback.py): the images travel in post-dump, the dump ends the source, then
+    restore and commit; the source's images are the rollback."""
 
     def flow(w: World) -> None:
         def post_dump() -> None:
             if at == "send":
                 raise Injected("image transfer failed")
 
+        w.custody.ends_at_dump = True  # the handshake's choice (rollback.py)
         w.criu.dump(w.custody.criu_notify(post_dump, on_freeze=lambda: None, on_dumped=lambda: None))
         w.tree.now = "gone"  # no leave_stopped: CRIU ends the tree
+        if at == "dump-returned":  # a Ctrl-C held back while CRIU worked, raised as the dump returns
+            raise Injected("KeyboardInterrupt")
         w.custody.checkpointed()
         if at == "restore":
             raise Injected("the destination's restore failed")
@@ -244,11 +247,12 @@ def lazy(at: str | None) -> Callable[[World], None]:
 
 
 def lazy_one_host(at: str | None) -> Callable[[World], None]:
-    """One host, host-wide names, post-copy (page-server-on-source): the dump ends the source;
+    """One host, post-copy (page-server-on-source): the dump ends the source;
     the destination restores lazily from a page server over the source's images, commits, and
     its missing pages are then served from those images."""
 
     def flow(w: World) -> None:
+        w.custody.ends_at_dump = True
         w.criu.dump(w.custody.criu_notify(None, on_freeze=lambda: None, on_dumped=lambda: None))
         w.tree.now = "gone"
         w.custody.checkpointed()
@@ -271,6 +275,7 @@ TABLE: dict[tuple[str, str | None], tuple[Outcome, str, str]] = {
     ("classic", "after-ack"): (Outcome.MIGRATED, "gone", "running"),
     ("one-host", None): (Outcome.MIGRATED, "gone", "running"),
     ("one-host", "send"): (Outcome.ROLLED_BACK, "running", "none"),
+    ("one-host", "dump-returned"): (Outcome.ROLLED_BACK, "running", "none"),
     ("one-host", "restore"): (Outcome.ROLLED_BACK, "running", "none"),
     ("one-host", "commit-refused"): (Outcome.ROLLED_BACK, "running", "killed"),
     ("one-host", "commit-lost"): (Outcome.UNKNOWN, "gone", "stopped"),
@@ -404,7 +409,7 @@ def test_a_restored_copy_waits_stopped_until_the_commit() -> None:
     assert (w.custody.destination_state, w.custody.destination_pid) == (STOPPED_UNCOMMITTED, 200)
 
 
-@pytest.mark.parametrize("at", ["restore", "commit-refused"])
+@pytest.mark.parametrize("at", ["dump-returned", "restore", "commit-refused"])
 def test_on_one_host_the_rollback_is_a_restore_from_the_source_images(at: str) -> None:
     w = World()
     assert w.run(classic_one_host(at)) is Outcome.ROLLED_BACK

@@ -13,10 +13,12 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import needs_lazy_pages, needs_root
 
+import pycriu
 from pycriu.migration import Migration, Progress, procs
 from pycriu.workload import FIFO_DATA, Workload
 
@@ -243,3 +245,28 @@ def test_a_kept_source_holding_a_port_is_refused_before_the_freeze(
     assert "freeze" not in info.value.report.marks  # type: ignore[attr-defined]
     w.wait_beats(3)
     _name_works(w, tmp, "listen")
+
+
+class _InterruptedAfterTheDump(pycriu.Criu):
+    """A Ctrl-C that came while CRIU dumped is held back until the dump returns (pycriu blocks
+    it so that libcriu's answer is not lost): by then a dump that ends the source has ended it."""
+
+    def dump(self, *args: Any, **kwargs: Any) -> Any:
+        super().dump(*args, **kwargs)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("mode", ["classic", "page-server", *LAZY_MODES[1:]])
+def test_a_ctrl_c_as_the_dump_ends_the_source_restores_it_from_its_images(
+        workload: Callable[..., Workload], private_tmp: Path, mode: str) -> None:
+    w = workload(mib=8)
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode=mode, log_dir=private_tmp.parent / "logs",
+                  criu=_InterruptedAfterTheDump()).run()
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.outcome == "rolled-back", report
+    assert report.rollback.startswith("restored from the source's own images"), report.rollback
+    assert report.source_pid is not None and report.source_pid != w.pid
+    w.adopt(report.source_pid)
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum

@@ -213,6 +213,7 @@ class Custody:
         self.deferred: BaseException | None = None  # raised in post-dump once the commit was sent
         self.rollback = ""  # how the source came back, when it did
         self.images_kept_for: str | None = None  # why the source's images must outlive the run
+        self.ends_at_dump = False  # the dump will end the source (one host: its images are the rollback)
         self._killed = False
         self._before_commit = Stage.DUMPED
 
@@ -394,6 +395,12 @@ class Custody:
         else:  # pre-copied, frozen, dumped: roll back
             self.abort_destination(f"source failed: {reason}")
             state = self.source.state()
+            if state == "gone" and self.stage is Stage.DUMPED and self.ends_at_dump:
+                # post-dump said yes and CRIU ended the source, then the failure came (a Ctrl-C
+                # held back until the dump returned): its complete images are all there is of it
+                self._to(Stage.CHECKPOINTED)
+                self._restore_from_images("")
+                return
             if state == "stopped":
                 self.source.resume()
                 self.rollback = "the stopped source was resumed (SIGCONT)"

@@ -116,7 +116,7 @@ def _same_host_rollback(run: RunState, requested: str, mode: str, reason: str, n
     flow that can give it. Ends in the mode, or raises :class:`PreflightError`."""
     choice = rollback.choose(run.m.same_host_rollback, requested, mode, reason, names,
                              container=run.m.container is not None)
-    run.rollback_from_images = choice.from_images
+    run.rollback_from_images = run.custody.ends_at_dump = choice.from_images
     run.report.rollback_plan = choice.plan
     if choice.note:
         run.note(choice.note)
