@@ -149,21 +149,26 @@ def test_pycriu_migrate_exit_statuses(workload: Callable[..., Workload], private
 @needs_root
 def test_pycriu_migrate_dry_run_names_the_rollback(workload: Callable[..., Workload], private_tmp: Path) -> None:
     """``--dry-run`` says what a failure would come back from; ``--same-host-rollback`` picks it."""
-    w = workload(mib=8, listen=0)
+    plain, server = workload(mib=8), workload(mib=8, listen=0)
 
-    def dry(*extra: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*PYCRIU, "migrate", str(w.pid), "--mode", "classic", "--dry-run", "-q", *extra],
+    def dry(w: Workload, mode: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*PYCRIU, "migrate", str(w.pid), "--mode", mode, "--dry-run", "-q", *extra],
                               capture_output=True, env=_env(private_tmp), timeout=120)
 
-    default = dry()
-    assert default.returncode == 0, default.stderr.decode()
-    assert b"rollback plan:   the source's images" in default.stdout
-    kept = dry("--same-host-rollback", "stopped-source")
-    assert kept.returncode == 1
-    assert b"'stopped-source' keeps the source holding listening TCP port" in kept.stderr + kept.stdout
-    bad = dry("--same-host-rollback", "never")
+    for mode, plan in (("classic", b"the source's images"), ("lazy", b"the stopped source")):
+        default = dry(plain, mode)
+        assert default.returncode == 0, default.stderr.decode()
+        assert b"rollback plan:   " + plan in default.stdout, default.stdout.decode()
+    kept = dry(plain, "classic", "--same-host-rollback", "stopped-source")
+    assert b"rollback plan:   the stopped source" in kept.stdout, kept.stdout.decode()
+    refused = dry(server, "classic", "--same-host-rollback", "stopped-source")
+    assert refused.returncode == 1
+    assert b"'stopped-source' keeps the source holding listening TCP port" in refused.stderr + refused.stdout
+    assert b"rollback plan" not in refused.stdout
+    bad = dry(plain, "classic", "--same-host-rollback", "never")
     assert bad.returncode == 2 and b"invalid choice: 'never'" in bad.stderr
-    w.wait_beats(2)  # never frozen
+    server.wait_beats(2)  # never frozen
+    plain.wait_beats(2)
 
 
 def test_pycriu_agent_needs_a_mode() -> None:

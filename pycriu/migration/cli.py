@@ -64,8 +64,9 @@ def register(subparsers: Any) -> None:
                    help="--to local: what a failure brings the source back from: its images (the dump ends it, "
                         "as criu dump does: no second copy of its memory) or the stopped source; default auto: "
                         "the images in classic, page-server and page-server-on-source, the stopped source in "
-                        "lazy, pre-copy and hybrid (the images for a tree holding ports, socket paths, FIFOs "
-                        "or locks)")
+                        "lazy, pre-copy and hybrid and for containers; a tree holding ports, socket paths, FIFOs, "
+                        "locks or its PIDs needs the images (lazy then runs as page-server-on-source, pre-copy "
+                        "and hybrid are refused)")
     auth = p.add_argument_group("tcp:// authentication")
     auth.add_argument("--secret-file", metavar="FILE", help="shared secret (the agent's --secret-file)")
     TLSConfig.add_arguments(auth, own="this host's", ca="CA that signed the agent's certificate")

@@ -1,6 +1,7 @@
 """Everything a migration knows before it freezes anything: this host's checks, reaching the
-agent and its ``hello``, this migration's page TLS, the flow to run (and, on one host, what the
-tree's host-wide names allow), and the pre-flight. Ends in the mode, or raises."""
+agent and its ``hello``, this migration's page TLS, the flow to run (and, on one host, its
+rollback and what the tree's host-wide names allow: :mod:`.rollback`), and the pre-flight. Ends
+in the mode, or raises."""
 
 from __future__ import annotations
 

@@ -168,18 +168,20 @@ class Migration:
             restores with ``runc restore`` into that bundle, and runc owns the container there.
             :meth:`pycriu.containers.RuncContainer.migrate` builds both from a runc container.
         same_host_rollback: on one host (``to="local"``), what a failure after the freeze
-            brings the source back from (:mod:`pycriu.migration.rollback`): ``"auto"`` (the
+            brings the source back from (:mod:`pycriu.migration.rollback`). ``"auto"`` (the
             default) ends the source at the dump, as ``criu dump`` does, in every flow that can
             (classic, page-server, page-server-on-source): its complete images on this host are
             the rollback, and the restore reuses its memory instead of taking a second copy's;
-            lazy, pre-copy and hybrid keep the stopped source (their pages come from it), unless
-            the tree holds host-wide names (ports, socket paths, FIFOs, locks): then lazy runs as
-            page-server-on-source and pre-copy and hybrid are refused; a container keeps its
-            stopped source (its runtime restores its images). ``"stopped-source"``
-            keeps the source frozen until the destination runs (nothing to restore: the safest
-            rollback, at the cost of a second copy of its memory); ``"images"`` ends it in every
-            flow (lazy then runs as page-server-on-source). The report's ``rollback_plan`` says
-            which applied.
+            lazy, pre-copy and hybrid keep the stopped source (their pages come from it). A tree
+            holding host-wide names (listening ports, socket paths, FIFOs, locks, its PIDs in
+            the destination's PID namespace) needs the images in any case: lazy then runs as
+            page-server-on-source, pre-copy and hybrid are refused. A container holding none
+            keeps its stopped source (its runtime, not the rollback, sets up what its images
+            need). ``"stopped-source"``: the source stays frozen until the destination runs
+            (nothing to restore, at the cost of a second copy of its memory; refused for a tree
+            holding names). ``"images"``: the images wherever a flow can end the source (lazy
+            runs as page-server-on-source; pre-copy, hybrid and a container without names are
+            refused). The report's ``rollback_plan`` says which applied.
     """
 
     def __init__(self, pid: int, to: str = "local", mode: str = "auto", *,
@@ -476,8 +478,9 @@ class MigrationRun:
         kw.setdefault("log_file", "dump.log")
         if kw.get("page_server") is not None or kw.get("lazy_pages"):
             kw.update(self.criu_tls_options())
-        # Every flow keeps the source stopped, not killed, when post-dump answers success: it is
-        # killed only once the destination acknowledged the commit (custody.py).
+        # A flow keeps the source stopped, not killed, when post-dump answers success: it is
+        # killed only once the destination acknowledged the commit (custody.py). (On one host a
+        # flow whose rollback is the source's images asks for leave_stopped=False: rollback.py.)
         kw.setdefault("leave_stopped", True)
         flags: dict[str, Any] = {**self.m.flags, **self.m.dump_extra}
         if self.m.container is not None:

@@ -22,10 +22,12 @@ on a restore of those images, which the stopped source does not.
 that can end the source at its dump (classic, page-server, page-server-on-source) and the
 stopped source in those that serve pages from it (lazy, pre-copy, hybrid), unless the tree holds
 host-wide names (then lazy runs as page-server-on-source, and pre-copy and hybrid are refused);
-``"stopped-source"`` keeps the stopped source (the safest rollback; refused for a tree holding
-names); ``"images"`` takes the images (lazy then runs as page-server-on-source; pre-copy and
-hybrid are refused). A container keeps its stopped source: its runtime, not the source's
-rollback, sets up the root and mounts its images need. :func:`choose` decides before anything is frozen.
+``"stopped-source"`` keeps the stopped source (a rollback that needs no restore; refused for a
+tree holding names); ``"images"`` takes the images (lazy then runs as page-server-on-source; pre-copy and
+hybrid are refused). A container that holds no host-wide name keeps its stopped source: its
+runtime, not the source's rollback, sets up the root and mounts its images need (one holding
+names can only take the images, whose restore without its runtime may fail: the images are
+then kept). :func:`choose` decides before anything is frozen.
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ def finish(run: RunState, error: BaseException | None) -> KeyboardInterrupt | No
     report.source_state = run.custody.settle()
     assert run.custody.outcome is not None
     report.outcome = run.custody.outcome
+    if report.outcome == "refused":
+        report.rollback_plan = ""  # chosen, never needed: nothing was frozen
     report.destination_state = run.custody.destination_state
     report.destination_pid = run.custody.destination_pid
     report.rollback = run.custody.rollback

@@ -60,7 +60,8 @@ def send_images(run: RunState, name: str, files: Sequence[tuple[str, Path, list[
 def release_source_pages(run: RunState) -> None:
     """Remove the source's page images once the destination holds a copy: the rollback is the
     stopped source itself, not its images, and the memory their page cache held then serves
-    the restore. On one host (an agent that copied rather than linked them), this is the
+    the restore. On one host with ``same_host_rollback="stopped-source"`` (an agent that
+    copied rather than linked them), this is the
     difference between the restore reusing warm memory and faulting in memory the hypervisor
     took back (free page reporting): measured here for 1 GiB, CRIU's restore took 0.7-1.1 s
     instead of 3.0-3.3 s. (Hard-linked images stay the agent's: then this frees nothing.)

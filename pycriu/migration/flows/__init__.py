@@ -19,9 +19,11 @@ hybrid                   pre-dumps -> destination page server,        destinatio
                          then the rest lazily from the frozen source  pages only)
 =======================  ==========================================  ============================
 
-The rollback point is the ``commit`` message. Every flow dumps with ``leave_stopped``, and the
-destination restores with its tree held stopped until the commit (the agent resumes it then), so
-that at no time do two copies run. The classic, page-server, pre-copy and page-server-on-source
+The rollback point is the ``commit`` message. Between two hosts every flow dumps with
+``leave_stopped`` (on one host, classic, page-server and page-server-on-source end the source at
+the dump instead, its images being the rollback, and restore after the dump returned:
+:mod:`pycriu.migration.rollback`), and the destination restores with its tree held stopped
+until the commit (the agent resumes it then), so that at no time do two copies run. The classic, page-server, pre-copy and page-server-on-source
 flows restore on the destination *inside* CRIU's ``post-dump`` notification: a failure before the
 commit is sent answers post-dump with failure (CRIU resumes the source) and has the agent kill its
 copy; once the commit is sent post-dump answers success whatever happens (the source stays
