@@ -22,15 +22,16 @@ hybrid                   pre-dumps -> destination page server,        destinatio
 The rollback point is the ``commit`` message. Between two hosts every flow dumps with
 ``leave_stopped`` (on one host, classic, page-server and page-server-on-source end the source at
 the dump instead, its images being the rollback, and restore after the dump returned:
-:mod:`pycriu.migration.rollback`), and the destination restores with its tree held stopped
-until the commit (the agent resumes it then), so that at no time do two copies run. The classic, page-server, pre-copy and page-server-on-source
-flows restore on the destination *inside* CRIU's ``post-dump`` notification: a failure before the
-commit is sent answers post-dump with failure (CRIU resumes the source) and has the agent kill its
-copy; once the commit is sent post-dump answers success whatever happens (the source stays
-stopped), and the source is killed when the agent acknowledged the commit, or left stopped when
-the acknowledgement never came (outcome ``unknown``). The lazy flows must answer ``post-dump`` at
-once (CRIU serves the pages only afterwards); the source stays stopped until the destination
-reports that every page arrived; it is then killed, or resumed if the destination failed.
+:mod:`pycriu.migration.rollback`), and the destination restores with its tree held stopped until
+the commit (the agent resumes it then), so that at no time do two copies run. The classic,
+page-server, pre-copy and page-server-on-source flows restore on the destination *inside* CRIU's
+``post-dump`` notification: a failure before the commit is sent answers post-dump with failure
+(CRIU resumes the source) and has the agent kill its copy; once the commit is sent post-dump
+answers success whatever happens (the source stays stopped), and the source is killed when the
+agent acknowledged the commit, or left stopped when the acknowledgement never came (outcome
+``unknown``). The lazy flows must answer ``post-dump`` at once (CRIU serves the pages only
+afterwards); the source stays stopped until the destination reports that every page arrived; it
+is then killed, or resumed if the destination failed.
 
 Each flow is one module holding one :class:`~.base.Flow` subclass (its ``FLOW``); what it needs
 (lazy pages, memory tracking) and where its images live is its
