@@ -77,3 +77,12 @@ def test_a_container_keeps_its_stopped_source() -> None:
     with pytest.raises(PreflightError, match="cannot be the rollback of a container") as info:
         choose("images", "classic", "classic", "", [], container=True)
     assert "'stopped-source'" in (info.value.hint or "")
+
+
+def test_page_server_keeps_the_stopped_source_when_its_pages_could_not_come_back_by_link() -> None:
+    """An agent whose images are on another filesystem: ending the source would copy every page
+    back inside the freeze; classic is not concerned (its images stay the source's)."""
+    choice = choose("auto", "page-server", "page-server", "", [], links=False)
+    assert choice.plan == STOPPED_SOURCE and "another filesystem" in choice.note
+    assert choose("auto", "classic", "classic", "", [], links=False).plan == IMAGES
+    assert choose("images", "page-server", "page-server", "", [], links=False).plan == IMAGES

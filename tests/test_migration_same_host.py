@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -270,3 +272,24 @@ def test_a_ctrl_c_as_the_dump_ends_the_source_restores_it_from_its_images(
     w.adopt(report.source_pid)
     w.wait_beats(3)
     assert w.checksum() == w.expected_checksum
+
+
+def test_page_server_keeps_the_stopped_source_when_the_scratch_is_on_another_filesystem(
+        workload: Callable[..., Workload], private_tmp: Path) -> None:
+    """The source's images in /dev/shm, the local agent's in the temporary directory: the pages
+    could come back only as a copy inside the freeze, so ``auto`` keeps the stopped source."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(private_tmp).st_dev:
+        pytest.skip("/dev/shm is not a filesystem of its own here")
+    scratch = Path(tempfile.mkdtemp(prefix="pycriu-test-", dir=shm))
+    try:
+        w = workload(mib=8)
+        report = Migration(w.pid, to="local", mode="page-server", log_dir=private_tmp.parent / "logs",
+                           scratch_dir=scratch).run()
+        assert report.destination_pid is not None
+        w.adopt(report.destination_pid)
+        assert (report.outcome, report.rollback_plan) == ("migrated", "the stopped source"), report
+        assert any("another filesystem" in n for n in report.notes), report.notes
+        assert not any("page images came back" in n for n in report.notes), report.notes
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

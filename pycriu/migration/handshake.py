@@ -116,12 +116,23 @@ def _same_host_rollback(run: RunState, requested: str, mode: str, reason: str, n
     """On one host: the stopped source or its images as the rollback (:mod:`.rollback`), and the
     flow that can give it. Ends in the mode, or raises :class:`PreflightError`."""
     choice = rollback.choose(run.m.same_host_rollback, requested, mode, reason, names,
-                             container=run.m.container is not None)
+                             container=run.m.container is not None, links=_links(run))
     run.rollback_from_images = run.custody.ends_at_dump = choice.from_images
     run.report.rollback_plan = choice.plan
     if choice.note:
         run.note(choice.note)
     return choice.mode, choice.mode_reason
+
+
+def _links(run: RunState) -> bool:
+    """The local agent's images are on the filesystem the source's will be on (hard links work)."""
+    assert run.client is not None
+    link_dev = run.client.info.get("link_dev")
+    where = run.m.scratch_dir or Path(tempfile.gettempdir())
+    try:
+        return link_dev is not None and os.stat(where).st_dev == link_dev
+    except OSError:
+        return False
 
 
 def _pids_held(pid: int, destination_ns: int | None) -> list[str]:

@@ -61,12 +61,14 @@ class Rollback:
 
 
 def choose(option: str, requested: str, mode: str, mode_reason: str, names: list[str], *,
-           container: bool = False) -> Rollback:
+           container: bool = False, links: bool = True) -> Rollback:
     """The rollback of a migration to this host. ``option``: ``same_host_rollback``;
     ``requested``/``mode``/``mode_reason``: the flow asked for and the one chosen so far;
     ``names``: the host-wide names the tree holds; ``container``: the tree is a container, whose
     images its runtime restores (its root, mounts and cgroups), not the source's rollback: its
-    stopped source is its rollback. Raises :class:`PreflightError` (nothing is frozen yet) when
+    stopped source is its rollback; ``links``: the agent's images are on the source's filesystem
+    (page-server's pages come back into the source's images by hard link; else as a copy, inside
+    the freeze, which ``auto`` does not make). Raises :class:`PreflightError` (nothing is frozen yet) when
     the names or the option need a rollback that the flow cannot give."""
     if option not in SAME_HOST_ROLLBACKS:
         raise ValueError(f"same_host_rollback={option!r}")
@@ -92,6 +94,11 @@ def choose(option: str, requested: str, mode: str, mode_reason: str, names: list
     if option == "images":
         return _from_images(requested, mode, mode_reason, "same_host_rollback='images'",
                             "same_host_rollback='images' asks the dump to end the source", [])
+    if option == "auto" and mode == "page-server" and not links:
+        return Rollback(mode, False, mode_reason,
+                        "one host, but the agent's images are on another filesystem than the source's: ending the "
+                        "source at the dump would copy every page back inside the freeze; the stopped source is "
+                        "the rollback")
     if option == "auto" and FLOWS[mode].same_host_names:
         return Rollback(mode, True, mode_reason,
                         "one host: the dump ends the source, as criu dump does, so that the restore reuses its "

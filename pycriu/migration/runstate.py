@@ -48,6 +48,7 @@ class Arguments(Protocol):
     container_hello: dict[str, Any] | None
     flags: dict[str, bool]
     same_host_rollback: str
+    scratch_dir: Path | None
 
 
 class RunState(Protocol):
