@@ -18,7 +18,7 @@ from ..errors import KernelUnsupportedError, NoSuchProcessError
 from . import checks, containers, pagetls, preflight, procs, rollback
 from .client import AgentClient
 from .errors import AgentError, PreflightError
-from .images import memory_dir
+from .images import links_reach, memory_dir
 from .modes import NEEDS_LAZY, NEEDS_MEM_TRACK, NO_MEM_TRACK, choose_mode
 from .transport import connect
 
@@ -117,7 +117,7 @@ def _same_host_rollback(run: RunState, requested: str, mode: str, reason: str, n
     flow that can give it. Ends in the mode, or raises :class:`PreflightError`."""
     choice = rollback.choose(run.m.same_host_rollback, requested, mode, reason, names,
                              container=run.m.container is not None, links=_links(run))
-    run.rollback_from_images = run.custody.ends_at_dump = choice.from_images
+    run.custody.ends_at_dump = choice.from_images
     run.report.rollback_plan = choice.plan
     if choice.note:
         run.note(choice.note)
@@ -125,14 +125,10 @@ def _same_host_rollback(run: RunState, requested: str, mode: str, reason: str, n
 
 
 def _links(run: RunState) -> bool:
-    """The local agent's images are on the filesystem the source's will be on (hard links work)."""
+    """The local agent's images are on the filesystem the source's will be on (hard links work;
+    a page-server flow's scratch: ``scratch_dir``, else the temporary directory)."""
     assert run.client is not None
-    link_dev = run.client.info.get("link_dev")
-    where = run.m.scratch_dir or Path(tempfile.gettempdir())
-    try:
-        return link_dev is not None and os.stat(where).st_dev == link_dev
-    except OSError:
-        return False
+    return links_reach(run.m.scratch_dir or tempfile.gettempdir(), run.client.info.get("link_dev"))
 
 
 def _pids_held(pid: int, destination_ns: int | None) -> list[str]:

@@ -23,6 +23,15 @@ PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
 
 
+def links_reach(directory: str | os.PathLike[str], link_dev: int | None) -> bool:
+    """Files in ``directory`` can be hard-linked to a local agent whose images are on the device
+    ``link_dev`` (its ``hello``; ``None``: it offers no links)."""
+    try:
+        return link_dev is not None and os.stat(directory).st_dev == link_dev
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ImageFile:
     name: str

@@ -41,7 +41,7 @@ from .agent_config import RESTORE_FLAGS
 from .client import AgentClient
 from .custody import STOPPED_UNCOMMITTED, Custody, ProcTree
 from .errors import MigrationError
-from .images import DirUsage, memory_dir
+from .images import DirUsage, links_reach, memory_dir
 from .modes import FLOWS, MODES
 from .phases import PhaseClock, Progress
 from .policy import PreCopyPolicy
@@ -322,8 +322,6 @@ class MigrationRun:
         self.t_freeze: float | None = None
         self.t_resume: float | None = None
         self.custody = Custody(ProcTree(m.pid, self._restore_source, lambda: self.images), AgentCopy(self), self.note)
-        #: one host, and the dump ends the source: its images are the rollback (:mod:`.rollback`)
-        self.rollback_from_images = False
         self.source_comm = procs.comm(m.pid)  # what a restored copy of the tree is called
         #: files of the source's images that arrived by hard link (the page-server flow's pages, taken
         #: back on one host): the destination wrote them, the source's disk figures leave them out
@@ -338,6 +336,12 @@ class MigrationRun:
         self.cleanups: list[Callable[[], object]] = []
 
     # -- what the flows read of the migration's settings (flows.base.FlowContext) ------------------
+
+    @property
+    def rollback_from_images(self) -> bool:
+        """One host, and the dump ends the source: its images are the rollback (:mod:`.rollback`;
+        custody holds the one flag, set by the handshake)."""
+        return self.custody.ends_at_dump
 
     @property
     def timeout(self) -> float:
@@ -442,7 +446,7 @@ class MigrationRun:
         # A local agent whose images directory is on this filesystem takes whole images by hard
         # link: on one host a copy only costs time and memory (a second page cache, in the downtime).
         link_dev = self.client.info.get("link_dev") if self.client and self.m.destination.same_host else None
-        if link_dev is not None and os.stat(self.images).st_dev == link_dev:
+        if links_reach(self.images, link_dev):
             self.link_images = True
             self.note("images by hard link to the local agent (same host and filesystem): no copy")
 
@@ -568,7 +572,7 @@ class AgentCopy:
         found = procs.tree_state(pid)
         if found == "gone":
             return "gone"
-        if found == "stopped" and procs.comm(pid) is not None and procs.comm(pid) == run.source_comm:
+        if found == "stopped" and run.source_comm is not None and procs.comm(pid) == run.source_comm:
             # (not the command line: it is read from the process's memory, which a lazily
             # restored tree may not have yet; and the source's name from before the freeze: a
             # dump that ended the source leaves nothing to read it from)

@@ -65,7 +65,6 @@ class RunState(Protocol):
     client: AgentClient | None
     local: dict[str, Any]
     source_address: str
-    rollback_from_images: bool
     #: (st_dev, st_ino) of files in the source's images that came by hard link: written elsewhere
     linked_in: set[tuple[int, int]]
     scratch: Path | None

@@ -60,12 +60,13 @@ class FlowContext(Protocol):
     scratch: Path | None
     src_logs: Path | None
     source_address: str
-    rollback_from_images: bool
     #: (st_dev, st_ino) of files in the source's images that came by hard link: written elsewhere
     linked_in: set[tuple[int, int]]
     cancel: threading.Event
     cleanups: list[Callable[[], object]]
 
+    @property
+    def rollback_from_images(self) -> bool: ...
     @property
     def timeout(self) -> float: ...
     @property
