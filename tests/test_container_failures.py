@@ -20,8 +20,10 @@ pytestmark = [needs_runc, pytest.mark.containers]
 
 def _migrate(source, dest, ct, agent):  # type: ignore[no-untyped-def]
     target = RuncTarget(bundle=str(dest.bundle), id=ct.id, root=str(dest.root / "runc"))
+    # a failed migration keeps its CRIU logs: here, in the test's own directory
     return migrate_runc(ct, "local", "classic", target=target, agent_command=agent,
-                      remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}})
+                        log_dir=source.root.parent / "logs",
+                        remap={"paths": {str(source.bundle): str(dest.bundle), str(source.shared): str(dest.shared)}})
 
 
 def _source_runs_on(source, ct) -> None:  # type: ignore[no-untyped-def]
