@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["SIGNALS", "Worker", "spawn", "children_get_signals"]
+__all__ = ["SIGNALS", "Worker", "spawn", "children_get_signals", "HeldInterrupts", "interrupts_held"]
 
 T = TypeVar("T")
 
@@ -68,3 +68,43 @@ def children_get_signals() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class HeldInterrupts:
+    """What :func:`interrupts_held` held back: ``count`` Ctrl-Cs (SIGINT) that arrived in its block."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+@contextmanager
+def interrupts_held() -> Iterator[HeldInterrupts]:
+    """Hold Ctrl-C back for the block: a step that must finish once begun (a rollback, the end of
+    a lazy transfer the destination runs on) is not cut short by an impatient second Ctrl-C.
+
+    Python's own SIGINT handler is replaced for the block by one that only counts; the caller
+    reads the count and decides (raise ``KeyboardInterrupt`` after the step, or note it). A
+    handler of the program's own is called once at the end instead. SIG_IGN and SIG_DFL are left
+    alone, and so is a block outside the main thread (no KeyboardInterrupt is raised there)."""
+    held = HeldInterrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield held
+        return
+
+    def hold(signum: int, frame: Any) -> None:
+        held.count += 1
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and previous is not signal.default_int_handler:
+            previous(signal.SIGINT, None)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -270,6 +272,32 @@ def test_a_ctrl_c_as_the_dump_ends_the_source_restores_it_from_its_images(
     assert report.rollback.startswith("restored from the source's own images"), report.rollback
     assert report.source_pid is not None and report.source_pid != w.pid
     w.adopt(report.source_pid)
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+
+
+class _InterruptedAgainInTheRollback(_InterruptedAfterTheDump):
+    """Then the user presses Ctrl-C again while the source is being restored from its images."""
+
+    def restore(self, *args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs the SIGINT handler here, before CRIU restores anything
+        return super().restore(*args, **kwargs)
+
+
+def test_a_second_ctrl_c_waits_for_the_restore_from_the_images(
+        workload: Callable[..., Workload], private_tmp: Path, ctrl_c: None) -> None:
+    """A rollback once begun is finished: without that, the second Ctrl-C left neither the
+    source nor a restored copy, and the images were deleted."""
+    w = workload(mib=8)
+    with pytest.raises(KeyboardInterrupt) as info:
+        Migration(w.pid, to="local", mode="classic", log_dir=private_tmp.parent / "logs",
+                  criu=_InterruptedAgainInTheRollback()).run()
+    report = info.value.report  # type: ignore[attr-defined]
+    assert report.outcome == "rolled-back", report
+    assert report.source_pid is not None and report.source_pid != w.pid
+    w.adopt(report.source_pid)
+    assert any("Ctrl-C again during the rollback" in n for n in report.notes), report.notes
     w.wait_beats(3)
     assert w.checksum() == w.expected_checksum
 

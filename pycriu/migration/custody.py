@@ -427,6 +427,8 @@ class Custody:
         """The source was ended by its dump: bring it back from its images on this host; if that
         fails, they are kept for the operator. Whether it runs again."""
         old = self.source.pid
+        # kept until the restore is known to have worked, whatever ends it
+        self.images_kept_for = "restoring the source from them did not finish"
         try:
             pid = self.source.restore_from_images()
         except Exception as exc:  # noqa: BLE001 - the images stay for the operator
@@ -436,6 +438,7 @@ class Custody:
             self.note(f"the source (pid {old}) was ended by its dump and restoring it from its images failed "
                       f"({exc}); the images are kept: restore them with `criu restore`")
             return False
+        self.images_kept_for = None
         self.rollback = f"restored from the source's own images on this host (new pid {pid}){lost}"
         self.note(f"the source tree (pid {old}) was {self.rollback}")
         self._to(Stage.RESUMED)

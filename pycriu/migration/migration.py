@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import breakpoints
+from .._threads import interrupts_held
 from ..containers.options import ContainerOptions
 from ..containers.runc import RuncTarget
 from ..criu import Criu
@@ -537,7 +538,12 @@ class MigrationRun:
 
     def _on_failure(self, exc: BaseException) -> None:
         self.report.error = teardown.describe(exc)
-        self.custody.fail(self.report.error)
+        # a rollback once begun is finished: a second Ctrl-C in the agent's abort or in the
+        # restore from the source's images would leave neither copy (and the images deleted)
+        with interrupts_held() as again:
+            self.custody.fail(self.report.error)
+        if again:
+            self.note("Ctrl-C again during the rollback: it was finished first")
 
 
 class AgentCopy:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any
 
+from ..._threads import interrupts_held
 from ...results import DumpResult
 from .. import procs
 from ..errors import MigrationError
@@ -64,26 +65,26 @@ def finish_lazy(run: FlowContext, wait_source: Callable[[float], bool], source_f
     assert run.client is not None
     done: dict[str, Any] | None = None
     link_error: BaseException | None = None
-    interrupted: BaseException | None = None
     run.phase_start("lazy page completion")
-    with PageProgress(run.emit, "lazy page completion", enabled=run.progress_wanted and port is not None,
-                      local_port=port, total=total):
+    # the destination runs on pages only the source has: every Ctrl-C waits for the transfer
+    with interrupts_held() as interrupted, PageProgress(run.emit, "lazy page completion",
+                                                        enabled=run.progress_wanted and port is not None,
+                                                        local_port=port, total=total):
         try:
             done = run.client.lazy_wait(run.lazy_timeout)
         except MigrationError as exc:
             link_error = exc
-        except KeyboardInterrupt as exc:  # the destination runs on these pages: finish first
-            interrupted = exc
-            run.note("interrupted during the lazy page transfer: waited for it to finish before stopping")
         finished = wait_source(run.lazy_timeout)
     run.phase_end("lazy page completion")
+    if interrupted:
+        run.note("interrupted during the lazy page transfer: waited for it to finish before stopping")
     if done is not None and done.get("uncork"):
         run.note(f"destination: {done['uncork']}: the end of the lazy transfer may have waited 200 ms for "
                  "CRIU's corked socket")
     if done is not None and done["ok"]:
         run.custody.hand_over()  # left stopped by CRIU (or resumed if CRIU failed late): one copy only
-        if interrupted is not None:
-            raise interrupted
+        if interrupted:
+            raise KeyboardInterrupt
         return
     if done is not None:  # the destination failed after resuming; the agent killed it
         run.custody.destination_failed(killed=bool(done["killed"]))
