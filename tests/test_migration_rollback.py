@@ -86,3 +86,14 @@ def test_page_server_keeps_the_stopped_source_when_its_pages_could_not_come_back
     assert choice.plan == STOPPED_SOURCE and "another filesystem" in choice.note
     assert choose("auto", "classic", "classic", "", [], links=False).plan == IMAGES
     assert choose("images", "page-server", "page-server", "", [], links=False).plan == IMAGES
+
+
+def test_link_remap_keeps_the_stopped_source_unless_asked_otherwise() -> None:
+    """With link_remap the dump may keep deleted open files as links that a restore that worked
+    removes: after a destination that restored and then failed, the images could not bring the
+    files back, the stopped source still holds them. Names or an explicit 'images' still win."""
+    for mode in ENDING:
+        choice = choose("auto", mode, mode, "", [], remaps=True)
+        assert choice.plan == STOPPED_SOURCE and "link_remap" in choice.note
+        assert choose("images", mode, mode, "", [], remaps=True).plan == IMAGES
+        assert choose("auto", mode, mode, "", PORT, remaps=True).plan == IMAGES

@@ -212,6 +212,21 @@ def test_by_default_the_flows_that_can_end_the_source_do(
     assert w.checksum() == w.expected_checksum
 
 
+def test_with_link_remap_the_default_keeps_the_stopped_source(
+        workload: Callable[..., Workload], private_tmp: Path) -> None:
+    """Deleted open files kept as links, which the destination's restore removes: the images
+    could not bring them back after a later failure, the stopped source still holds them."""
+    w = workload(mib=8)
+    report = Migration(w.pid, to="local", mode="classic", flags={"link_remap": True},
+                       log_dir=private_tmp.parent / "logs").run()
+    assert report.destination_pid is not None
+    w.adopt(report.destination_pid)
+    assert (report.outcome, report.rollback_plan) == ("migrated", "the stopped source"), report
+    assert any("link_remap" in n for n in report.notes), report.notes
+    w.wait_beats(3)
+    assert w.checksum() == w.expected_checksum
+
+
 @pytest.mark.parametrize("mode", ["classic", "page-server"])
 def test_the_stopped_source_can_be_kept_as_the_rollback(
         workload: Callable[..., Workload], private_tmp: Path, mode: str) -> None:

@@ -116,7 +116,8 @@ def _same_host_rollback(run: RunState, requested: str, mode: str, reason: str, n
     """On one host: the stopped source or its images as the rollback (:mod:`.rollback`), and the
     flow that can give it. Ends in the mode, or raises :class:`PreflightError`."""
     choice = rollback.choose(run.m.same_host_rollback, requested, mode, reason, names,
-                             container=run.m.container is not None, links=_links(run))
+                             container=run.m.container is not None, links=_links(run),
+                             remaps=bool(run.m.flags.get("link_remap")))
     run.custody.ends_at_dump = choice.from_images
     run.report.rollback_plan = choice.plan
     if choice.note:

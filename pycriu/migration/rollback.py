@@ -61,15 +61,19 @@ class Rollback:
 
 
 def choose(option: str, requested: str, mode: str, mode_reason: str, names: list[str], *,
-           container: bool = False, links: bool = True) -> Rollback:
+           container: bool = False, links: bool = True, remaps: bool = False) -> Rollback:
     """The rollback of a migration to this host. ``option``: ``same_host_rollback``;
     ``requested``/``mode``/``mode_reason``: the flow asked for and the one chosen so far;
     ``names``: the host-wide names the tree holds; ``container``: the tree is a container, whose
     images its runtime restores (its root, mounts and cgroups), not the source's rollback: its
     stopped source is its rollback; ``links``: the agent's images are on the source's filesystem
     (page-server's pages come back into the source's images by hard link; else as a copy, inside
-    the freeze, which ``auto`` does not make). Raises :class:`PreflightError` (nothing is frozen yet) when
-    the names or the option need a rollback that the flow cannot give."""
+    the freeze, which ``auto`` does not make); ``remaps``: the dump may link-remap files the tree
+    holds open but deleted (``link_remap``): a restore that worked removes those links, so after
+    a destination that restored and then failed, the images could no longer bring the files
+    back; ``auto`` keeps the stopped source, which still holds them. Raises
+    :class:`PreflightError` (nothing is frozen yet) when the names or the option need a rollback
+    that the flow cannot give."""
     if option not in SAME_HOST_ROLLBACKS:
         raise ValueError(f"same_host_rollback={option!r}")
     if container and not names:
@@ -94,6 +98,11 @@ def choose(option: str, requested: str, mode: str, mode_reason: str, names: list
     if option == "images":
         return _from_images(requested, mode, mode_reason, "same_host_rollback='images'",
                             "same_host_rollback='images' asks the dump to end the source", [])
+    if option == "auto" and remaps and FLOWS[mode].same_host_names:
+        return Rollback(mode, False, mode_reason,
+                        "one host, with link_remap: the dump may keep deleted files the tree holds open as links "
+                        "that the destination's restore removes, so the images could not bring them back after "
+                        "a later failure; the stopped source, which still holds them, is the rollback")
     if option == "auto" and mode == "page-server" and not links:
         return Rollback(mode, False, mode_reason,
                         "one host, but the agent's images are on another filesystem than the source's: ending the "
