@@ -449,3 +449,14 @@ def test_an_ended_source_whose_destination_is_unknown_keeps_its_images(at: str) 
     w = World()
     assert w.run(lazy_one_host(at)) is Outcome.UNKNOWN
     assert w.custody.images_kept_for and "kill" not in w.tree.actions
+
+
+@pytest.mark.parametrize(("flow", "at"), [(classic_one_host, "commit-lost"), (lazy_one_host, "lost-served-all")])
+def test_an_ended_source_left_in_its_images_reads_gone_whatever_has_its_pid(
+        flow: Callable[[str | None], Callable[[World], None]], at: str) -> None:
+    """In the destination's PID namespace the restored copy takes the source's own pids: what
+    runs under the old pid is the destination's copy, not the source (which is its images)."""
+    w = World()
+    assert w.run(flow(at), external="running") is Outcome.UNKNOWN
+    assert w.custody.settle() == "gone"
+    assert w.custody.images_kept_for

@@ -459,7 +459,9 @@ class Custody:
             self.note(f"the source tree (pid {self.source.pid}) was sent SIGKILL but had not exited after 5 s")
         # A source ended by its dump and handed over is gone, whatever runs under its pid now (on
         # one host a tree in the host's PID namespace is restored with its own pids)
-        state = "gone" if self.ended_by_dump and self.stage is Stage.HANDED_OVER else self.source.state()
+        # (and one left in its images: its pid may be the destination's copy's now)
+        ended = self.ended_by_dump and self.stage in (Stage.HANDED_OVER, Stage.LEFT_STOPPED)
+        state = "gone" if ended else self.source.state()
         if self.outcome is None or self.outcome is Outcome.UNKNOWN:
             uncommitted = self.destination_state in UNCOMMITTED or self.destination_state.startswith("unknown")
             if state == "running" and uncommitted and self.stage is not Stage.LEFT_STOPPED:

@@ -94,13 +94,21 @@ def finish_lazy(run: FlowContext, wait_source: Callable[[float], bool], source_f
     # The agent cannot be asked: decide from what the source knows.
     failed = finished and source_failed()
     run.custody.destination_lost(source_done=finished, source_failed=failed)
+    ended_by_dump = run.custody.ended_by_dump  # one host: the source is in its images, its pid maybe reused
     if not finished:
-        raise MigrationError(f"lost the agent ({link_error}) and CRIU is still serving pages: the source stays "
-                             f"frozen (pid {run.pid}) until the transfer ends")
+        raise MigrationError(f"lost the agent ({link_error}) and CRIU is still serving pages: "
+                             + ("its page server goes on from the source's images (kept), which the dump ended,"
+                                if ended_by_dump else f"the source stays frozen (pid {run.pid})")
+                             + " until the transfer ends")
     if failed:
         # CRIU saw the page connection fail: the destination's daemon is gone, so the agent killed the
         # restored tree; CRIU itself resumed the source (or it was stopped: custody resumed it).
         raise MigrationError(f"lost the agent ({link_error}) and the page transfer failed: the source was resumed")
+    if ended_by_dump:
+        raise MigrationError(f"lost the agent ({link_error}) after CRIU served every page it was asked for: the "
+                             "source was ended by its dump and its images are kept; check the destination's "
+                             f"pid {run.custody.destination_pid}: if it does not run, restore the source from "
+                             "the images (`criu restore`)")
     raise MigrationError(f"lost the agent ({link_error}) after CRIU served every page it was asked for: the "
                          f"source is left STOPPED (pid {run.pid}) so that exactly one copy can run; check the "
                          "destination, then `kill -KILL` or `kill -CONT` the source tree")
