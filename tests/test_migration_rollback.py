@@ -53,6 +53,9 @@ def test_host_wide_names_need_the_images() -> None:
     with pytest.raises(PreflightError, match="pre-copy flow cannot end the source") as info:
         choose("auto", "pre-copy", "pre-copy", "", PORT)
     assert info.value.resources == tuple(PORT)
+    # auto chose pre-copy (lazy pages missing on a side): it moves to page-server, not refused
+    choice = choose("auto", "auto", "pre-copy", "no lazy pages", PORT)
+    assert (choice.mode, choice.plan) == ("page-server", IMAGES) and "8080" in choice.mode_reason
 
 
 def test_a_kept_source_cannot_hold_names_the_destination_restores() -> None:

@@ -124,6 +124,11 @@ def _from_images(requested: str, mode: str, mode_reason: str, why: str, keeps: s
     if spec.same_host_names:
         return Rollback(mode, True, mode_reason, note)
     instead = spec.same_host_names_instead
+    if instead is None and requested == "auto":
+        # auto chose pre-copy (no lazy pages on a side): page-server is the flow left that can
+        return Rollback("page-server", True,
+                        f"auto on one host ({why}): {mode} would keep the frozen source as its rollback, and "
+                        "without lazy pages page-server is the flow that can end it at the dump", note)
     if instead is None:
         able = [name for name, flow in FLOWS.items() if flow.same_host_names]
         raise PreflightError(
