@@ -96,10 +96,9 @@ def finish_lazy(run: FlowContext, wait_source: Callable[[float], bool], source_f
     run.custody.destination_lost(source_done=finished, source_failed=failed)
     ended_by_dump = run.custody.ended_by_dump  # one host: the source is in its images, its pid maybe reused
     if not finished:
-        raise MigrationError(f"lost the agent ({link_error}) and CRIU is still serving pages: "
-                             + ("its page server goes on from the source's images (kept), which the dump ended,"
-                                if ended_by_dump else f"the source stays frozen (pid {run.pid})")
-                             + " until the transfer ends")
+        raise MigrationError(f"lost the agent ({link_error}) and CRIU is still serving pages until the transfer "
+                             "ends: " + ("from the source's images, which are kept (the dump ended the source)"
+                                         if ended_by_dump else f"the source stays frozen (pid {run.pid})"))
     if failed:
         # CRIU saw the page connection fail: the destination's daemon is gone, so the agent killed the
         # restored tree; CRIU itself resumed the source (or it was stopped: custody resumed it).
